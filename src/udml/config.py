@@ -1,0 +1,201 @@
+"""Configuration as data: one flat dataclass, YAML presets, ``key=value`` overrides."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "digits"            # a name in udml.datasets.DATASETS
+    data_root: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    image_size: int | None = None      # crop size; None = the backbone's default
+    resize_size: int | None = None     # shorter side before cropping; None = image_size * 256 / 227
+    crop_scale_min: float = 0.16       # RandomResizedCrop lower scale bound
+    hflip: bool = True
+    cache_images: bool = True          # keep decoded images in memory
+    stack_budget_gb: float = 4.0       # keep test-transformed images as one tensor when they fit in this
+    num_workers: int = -1              # -1: one per CPU core, at most 8
+
+    # model
+    backbone: str = "smallconv"        # a name in udml.models.BACKBONES or "timm:<model name>"
+    pretrained: bool = True
+    embedding_dim: int = 512
+    rotation_hidden: int = 256
+    freeze_bn: bool = True             # keep BatchNorm running statistics fixed while training
+
+    # pseudo-labels
+    num_clusters: int = 100            # K
+    kmeans_iters: int = 20
+    kmeans_backend: str = "auto"       # auto | faiss | torch
+
+    # batches and losses
+    clusters_per_batch: int = 16       # P
+    images_per_cluster: int = 5        # M
+    rotation_images: int = 16          # R, each rotated 0/90/180/270 degrees
+    loss: str = "multi_similarity"     # a name in udml.losses.LOSSES
+    loss_params: dict = field(default_factory=dict)
+    rotation_weight: float = 0.1       # lambda; 0 turns the rotation task off (UDML)
+
+    # optimisation and schedule
+    lr: float = 1e-5
+    head_lr: float | None = None       # learning rate of the two heads; None = lr
+    weight_decay: float = 5e-4
+    pseudo_epochs: int = 600           # one pseudo-epoch = num_clusters * epoch_images_per_cluster images
+    epoch_images_per_cluster: int = 5
+    recluster_every: int = 5           # pseudo-epochs between two clusterings
+
+    # evaluation
+    recall_ks: list = field(default_factory=lambda: [1, 2, 4, 8])
+    eval_every: int = 0                # clustering rounds between evaluations; 0 = start and end only
+    eval_batch_size: int = 256
+
+    # run
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    amp: bool = True                   # bfloat16 autocast and channels_last on CUDA
+    out_dir: str = "runs"
+    run_name: str | None = None
+
+    def iterations_per_round(self) -> int:
+        images = self.recluster_every * self.num_clusters * self.epoch_images_per_cluster
+        return max(1, images // (self.clusters_per_batch * self.images_per_cluster))
+
+    def num_rounds(self) -> int:
+        return max(1, self.pseudo_epochs // self.recluster_every)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Fields that may differ between a run and its resumption without changing the result.
+RUNTIME_FIELDS = {"num_workers", "device", "out_dir", "run_name", "data_root", "eval_batch_size", "cache_images",
+                  "stack_budget_gb", "eval_every"}
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("udml.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(path_or_name: str) -> dict[str, Any]:
+    path = Path(path_or_name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        text = path.read_text()
+        where = str(path)
+    else:
+        name = path_or_name[:-5] if path_or_name.endswith(".yaml") else path_or_name
+        entry = resources.files("udml.presets") / f"{name}.yaml"
+        if not entry.is_file():
+            raise FileNotFoundError(
+                f"no configuration file or preset named {path_or_name!r}; "
+                f"give a path to a .yaml file or one of the presets: {', '.join(preset_names())}")
+        text = entry.read_text()
+        where = f"preset {name}"
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of configuration keys to values, got {type(data).__name__}")
+    return data
+
+
+def _check_keys(data: dict[str, Any], where: str) -> None:
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise KeyError(f"{where}: unknown configuration key(s) {', '.join(unknown)}; "
+                       f"valid keys are: {', '.join(FIELDS)}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (so ``lr=1e-4``, ``recall_ks=[1,10]``, ``run_name=x``)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key=value (for example lr=1e-4)")
+    key, value = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    parsed = yaml.safe_load(value) if value.strip() else None
+    if isinstance(parsed, str):
+        try:  # YAML 1.1 reads 1e-4 as a string; _coerce turns it back into text for text keys
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return key, parsed
+
+
+def _coerce(key: str, value: Any) -> Any:
+    default = getattr(Config(), key)
+    if value is None or default is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return {"true": True, "false": False, "1": True, "0": False}[value.lower()]
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, str):
+            return str(value)
+    except (ValueError, KeyError):
+        raise ValueError(f"configuration key {key!r}: {value!r} is not a valid {type(default).__name__}") from None
+    return value
+
+
+def make_config(preset: str | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Defaults, then the preset (a name or a YAML path), then the overrides."""
+    values: dict[str, Any] = {}
+    if preset:
+        data = _read_yaml(preset)
+        _check_keys(data, f"configuration {preset!r}")
+        values.update(data)
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    if overrides:
+        _check_keys(overrides, "command-line override")
+        values.update(overrides)
+    cfg = Config(**{k: _coerce(k, v) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    need(cfg.num_clusters >= 2, f"num_clusters (K) must be at least 2, got {cfg.num_clusters}")
+    need(cfg.clusters_per_batch >= 2, f"clusters_per_batch (P) must be at least 2, got {cfg.clusters_per_batch}")
+    need(cfg.images_per_cluster >= 2, f"images_per_cluster (M) must be at least 2, got {cfg.images_per_cluster}")
+    need(cfg.clusters_per_batch <= cfg.num_clusters,
+         f"clusters_per_batch (P={cfg.clusters_per_batch}) cannot exceed num_clusters (K={cfg.num_clusters}); "
+         "lower clusters_per_batch or raise num_clusters")
+    need(cfg.rotation_weight >= 0, f"rotation_weight (lambda) must be >= 0, got {cfg.rotation_weight}")
+    need(cfg.rotation_images >= 1, f"rotation_images must be at least 1, got {cfg.rotation_images}")
+    need(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
+    need(cfg.pseudo_epochs >= 1 and cfg.recluster_every >= 1,
+         "pseudo_epochs and recluster_every must be at least 1")
+    need(0 < cfg.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {cfg.crop_scale_min}")
+    need(len(cfg.recall_ks) > 0 and all(int(k) >= 1 for k in cfg.recall_ks),
+         f"recall_ks must be a non-empty list of positive integers, got {cfg.recall_ks}")
+    need(cfg.kmeans_backend in ("auto", "faiss", "torch"),
+         f"kmeans_backend must be auto, faiss or torch, got {cfg.kmeans_backend!r}")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_config(path: Path) -> Config:
+    data = yaml.safe_load(Path(path).read_text())
+    _check_keys(data, str(path))
+    return Config(**data)
