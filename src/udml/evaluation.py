@@ -1,0 +1,319 @@
+"""Retrieval metrics for class-disjoint test sets: Recall@K, MAP@R and NMI.
+
+Embeddings are compared by inner product, so pass L2-normalised embeddings to get cosine
+similarity. Everything runs on the embeddings' device, chunk by chunk of queries, so memory
+stays bounded by ``chunk_size x gallery size``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from udml.clustering import assignment_nmi, kmeans
+
+__all__ = ["evaluate", "knn", "map_at_r", "nmi", "recall_at_k"]
+
+
+def knn(
+    query: Tensor,
+    gallery: Tensor,
+    k: int,
+    *,
+    exclude: Tensor | None = None,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Exact ``k`` nearest gallery items of every query by inner-product similarity.
+
+    ``exclude`` (int64 [Nq]) names one gallery index per query to leave out (``-1``: none), e.g.
+    ``arange(N)`` when the queries are the gallery. Exclusion is by index, so an exact duplicate
+    of the query at another index is still found. Returns ``(similarities, indices)``, both
+    [Nq, k], sorted by decreasing similarity.
+    """
+    _check_embeddings(query, "query")
+    _check_embeddings(gallery, "gallery")
+    if query.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            f"knn: query and gallery dimensions differ ({query.shape[1]} vs {gallery.shape[1]}); "
+            "embed both with the same model"
+        )
+    if query.device != gallery.device:
+        raise ValueError(
+            f"knn: query is on {query.device} but gallery on {gallery.device}; move both to one "
+            "device"
+        )
+    k = _check_positive_int(k, "knn: k")
+    chunk_size = _check_positive_int(chunk_size, "knn: chunk_size")
+    nq, ng = query.shape[0], gallery.shape[0]
+    usable = ng
+    if exclude is not None:
+        exclude = _check_exclude(exclude, nq, ng).to(query.device)
+        if bool((exclude >= 0).any()):
+            usable = ng - 1
+    if k > usable:
+        raise ValueError(
+            f"knn: k={k} neighbours requested but only {usable} gallery items are usable "
+            f"(gallery size {ng}{', minus the excluded item' if usable < ng else ''}); "
+            f"use k <= {usable}"
+        )
+    dtype = torch.promote_types(query.dtype, gallery.dtype)
+    if dtype in (torch.float16, torch.bfloat16) and query.device.type == "cpu":
+        dtype = torch.float32
+    query, gallery_t = query.to(dtype), gallery.to(dtype).t()
+
+    sims = torch.empty(nq, k, dtype=dtype, device=query.device)
+    idx = torch.empty(nq, k, dtype=torch.int64, device=query.device)
+    for start in range(0, nq, chunk_size):
+        end = min(start + chunk_size, nq)
+        s = query[start:end] @ gallery_t
+        if exclude is not None:
+            ex = exclude[start:end]
+            rows = torch.nonzero(ex >= 0).flatten()
+            s[rows, ex[rows]] = float("-inf")
+        sims[start:end], idx[start:end] = torch.topk(s, k, dim=1, largest=True, sorted=True)
+    return sims, idx
+
+
+def recall_at_k(
+    neighbor_labels: Tensor, query_labels: Tensor, ks: Sequence[int]
+) -> dict[int, float]:
+    """Fraction (0-1) of queries with a same-label item among their first ``k`` neighbours.
+
+    ``neighbor_labels`` [Nq, M] holds the labels of each query's neighbours, nearest first.
+    """
+    neighbor_labels, query_labels = _check_neighbor_labels(neighbor_labels, query_labels)
+    ks = _check_ks(ks, neighbor_labels.shape[1], "recall_at_k")
+    hits = _recall_hits(neighbor_labels, query_labels, ks)
+    return {k: float(h.double().mean()) for k, h in hits.items()}
+
+
+def map_at_r(neighbor_labels: Tensor, query_labels: Tensor, r: Tensor) -> float:
+    """MAP@R (Musgrave et al., "A Metric Learning Reality Check", 2020).
+
+    For a query with R relevant gallery items (``r[i]``, the query itself not counted),
+    AP@R = (1/R) * sum_{i<=R} P(i) * rel(i), with P(i) the precision among the first i
+    neighbours. Queries with R = 0 are skipped; the result is the mean over the rest.
+    """
+    neighbor_labels, query_labels = _check_neighbor_labels(neighbor_labels, query_labels)
+    r = _check_r(r, query_labels.shape[0]).to(neighbor_labels.device)
+    valid = r > 0
+    if not bool(valid.any()):
+        raise ValueError(
+            "map_at_r: no query has a relevant gallery item (all r are 0); MAP@R is undefined"
+        )
+    max_r = int(r.max())
+    if max_r > neighbor_labels.shape[1]:
+        raise ValueError(
+            f"map_at_r: a query has r={max_r} relevant items but only "
+            f"{neighbor_labels.shape[1]} neighbours were given; retrieve at least max(r) "
+            "neighbours"
+        )
+    ap = _average_precision_at_r(neighbor_labels, query_labels, r)
+    return float(ap[valid].mean())
+
+
+def nmi(embeddings: Tensor, labels: Tensor, *, seed: int = 0, backend: str = "auto") -> float:
+    """NMI between ``labels`` and k-means on ``embeddings`` with K = number of distinct labels."""
+    _check_embeddings(embeddings, "embeddings")
+    labels = _check_labels(labels, embeddings.shape[0], "labels")
+    n_classes = int(torch.unique(labels).numel())
+    if n_classes < 2:
+        raise ValueError(
+            f"nmi: labels hold {n_classes} distinct class; NMI needs at least 2 classes"
+        )
+    result = kmeans(embeddings, n_classes, seed=seed, backend=backend)
+    return assignment_nmi(result.labels, labels.cpu())
+
+
+def evaluate(
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    recall_ks: Sequence[int] = (1, 2, 4, 8),
+    compute_nmi: bool = True,
+    compute_map_at_r: bool = True,
+    query: Tensor | None = None,
+    query_labels: Tensor | None = None,
+    chunk_size: int = 1024,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Recall@K, MAP@R and NMI of a class-disjoint test set, as fractions in 0-1.
+
+    Default: every item is a query against all the others. With ``query``/``query_labels``
+    (In-Shop style) those queries are searched in the gallery ``embeddings`` with nothing
+    excluded; NMI is then computed on the gallery. Returns e.g.
+    ``{"recall@1": 0.55, "recall@2": ..., "map@r": 0.2, "nmi": 0.6}``.
+    """
+    _check_embeddings(embeddings, "embeddings")
+    n = embeddings.shape[0]
+    device = embeddings.device
+    labels = _check_labels(labels, n, "labels").to(device)
+    chunk_size = _check_positive_int(chunk_size, "evaluate: chunk_size")
+    if (query is None) != (query_labels is None):
+        raise ValueError("evaluate: pass both query and query_labels, or neither")
+
+    if query is None:
+        queries, q_labels = embeddings, labels
+        exclude = torch.arange(n, device=device)
+        usable, where = n - 1, f"the gallery has {n} items minus the query itself"
+    else:
+        _check_embeddings(query, "query")
+        if query.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"evaluate: query dimension {query.shape[1]} differs from the gallery's "
+                f"{embeddings.shape[1]}; embed both with the same model"
+            )
+        queries = query.to(device)
+        q_labels = _check_labels(query_labels, query.shape[0], "query_labels").to(device)
+        exclude = None
+        usable, where = n, f"the gallery has {n} items"
+
+    ks = _check_ks(recall_ks, None, "evaluate")
+    if ks and ks[-1] > usable:
+        raise ValueError(
+            f"evaluate: recall_ks asks for Recall@{ks[-1]} but {where}, so at most {usable} "
+            f"neighbours exist; use recall_ks with values <= {usable}"
+        )
+
+    # R for each query: relevant gallery items, the query itself not counted.
+    classes, counts = torch.unique(labels, return_counts=True)
+    pos = torch.searchsorted(classes, q_labels).clamp_max_(classes.numel() - 1)
+    r = torch.where(classes[pos] == q_labels, counts[pos], torch.zeros_like(counts[pos]))
+    if exclude is not None:
+        r = r - 1
+    if compute_map_at_r and not bool((r > 0).any()):
+        raise ValueError(
+            "evaluate: no query has another item of its class in the gallery, so MAP@R is "
+            "undefined; pass compute_map_at_r=False"
+        )
+    k_max = max(ks[-1] if ks else 0, int(r.max()) if compute_map_at_r else 0)
+
+    hit_counts = {k: 0 for k in ks}
+    ap_sum, ap_count = 0.0, 0
+    if k_max > 0:
+        for start in range(0, queries.shape[0], chunk_size):
+            end = min(start + chunk_size, queries.shape[0])
+            _, idx = knn(
+                queries[start:end],
+                embeddings,
+                k_max,
+                exclude=None if exclude is None else exclude[start:end],
+                chunk_size=chunk_size,
+            )
+            nl, ql = labels[idx], q_labels[start:end]
+            for k, h in _recall_hits(nl, ql, ks).items():
+                hit_counts[k] += int(h.sum())
+            if compute_map_at_r:
+                rc = r[start:end]
+                valid = rc > 0
+                ap_sum += float(_average_precision_at_r(nl, ql, rc)[valid].sum())
+                ap_count += int(valid.sum())
+
+    out = {f"recall@{k}": hit_counts[k] / queries.shape[0] for k in ks}
+    if compute_map_at_r:
+        out["map@r"] = ap_sum / ap_count
+    if compute_nmi:
+        out["nmi"] = nmi(embeddings, labels, seed=seed)
+    return {key: float(v) for key, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _recall_hits(nl: Tensor, ql: Tensor, ks: Sequence[int]) -> dict[int, Tensor]:
+    match = nl == ql.unsqueeze(1)
+    return {k: match[:, :k].any(dim=1) for k in ks}
+
+
+def _average_precision_at_r(nl: Tensor, ql: Tensor, r: Tensor) -> Tensor:
+    """AP@R per query (float64 [Nq]); 0 where r == 0. Needs nl.shape[1] >= max(r)."""
+    max_r = int(r.max()) if r.numel() else 0
+    if max_r == 0:
+        return torch.zeros(nl.shape[0], dtype=torch.float64, device=nl.device)
+    ranks = torch.arange(1, max_r + 1, device=nl.device)
+    rel = (nl[:, :max_r] == ql.unsqueeze(1)) & (ranks.unsqueeze(0) <= r.unsqueeze(1))
+    precision = rel.cumsum(dim=1).double() / ranks.double()
+    return (precision * rel).sum(dim=1) / r.clamp_min(1).double()
+
+
+def _check_embeddings(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D tensor [N, D], got {list(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def _check_labels(labels: Tensor, n: int, name: str) -> Tensor:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(
+            f"{name} must be 1-D with one label per embedding ({n}), got shape "
+            f"{list(labels.shape)}"
+        )
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{name} must hold integer class ids, got dtype {labels.dtype}")
+    return labels.long()
+
+
+def _check_neighbor_labels(nl: Tensor, ql: Tensor) -> tuple[Tensor, Tensor]:
+    if not isinstance(nl, Tensor) or nl.dim() != 2:
+        raise ValueError(
+            "neighbor_labels must be a 2-D tensor [Nq, M] of neighbour labels, got "
+            f"{list(nl.shape) if isinstance(nl, Tensor) else type(nl).__name__}"
+        )
+    ql = _check_labels(ql, nl.shape[0], "query_labels").to(nl.device)
+    return nl.long(), ql
+
+
+def _check_r(r: Tensor, nq: int) -> Tensor:
+    if not isinstance(r, Tensor) or r.dim() != 1 or r.shape[0] != nq:
+        raise ValueError(f"r must be a 1-D tensor with one count per query ({nq})")
+    if r.is_floating_point() or bool((r < 0).any()):
+        raise ValueError("r must hold non-negative integer counts of relevant gallery items")
+    return r.long()
+
+
+def _check_ks(ks: Sequence[int], available: int | None, where: str) -> list[int]:
+    if isinstance(ks, int):
+        ks = [ks]
+    ks = list(ks)
+    ks = sorted({_check_positive_int(k, f"{where}: each K in ks") for k in ks})
+    if available is not None and ks and ks[-1] > available:
+        raise ValueError(
+            f"{where}: K={ks[-1]} but only {available} neighbours per query were given; "
+            f"retrieve at least {ks[-1]} neighbours or use K <= {available}"
+        )
+    return ks
+
+
+def _check_exclude(exclude: Tensor, nq: int, ng: int) -> Tensor:
+    if not isinstance(exclude, Tensor) or exclude.dim() != 1 or exclude.shape[0] != nq:
+        raise ValueError(
+            f"knn: exclude must be a 1-D int64 tensor with one gallery index per query ({nq})"
+        )
+    if exclude.is_floating_point():
+        raise ValueError(f"knn: exclude must hold integer indices, got dtype {exclude.dtype}")
+    exclude = exclude.long()
+    if bool(((exclude < -1) | (exclude >= ng)).any()):
+        raise ValueError(
+            f"knn: exclude values must be -1 (none) or a gallery index in [0, {ng}); got "
+            f"min {int(exclude.min())}, max {int(exclude.max())}"
+        )
+    return exclude
+
+
+def _check_positive_int(value: int, name: str) -> int:
+    try:
+        as_int = operator.index(value)
+    except TypeError:
+        as_int = None
+    if isinstance(value, bool) or as_int is None or as_int < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return as_int
