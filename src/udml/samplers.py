@@ -1,0 +1,50 @@
+"""Cluster-balanced batches: P pseudo-classes x M images each."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class ClusterBatchSampler(torch.utils.data.Sampler):
+    """Yields ``num_batches`` batches of P distinct clusters x M images, grouped cluster by cluster.
+
+    Items are (index, augmentation seed) pairs for ImageDataset. Clusters smaller than M are sampled with
+    replacement. The draw depends only on ``seed``, so a clustering round can be replayed exactly on resume. With ``world_size > 1`` every rank sees the
+    same global batch and takes its own contiguous share of the P clusters (no overlap between ranks).
+    """
+
+    def __init__(self, labels, clusters_per_batch: int, images_per_cluster: int, num_batches: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.P, self.M, self.num_batches = clusters_per_batch, images_per_cluster, num_batches
+        if self.P % world_size:
+            raise ValueError(f"clusters_per_batch (P={self.P}) must be divisible by the number of processes "
+                             f"({world_size}) so that every rank gets whole clusters")
+        self.rank, self.world_size = rank, world_size
+        self.reset(labels, seed)
+
+    def reset(self, labels, seed: int) -> None:
+        """New pseudo-labels (after a clustering) and a new seed; takes effect at the next iteration."""
+        labels = np.asarray(labels)
+        _, inverse = np.unique(labels, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        self.members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
+        if len(self.members) < self.P:
+            raise ValueError(f"only {len(self.members)} non-empty clusters but clusters_per_batch (P) is {self.P}; "
+                             "lower clusters_per_batch or raise num_clusters")
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        share = self.P // self.world_size
+        for _ in range(self.num_batches):
+            clusters = rng.choice(len(self.members), self.P, replace=False)
+            batch = []
+            for c in clusters:
+                members = self.members[c]
+                batch.append(rng.choice(members, self.M, replace=len(members) < self.M))
+            seeds = rng.integers(0, 2**62, size=self.P * self.M)  # one augmentation seed per image
+            mine = slice(self.rank * share * self.M, (self.rank + 1) * share * self.M)
+            yield list(zip(np.concatenate(batch)[mine].tolist(), seeds[mine].tolist()))

