@@ -1,0 +1,147 @@
+"""Transforms and the torch Dataset over an ImageSet, with decoded images optionally cached in memory."""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from .datasets import ImageSet
+
+log = logging.getLogger("udml")
+
+
+def resize_for(image_size: int, resize_size: int | None = None) -> int:
+    """The protocol resizes to 256 before cropping 227; keep that ratio for other crop sizes."""
+    return resize_size or round(image_size * 256 / 227)
+
+
+# Transforms stop at uint8 tensors: a quarter of the bytes through the loader, and the model normalises
+# on its own device (UDMLNet.normalize), so inference needs no transform configuration.
+def train_transform(image_size: int, *, resize_size: int | None = None,
+                    crop_scale_min: float = 0.16, hflip: bool = True) -> T.Compose:
+    steps = [T.Resize(resize_for(image_size, resize_size)),
+             T.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0))]
+    if hflip:
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose(steps + [T.PILToTensor()])
+
+
+def test_transform(image_size: int, *, resize_size: int | None = None) -> T.Compose:
+    return T.Compose([T.Resize(resize_for(image_size, resize_size)), T.CenterCrop(image_size), T.PILToTensor()])
+
+
+def open_rgb(item) -> Image.Image:
+    """A path or PIL image as an RGB image (grayscale, palette, CMYK and alpha images are converted)."""
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    with Image.open(item) as img:
+        img.load()
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # Composite transparent pixels on white rather than on whatever colour they hide.
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, img).convert("RGB")
+        return img.convert("RGB")
+
+
+def _shrink(img: Image.Image, short_side: int | None) -> Image.Image:
+    if short_side and min(img.size) > short_side:
+        w, h = img.size
+        s = short_side / min(w, h)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    return img
+
+
+def decode_all(images: list, short_side: int | None = None, workers: int | None = None):
+    """Decode every image once (threads: Pillow releases the GIL while decoding).
+
+    Returns (arrays, bad) where bad lists (index, item, error) for images that could not be read.
+    Images larger than needed are shrunk to ``short_side`` so that the cache stays small.
+    """
+    def load(i):
+        try:
+            return np.asarray(_shrink(open_rgb(images[i]), short_side)), None
+        except Exception as e:  # noqa: BLE001 - any decoder failure means: skip and report this file
+            return None, (i, images[i], f"{type(e).__name__}: {e}")
+
+    workers = workers or min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(load, range(len(images))))
+    return [r[0] for r in results], [r[1] for r in results if r[1] is not None]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items are (uint8 image tensor, index). Unreadable images are reported and left out.
+
+    A key may be an index or (index, seed): with a seed the random transform is seeded per image, so
+    augmentations do not depend on the number of loader workers or processes, and a run replays exactly.
+    """
+
+    def __init__(self, image_set: ImageSet, transform, cache: bool = True, short_side: int | None = None):
+        self.image_set, self.transform = image_set, transform
+        if len(image_set) == 0:
+            raise ValueError(f"data set {image_set.name!r} has no images")
+        items = list(image_set.images)
+        keep = np.arange(len(items))
+        self.arrays = None
+        if cache:
+            arrays, bad = decode_all(items, short_side)
+            if bad:
+                self._report(bad)
+                ok = np.array([a is not None for a in arrays])
+                keep = keep[ok]
+                arrays = [a for a in arrays if a is not None]
+            self.arrays = arrays
+        self.items = [items[i] for i in keep]
+        self.labels = None if image_set.labels is None else np.asarray(image_set.labels)[keep]
+        self.kept = keep
+        if len(self.items) == 0:
+            raise ValueError(f"data set {image_set.name!r}: none of its {len(image_set)} images could be read")
+
+    def _report(self, bad) -> None:
+        shown = "\n  ".join(f"{item}: {err}" for _, item, err in bad[:10])
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        log.warning("%s: skipped %d unreadable image(s):\n  %s%s", self.image_set.name, len(bad), shown, more)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image(self, i: int) -> Image.Image:
+        if self.arrays is not None:
+            return Image.fromarray(self.arrays[i])
+        try:
+            return open_rgb(self.items[i])
+        except Exception as e:  # noqa: BLE001
+            raise OSError(f"cannot read image {self.items[i]}: {e}. Remove or replace the file, or enable "
+                          "cache_images so that unreadable files are skipped up front") from e
+
+    def with_transform(self, transform) -> "ImageDataset":
+        view = copy.copy(self)
+        view.transform = transform
+        return view
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            i, seed = key
+            torch.manual_seed(seed)
+        else:
+            i = key
+        return self.transform(self.image(i)), i
+
+
+def make_loader(dataset, *, batch_size: int = 1, batch_sampler=None, num_workers: int = 0, device="cpu",
+                persistent: bool = False):
+    kwargs = dict(batch_sampler=batch_sampler) if batch_sampler is not None else dict(batch_size=batch_size)
+    return torch.utils.data.DataLoader(
+        dataset, shuffle=False, num_workers=num_workers, pin_memory=str(device).startswith("cuda"),
+        persistent_workers=persistent and num_workers > 0, **kwargs)
+
+
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)

@@ -1,0 +1,90 @@
+"""Embedding images with a trained network."""
+from __future__ import annotations
+
+import torch
+
+from .data import make_loader
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def stack(dataset, *, num_workers: int = 0, budget_gb: float = 4.0, batch_size: int = 256):
+    """All items of a deterministic (test-transform) dataset as one uint8 tensor, when it fits ``budget_gb``;
+    else the dataset itself. Re-embedding then costs no decoding or resizing."""
+    x0, _ = dataset[0]
+    if len(dataset) * x0.numel() * x0.element_size() > budget_gb * 2**30:
+        return dataset
+    out = torch.empty((len(dataset),) + tuple(x0.shape), dtype=x0.dtype)
+    i = 0
+    for x, _ in make_loader(dataset, batch_size=batch_size, num_workers=num_workers):
+        out[i:i + len(x)] = x
+        i += len(x)
+    return out
+
+
+def _batches(data, batch_size, num_workers, device):
+    if isinstance(data, torch.Tensor):
+        for i in range(0, len(data), batch_size):
+            yield data[i:i + batch_size]
+    else:
+        for x, _ in make_loader(data, batch_size=batch_size, num_workers=num_workers, device=device):
+            yield x
+
+
+@torch.no_grad()
+def extract(model, dataset, *, batch_size: int = 256, num_workers: int = 0, amp: bool = True,
+            pooled: bool = True, progress=None):
+    """(pooled features, embeddings) of every item of ``dataset`` (a Dataset or a stacked uint8 tensor) in
+    order, in eval mode, as float32 on the model's device. ``pooled=False`` returns None for the features."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    feats, embs = [], []
+    channels_last = device.type == "cuda" and amp
+    try:
+        for x in _batches(dataset, batch_size, num_workers, device):
+            x = x.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                p = model.pooled(x)
+                e = model.embed(p)
+            if pooled:
+                feats.append(p.float())
+            embs.append(e.float())
+            if progress is not None:
+                progress.update(len(x))
+    finally:
+        model.train(was_training)
+    return (torch.cat(feats) if pooled else None), torch.cat(embs)
+
+
+def load_model(path, device: str | torch.device = "cpu"):
+    """A UDMLNet from a model file (model.pt) or a training checkpoint (checkpoint.pt), in eval mode."""
+    from pathlib import Path
+
+    from . import checkpoint as ckpt
+    from .config import Config
+    from .models import UDMLNet, create_backbone
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt" if (path / "model.pt").exists() else path / "checkpoint.pt"
+    state = ckpt.load(path)
+    if state.get("format") == "udml-model-1":
+        arch, weights = state["arch"], state["state_dict"]
+    elif "model" in state and "config" in state:
+        cfg = Config(**state["config"])
+        arch = {"backbone": cfg.backbone, "embedding_dim": cfg.embedding_dim, "rotation_hidden": cfg.rotation_hidden,
+                "image_size": cfg.image_size, "resize_size": cfg.resize_size}
+        weights = state["model"]
+    else:
+        raise ValueError(f"{path} is neither a udml model file nor a udml training checkpoint")
+    model = UDMLNet(create_backbone(arch["backbone"], pretrained=False), arch["embedding_dim"],
+                    arch["rotation_hidden"])
+    model.load_state_dict(weights)
+    model.image_size = arch["image_size"] or model.image_size
+    model.resize_size = arch.get("resize_size")
+    return model.to(device).eval()

@@ -1,0 +1,324 @@
+"""The UDML-SS training loop: cluster -> sample P x M -> metric loss + lambda * rotation loss, repeat."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .clustering import assignment_nmi, kmeans
+from .config import RUNTIME_FIELDS, Config, save_config
+from .data import ImageDataset, default_workers, make_loader, test_transform, train_transform, resize_for
+from .datasets import load_split
+from .evaluation import evaluate
+from .inference import autocast, extract, stack
+from .losses import create_loss, rotation_batch, rotation_loss
+from .models import build_model
+from .samplers import ClusterBatchSampler
+
+log = logging.getLogger("udml")
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+METRICS = "metrics.jsonl"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use device=cpu or auto")
+    return device
+
+
+def setup_logging(run_dir: Path | None) -> None:
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(console)
+    if run_dir is not None:
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+    log.propagate = False
+
+
+def format_metrics(m: dict) -> str:
+    keys = [k for k in m if k.startswith("recall@")] + [k for k in ("nmi", "map@r") if k in m]
+    names = {"nmi": "NMI", "map@r": "MAP@R"}
+    return "  ".join(f"{names.get(k, 'R@' + k[7:])} {100 * m[k]:5.2f}" for k in keys)
+
+
+class MetricsFile:
+    """Append-only JSON lines; on resume, lines of rounds that the checkpoint does not hold are dropped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate_after(self, rounds_done: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("round", 0) <= rounds_done]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)
+
+    def append(self, **record) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def build_datasets(cfg: Config, image_size: int):
+    """(train set with the train transform, train set with the test transform, test set)."""
+    train_set = load_split(cfg.dataset, cfg.data_root, cfg.train_split)
+    test_set = load_split(cfg.dataset, cfg.data_root, cfg.test_split)
+    short = resize_for(image_size, cfg.resize_size)
+    train = ImageDataset(train_set, None, cache=cfg.cache_images, short_side=short)
+    test = ImageDataset(test_set, test_transform(image_size, resize_size=cfg.resize_size),
+                        cache=cfg.cache_images, short_side=short)
+    if test.labels is None:
+        raise ValueError(f"the test split {test_set.name!r} has no labels; evaluation needs class labels "
+                         "(for a folder: one sub-folder per class)")
+    aug = train.with_transform(train_transform(image_size, resize_size=cfg.resize_size,
+                                               crop_scale_min=cfg.crop_scale_min, hflip=cfg.hflip))
+    plain = train.with_transform(test_transform(image_size, resize_size=cfg.resize_size))
+    return aug, plain, test
+
+
+def evaluate_model(model, test_data, labels: torch.Tensor, cfg: Config, *, with_pooled: bool, workers: int) -> dict:
+    pooled, emb = extract(model, test_data, batch_size=cfg.eval_batch_size, num_workers=workers, amp=cfg.amp,
+                          pooled=with_pooled)
+    labels = labels.to(emb.device)
+    results = {"embedding": evaluate(emb, labels, recall_ks=cfg.recall_ks, seed=cfg.seed)}
+    if with_pooled:
+        results["pooled"] = evaluate(F.normalize(pooled, dim=1), labels, recall_ks=cfg.recall_ks, seed=cfg.seed)
+    return results
+
+
+def warm_start(features: torch.Tensor, previous_labels: torch.Tensor, k: int) -> torch.Tensor:
+    """The previous clusters' centres in the current feature space (the features moved since they were made)."""
+    d = features.shape[1]
+    sums = torch.zeros(k, d, dtype=features.dtype, device=features.device)
+    sums.index_add_(0, previous_labels.to(features.device), features)
+    counts = torch.bincount(previous_labels.to(features.device), minlength=k).clamp_min(1).unsqueeze(1)
+    return sums / counts
+
+
+def new_run_dir(cfg: Config) -> Path:
+    name = cfg.run_name or f"{cfg.dataset}-{cfg.backbone.replace(':', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(cfg.out_dir) / name
+    if (run_dir / CHECKPOINT).exists():
+        raise FileExistsError(f"run folder {run_dir} already holds a checkpoint; continue it with "
+                              f"--resume {run_dir}, or choose another run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def check_resumable(cfg: Config, saved: dict, path: Path) -> None:
+    now = cfg.to_dict()
+    diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
+            if k not in RUNTIME_FIELDS and saved.get(k) != now[k]]
+    if diff:
+        raise ValueError(f"checkpoint {path} was written with a different configuration ("
+                         + "; ".join(diff) + "). Resume with the run folder's own config.yaml "
+                         "(udml train --resume RUN_DIR) or start a new run.")
+
+
+def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
+    """Train by UDML-SS; returns {"start": metrics, "final": metrics, "run_dir": path}."""
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir)
+    device = resolve_device(cfg.device)
+    workers = default_workers() if cfg.num_workers < 0 else cfg.num_workers
+    use_amp = cfg.amp and device.type == "cuda"
+    ckpt.seed_all(cfg.seed)
+
+    state = None
+    if resume:
+        state = ckpt.load(run_dir / CHECKPOINT)
+        check_resumable(cfg, state["config"], run_dir / CHECKPOINT)
+    save_config(cfg, run_dir / "config.yaml")
+    metrics = MetricsFile(run_dir / METRICS)
+
+    model = build_model(cfg).to(device)
+    if use_amp:
+        model = model.to(memory_format=torch.channels_last)
+    image_size = cfg.image_size or model.image_size
+    model.image_size = image_size
+    aug, plain, test = build_datasets(cfg, image_size)
+    train_plain = stack(plain, num_workers=workers, budget_gb=cfg.stack_budget_gb)
+    test_plain = stack(test, num_workers=workers, budget_gb=cfg.stack_budget_gb)
+    if isinstance(train_plain, torch.Tensor) and device.type == "cuda":
+        train_plain, test_plain = train_plain.to(device), test_plain.to(device)
+    test_labels = torch.as_tensor(test.labels)
+    K, n_train = cfg.num_clusters, len(aug)
+    if K > n_train:
+        raise ValueError(f"num_clusters (K={K}) is larger than the number of training images ({n_train}); "
+                         "lower num_clusters")
+
+    head_lr = cfg.head_lr or cfg.lr
+    optimizer = torch.optim.Adam([
+        {"params": model.backbone.parameters(), "lr": cfg.lr},
+        {"params": list(model.embedding.parameters()) + list(model.rotation.parameters()), "lr": head_lr},
+    ], weight_decay=cfg.weight_decay)
+    metric_loss = create_loss(cfg.loss, cfg.loss_params).to(device)
+
+    rounds, iters = cfg.num_rounds(), cfg.iterations_per_round()
+    log.info("run folder %s | device %s | %d train / %d test images | K=%d | %d rounds x %d iterations",
+             run_dir, device, n_train, len(test), K, rounds, iters)
+
+    rounds_done, step, labels, start_metrics = 0, 0, None, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rounds_done, step, labels = state["rounds_done"], state["step"], state["labels"]
+        start_metrics = state.get("start_metrics")
+        metrics.truncate_after(rounds_done)
+        log.info("resumed from %s after round %d (step %d)", run_dir / CHECKPOINT, rounds_done, step)
+    else:
+        metrics.truncate_after(-1)
+        t = time.time()
+        start_metrics = evaluate_model(model, test_plain, test_labels, cfg, with_pooled=True, workers=workers)
+        for kind, m in start_metrics.items():
+            metrics.append(kind="eval", round=0, step=0, features=kind, seconds=time.time() - t, **m)
+            log.info("start  (%-9s) %s", kind, format_metrics(m))
+
+    sampler = None
+    train_loader = None
+    bar = tqdm(total=rounds * iters, initial=step, desc="train", unit="it", dynamic_ncols=True,
+               disable=None, mininterval=2.0)
+    for rnd in range(rounds_done + 1, rounds + 1):
+        ckpt.seed_all(cfg.seed * 1_000_003 + rnd)
+        # --- pseudo-labels ---
+        t = time.time()
+        pooled, emb = extract(model, train_plain, batch_size=cfg.eval_batch_size, num_workers=workers,
+                              amp=cfg.amp, pooled=labels is None)
+        if labels is None:  # first clustering: pretrained pooled features, k-means++
+            result = kmeans(pooled, K, niter=cfg.kmeans_iters, seed=cfg.seed + rnd, backend=cfg.kmeans_backend)
+        else:
+            init = warm_start(emb, labels, K)
+            result = kmeans(emb, K, niter=cfg.kmeans_iters, seed=cfg.seed + rnd, init_centroids=init,
+                            backend=cfg.kmeans_backend)
+        stats = result.stats()
+        stats["nmi_previous"] = assignment_nmi(labels, result.labels) if labels is not None else None
+        labels = result.labels
+        metrics.append(kind="cluster", round=rnd, step=step, seconds=time.time() - t, **stats)
+        if rnd == 1 or rnd == rounds or rnd % max(1, rounds // 10) == 0:
+            log.info("round %d/%d clustering: sizes min %d / median %d / max %d, %d re-seeded, NMI to previous %s "
+                     "(%.1fs)", rnd, rounds, stats["min"], stats["median"], stats["max"], stats["n_reseeded"],
+                     "-" if stats["nmi_previous"] is None else f"{stats['nmi_previous']:.3f}", time.time() - t)
+
+        # --- metric learning on the pseudo-labels ---
+        if sampler is None:
+            sampler = ClusterBatchSampler(labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster, iters,
+                                          seed=0)
+            train_loader = make_loader(aug, batch_sampler=sampler, num_workers=workers, device=device,
+                                       persistent=True)
+        sampler.reset(labels.numpy(), seed=cfg.seed * 1_000_003 + rnd)
+        label_dev = labels.to(device)
+        sums = torch.zeros(4, device=device)  # metric loss, rotation loss, rotation accuracy, steps
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        model.train()
+        for x, idx in train_loader:
+            x = x.to(device, non_blocking=True)
+            y = label_dev[idx.to(device, non_blocking=True)]
+            loss, parts = training_step(model, metric_loss, x, y, cfg, use_amp)
+            step += 1
+            # Checked without a host-device sync; on the GPU a bad step is found at the end of the round,
+            # before any checkpoint is written.
+            finite = torch.isfinite(loss)
+            bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
+            if device.type == "cpu" and not bool(finite):
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += torch.stack(parts + [torch.ones((), device=device)])
+            bar.update(1)
+        bad = int(bad_step)
+        if bad >= 0:
+            raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (round {rnd}); training stopped. "
+                                f"The last good checkpoint ({run_dir / CHECKPOINT}, after round {rnd - 1}) is "
+                                "intact: lower lr, check the data, or resume from it with --resume")
+        s = (sums / sums[3].clamp_min(1)).tolist()
+        metrics.append(kind="train", round=rnd, step=step, metric_loss=s[0], rotation_loss=s[1],
+                       rotation_accuracy=s[2])
+        bar.set_postfix(metric=f"{s[0]:.3f}", rot=f"{s[1]:.3f}")
+
+        if cfg.eval_every and rnd % cfg.eval_every == 0 and rnd != rounds:
+            t = time.time()
+            m = evaluate_model(model, test_plain, test_labels, cfg, with_pooled=False, workers=workers)["embedding"]
+            metrics.append(kind="eval", round=rnd, step=step, features="embedding", seconds=time.time() - t, **m)
+            bar.write(f"step {step:6d} (embedding) {format_metrics(m)}")
+
+        ckpt.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rounds_done": rnd,
+                          "step": step, "labels": labels, "centroids": result.centroids,
+                          "config": cfg.to_dict(), "rng": ckpt.rng_state(), "start_metrics": start_metrics},
+                         run_dir / CHECKPOINT)
+    bar.close()
+
+    t = time.time()
+    final = evaluate_model(model, test_plain, test_labels, cfg, with_pooled=False, workers=workers)
+    metrics.append(kind="eval", round=rounds, step=step, features="embedding", final=True,
+                   seconds=time.time() - t, **final["embedding"])
+    save_model(model, cfg, run_dir / MODEL)
+    log.info("start  (embedding) %s", format_metrics(start_metrics["embedding"]))
+    log.info("start  (pooled   ) %s", format_metrics(start_metrics["pooled"]))
+    log.info("final  (embedding) %s", format_metrics(final["embedding"]))
+    log.info("model written to %s; metrics in %s", run_dir / MODEL, run_dir / METRICS)
+    return {"start": start_metrics, "final": final, "run_dir": str(run_dir), "step": step}
+
+
+def training_step(model, metric_loss, x, y, cfg: Config, use_amp: bool):
+    """Forward both tasks in one pass over [batch; rotated images]; returns (loss, [metric, rotation, accuracy])."""
+    if use_amp:
+        x = x.contiguous(memory_format=torch.channels_last)
+    n = x.shape[0]
+    with autocast(x.device, use_amp):
+        if cfg.rotation_weight > 0:
+            # One image per sampled cluster (the batch is grouped cluster by cluster), up to R of them.
+            xr, yr = rotation_batch(x[::cfg.images_per_cluster][:cfg.rotation_images])
+            pooled = model.pooled(torch.cat([x, xr]))
+            emb = model.embed(pooled[:n])
+            logits = model.rotation(pooled[n:])
+        else:
+            emb = model(x)
+    lm = metric_loss(emb.float(), y)
+    if cfg.rotation_weight > 0:
+        lr_ = rotation_loss(logits, yr)
+        acc = (logits.argmax(1) == yr).float().mean()
+        loss = lm + cfg.rotation_weight * lr_
+    else:
+        lr_ = acc = torch.zeros((), device=x.device)
+        loss = lm
+    return loss, [lm.detach(), lr_.detach(), acc.detach()]
+
+
+def save_model(model, cfg: Config, path: Path) -> None:
+    """The inference file: weights plus what is needed to rebuild the network, without the training setup."""
+    ckpt.atomic_save({"format": "udml-model-1", "state_dict": model.state_dict(),
+                      "arch": {"backbone": cfg.backbone, "embedding_dim": cfg.embedding_dim,
+                               "rotation_hidden": cfg.rotation_hidden, "image_size": model.image_size,
+                               "resize_size": resize_for(model.image_size, cfg.resize_size)}}, path)
