@@ -63,6 +63,7 @@ class Config:
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     amp: bool = True                   # bfloat16 autocast and channels_last on CUDA
     out_dir: str = "runs"
+    checkpoint_every: int = 1          # clustering rounds between checkpoints (the last round always writes one)
     run_name: str | None = None
 
     def iterations_per_round(self) -> int:
@@ -78,7 +79,7 @@ class Config:
 
 # Fields that may differ between a run and its resumption without changing the result.
 RUNTIME_FIELDS = {"num_workers", "device", "out_dir", "run_name", "data_root", "eval_batch_size", "cache_images",
-                  "stack_budget_gb", "eval_every"}
+                  "stack_budget_gb", "eval_every", "checkpoint_every"}
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 

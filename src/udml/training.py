@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .clustering import assignment_nmi, kmeans
 from .config import RUNTIME_FIELDS, Config, save_config
-from .data import ImageDataset, default_workers, make_loader, test_transform, train_transform, resize_for
+from .data import ImageDataset, default_workers, make_loader, resize_for, test_transform, train_transform
 from .datasets import load_split
 from .evaluation import evaluate
 from .inference import autocast, extract, stack
@@ -106,13 +107,15 @@ def build_datasets(cfg: Config, image_size: int):
     return aug, plain, test
 
 
-def evaluate_model(model, test_data, labels: torch.Tensor, cfg: Config, *, with_pooled: bool, workers: int) -> dict:
-    pooled, emb = extract(model, test_data, batch_size=cfg.eval_batch_size, num_workers=workers, amp=cfg.amp,
-                          pooled=with_pooled)
-    labels = labels.to(emb.device)
-    results = {"embedding": evaluate(emb, labels, recall_ks=cfg.recall_ks, seed=cfg.seed)}
+def evaluate_model(s: "Session", *, with_pooled: bool) -> dict:
+    """Metrics of the embedding (and optionally of the pooled backbone features) on the test split."""
+    pooled, emb = extract(s.model, s.test_plain, batch_size=s.cfg.eval_batch_size, num_workers=s.workers,
+                          amp=s.cfg.amp, pooled=with_pooled)
+    labels = s.test_labels.to(emb.device)
+    results = {"embedding": evaluate(emb, labels, recall_ks=s.cfg.recall_ks, seed=s.cfg.seed)}
     if with_pooled:
-        results["pooled"] = evaluate(F.normalize(pooled, dim=1), labels, recall_ks=cfg.recall_ks, seed=cfg.seed)
+        results["pooled"] = evaluate(F.normalize(pooled, dim=1), labels, recall_ks=s.cfg.recall_ks,
+                                     seed=s.cfg.seed)
     return results
 
 
@@ -145,16 +148,103 @@ def check_resumable(cfg: Config, saved: dict, path: Path) -> None:
                          "(udml train --resume RUN_DIR) or start a new run.")
 
 
-def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
-    """Train by UDML-SS; returns {"start": metrics, "final": metrics, "run_dir": path}."""
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir)
+@dataclass
+class Session:
+    """Everything a run builds once: model, optimiser, loss, data (train with both transforms, test)."""
+    cfg: Config
+    device: torch.device
+    use_amp: bool
+    workers: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    metric_loss: torch.nn.Module
+    aug: ImageDataset                       # training images, train transform
+    train_plain: object                     # training images, test transform (Dataset or stacked tensor)
+    test_plain: object
+    test_labels: torch.Tensor
+
+
+def prepare(cfg: Config) -> Session:
     device = resolve_device(cfg.device)
     workers = default_workers() if cfg.num_workers < 0 else cfg.num_workers
     use_amp = cfg.amp and device.type == "cuda"
-    ckpt.seed_all(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = build_model(cfg).to(device)
+    if use_amp:
+        model = model.to(memory_format=torch.channels_last)
+    model.image_size = cfg.image_size or model.image_size
+    aug, plain, test = build_datasets(cfg, model.image_size)
+    if cfg.num_clusters > len(aug):
+        raise ValueError(f"num_clusters (K={cfg.num_clusters}) is larger than the number of training images "
+                         f"({len(aug)}); lower num_clusters")
+    train_plain = stack(plain, num_workers=workers, budget_gb=cfg.stack_budget_gb)
+    test_plain = stack(test, num_workers=workers, budget_gb=cfg.stack_budget_gb)
+    if device.type == "cuda":  # stacked images live on the GPU: re-embedding costs no transfer
+        train_plain = train_plain.to(device) if isinstance(train_plain, torch.Tensor) else train_plain
+        test_plain = test_plain.to(device) if isinstance(test_plain, torch.Tensor) else test_plain
+    optimizer = torch.optim.Adam([
+        {"params": model.backbone.parameters(), "lr": cfg.lr},
+        {"params": list(model.embedding.parameters()) + list(model.rotation.parameters()),
+         "lr": cfg.head_lr or cfg.lr},
+    ], weight_decay=cfg.weight_decay)
+    metric_loss = create_loss(cfg.loss, cfg.loss_params).to(device)
+    return Session(cfg, device, use_amp, workers, model, optimizer, metric_loss, aug, train_plain, test_plain,
+                   torch.as_tensor(test.labels))
 
+
+def cluster(s: Session, previous: torch.Tensor | None, seed: int):
+    """Pseudo-labels: features in eval mode with the test transform, then k-means.
+
+    The first clustering uses the pretrained pooled features (k-means++); later ones the embeddings,
+    warm-started from the previous clusters."""
+    cfg = s.cfg
+    pooled, emb = extract(s.model, s.train_plain, batch_size=cfg.eval_batch_size, num_workers=s.workers,
+                          amp=cfg.amp, pooled=previous is None)
+    if previous is None:
+        result = kmeans(pooled, cfg.num_clusters, niter=cfg.kmeans_iters, seed=seed, backend=cfg.kmeans_backend)
+    else:
+        result = kmeans(emb, cfg.num_clusters, niter=cfg.kmeans_iters, seed=seed, backend=cfg.kmeans_backend,
+                        init_centroids=warm_start(emb, previous, cfg.num_clusters))
+    stats = result.stats()
+    stats["nmi_previous"] = assignment_nmi(previous, result.labels) if previous is not None else None
+    return result, stats
+
+
+def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None):
+    """One pass of the loader; returns (step, [mean metric loss, rotation loss, rotation accuracy], bad step).
+
+    Non-finite losses are tracked on the device (no host sync per step) and reported as the first bad step,
+    or -1; on the CPU the round stops at the first one."""
+    label_dev = labels.to(s.device)
+    sums = torch.zeros(4, device=s.device)  # metric loss, rotation loss, rotation accuracy, steps
+    bad_step = torch.full((), -1, dtype=torch.long, device=s.device)
+    s.model.train()
+    for x, idx in loader:
+        x = x.to(s.device, non_blocking=True)
+        y = label_dev[idx.to(s.device, non_blocking=True)]
+        loss, parts = training_step(s.model, s.metric_loss, x, y, s.cfg, s.use_amp)
+        step += 1
+        finite = torch.isfinite(loss)
+        bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
+        if s.device.type == "cpu" and not bool(finite):
+            break
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        s.optimizer.step()
+        sums += torch.stack(parts + [torch.ones((), device=s.device)])
+        if bar is not None:
+            bar.update(1)
+    means = (sums[:3] / sums[3].clamp_min(1)).tolist()  # the one host sync of the round
+    return step, means, int(bad_step)
+
+
+def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
+    """Train by UDML-SS; returns {"start": metrics, "final": metrics, "run_dir": path, "step": steps}."""
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir)
+    ckpt.seed_all(cfg.seed)
     state = None
     if resume:
         state = ckpt.load(run_dir / CHECKPOINT)
@@ -162,117 +252,68 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     save_config(cfg, run_dir / "config.yaml")
     metrics = MetricsFile(run_dir / METRICS)
 
-    model = build_model(cfg).to(device)
-    if use_amp:
-        model = model.to(memory_format=torch.channels_last)
-    image_size = cfg.image_size or model.image_size
-    model.image_size = image_size
-    aug, plain, test = build_datasets(cfg, image_size)
-    train_plain = stack(plain, num_workers=workers, budget_gb=cfg.stack_budget_gb)
-    test_plain = stack(test, num_workers=workers, budget_gb=cfg.stack_budget_gb)
-    if isinstance(train_plain, torch.Tensor) and device.type == "cuda":
-        train_plain, test_plain = train_plain.to(device), test_plain.to(device)
-    test_labels = torch.as_tensor(test.labels)
-    K, n_train = cfg.num_clusters, len(aug)
-    if K > n_train:
-        raise ValueError(f"num_clusters (K={K}) is larger than the number of training images ({n_train}); "
-                         "lower num_clusters")
-
-    head_lr = cfg.head_lr or cfg.lr
-    optimizer = torch.optim.Adam([
-        {"params": model.backbone.parameters(), "lr": cfg.lr},
-        {"params": list(model.embedding.parameters()) + list(model.rotation.parameters()), "lr": head_lr},
-    ], weight_decay=cfg.weight_decay)
-    metric_loss = create_loss(cfg.loss, cfg.loss_params).to(device)
-
+    s = prepare(cfg)
+    model, optimizer = s.model, s.optimizer
     rounds, iters = cfg.num_rounds(), cfg.iterations_per_round()
     log.info("run folder %s | device %s | %d train / %d test images | K=%d | %d rounds x %d iterations",
-             run_dir, device, n_train, len(test), K, rounds, iters)
+             run_dir, s.device, len(s.aug), len(s.test_labels), cfg.num_clusters, rounds, iters)
 
-    rounds_done, step, labels, start_metrics = 0, 0, None, None
+    rounds_done, step, labels = 0, 0, None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         rounds_done, step, labels = state["rounds_done"], state["step"], state["labels"]
-        start_metrics = state.get("start_metrics")
+        start_metrics = state["start_metrics"]
         metrics.truncate_after(rounds_done)
         log.info("resumed from %s after round %d (step %d)", run_dir / CHECKPOINT, rounds_done, step)
     else:
         metrics.truncate_after(-1)
         t = time.time()
-        start_metrics = evaluate_model(model, test_plain, test_labels, cfg, with_pooled=True, workers=workers)
+        start_metrics = evaluate_model(s, with_pooled=True)
         for kind, m in start_metrics.items():
             metrics.append(kind="eval", round=0, step=0, features=kind, seconds=time.time() - t, **m)
             log.info("start  (%-9s) %s", kind, format_metrics(m))
 
-    sampler = None
-    train_loader = None
+    sampler = loader = None
     bar = tqdm(total=rounds * iters, initial=step, desc="train", unit="it", dynamic_ncols=True,
                disable=None, mininterval=2.0)
     for rnd in range(rounds_done + 1, rounds + 1):
-        ckpt.seed_all(cfg.seed * 1_000_003 + rnd)
-        # --- pseudo-labels ---
+        round_seed = cfg.seed * 1_000_003 + rnd
+        ckpt.seed_all(round_seed)
         t = time.time()
-        pooled, emb = extract(model, train_plain, batch_size=cfg.eval_batch_size, num_workers=workers,
-                              amp=cfg.amp, pooled=labels is None)
-        if labels is None:  # first clustering: pretrained pooled features, k-means++
-            result = kmeans(pooled, K, niter=cfg.kmeans_iters, seed=cfg.seed + rnd, backend=cfg.kmeans_backend)
-        else:
-            init = warm_start(emb, labels, K)
-            result = kmeans(emb, K, niter=cfg.kmeans_iters, seed=cfg.seed + rnd, init_centroids=init,
-                            backend=cfg.kmeans_backend)
-        stats = result.stats()
-        stats["nmi_previous"] = assignment_nmi(labels, result.labels) if labels is not None else None
+        result, stats = cluster(s, labels, seed=cfg.seed + rnd)
         labels = result.labels
         metrics.append(kind="cluster", round=rnd, step=step, seconds=time.time() - t, **stats)
         if rnd == 1 or rnd == rounds or rnd % max(1, rounds // 10) == 0:
-            log.info("round %d/%d clustering: sizes min %d / median %d / max %d, %d re-seeded, NMI to previous %s "
-                     "(%.1fs)", rnd, rounds, stats["min"], stats["median"], stats["max"], stats["n_reseeded"],
-                     "-" if stats["nmi_previous"] is None else f"{stats['nmi_previous']:.3f}", time.time() - t)
+            bar.write(f"round {rnd}/{rounds} clustering: sizes min {stats['min']} / median {stats['median']:g} / "
+                      f"max {stats['max']}, {stats['n_reseeded']} re-seeded, NMI to previous "
+                      + ("-" if stats["nmi_previous"] is None else f"{stats['nmi_previous']:.3f}")
+                      + f" ({time.time() - t:.1f}s)")
 
-        # --- metric learning on the pseudo-labels ---
         if sampler is None:
             sampler = ClusterBatchSampler(labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster, iters,
-                                          seed=0)
-            train_loader = make_loader(aug, batch_sampler=sampler, num_workers=workers, device=device,
-                                       persistent=True)
-        sampler.reset(labels.numpy(), seed=cfg.seed * 1_000_003 + rnd)
-        label_dev = labels.to(device)
-        sums = torch.zeros(4, device=device)  # metric loss, rotation loss, rotation accuracy, steps
-        bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        model.train()
-        for x, idx in train_loader:
-            x = x.to(device, non_blocking=True)
-            y = label_dev[idx.to(device, non_blocking=True)]
-            loss, parts = training_step(model, metric_loss, x, y, cfg, use_amp)
-            step += 1
-            # Checked without a host-device sync; on the GPU a bad step is found at the end of the round,
-            # before any checkpoint is written.
-            finite = torch.isfinite(loss)
-            bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
-            if device.type == "cpu" and not bool(finite):
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums += torch.stack(parts + [torch.ones((), device=device)])
-            bar.update(1)
-        bad = int(bad_step)
+                                          seed=round_seed)
+            loader = make_loader(s.aug, batch_sampler=sampler, num_workers=s.workers, device=s.device,
+                                 persistent=True)
+        sampler.reset(labels.numpy(), seed=round_seed)
+        t = time.time()
+        step, means, bad = train_round(s, loader, labels, step, bar)
         if bad >= 0:
             raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (round {rnd}); training stopped. "
                                 f"The last good checkpoint ({run_dir / CHECKPOINT}, after round {rnd - 1}) is "
                                 "intact: lower lr, check the data, or resume from it with --resume")
-        s = (sums / sums[3].clamp_min(1)).tolist()
-        metrics.append(kind="train", round=rnd, step=step, metric_loss=s[0], rotation_loss=s[1],
-                       rotation_accuracy=s[2])
-        bar.set_postfix(metric=f"{s[0]:.3f}", rot=f"{s[1]:.3f}")
+        metrics.append(kind="train", round=rnd, step=step, seconds=time.time() - t, iterations=iters,
+                       metric_loss=means[0], rotation_loss=means[1], rotation_accuracy=means[2])
+        bar.set_postfix(metric=f"{means[0]:.3f}", rot=f"{means[1]:.3f}", refresh=False)
 
         if cfg.eval_every and rnd % cfg.eval_every == 0 and rnd != rounds:
             t = time.time()
-            m = evaluate_model(model, test_plain, test_labels, cfg, with_pooled=False, workers=workers)["embedding"]
+            m = evaluate_model(s, with_pooled=False)["embedding"]
             metrics.append(kind="eval", round=rnd, step=step, features="embedding", seconds=time.time() - t, **m)
             bar.write(f"step {step:6d} (embedding) {format_metrics(m)}")
 
+        if rnd % max(1, cfg.checkpoint_every) and rnd != rounds:
+            continue
         ckpt.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rounds_done": rnd,
                           "step": step, "labels": labels, "centroids": result.centroids,
                           "config": cfg.to_dict(), "rng": ckpt.rng_state(), "start_metrics": start_metrics},
@@ -280,7 +321,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     bar.close()
 
     t = time.time()
-    final = evaluate_model(model, test_plain, test_labels, cfg, with_pooled=False, workers=workers)
+    final = evaluate_model(s, with_pooled=False)
     metrics.append(kind="eval", round=rounds, step=step, features="embedding", final=True,
                    seconds=time.time() - t, **final["embedding"])
     save_model(model, cfg, run_dir / MODEL)
