@@ -1,0 +1,107 @@
+"""Training throughput on one device, three numbers from one run on the same machine:
+
+(a) the ceiling: the backbone's bare forward+backward on random tensors of the training batch shape;
+(b) udml's full training step: real data loading, P x M sampling, both losses and the optimiser;
+(c) one re-clustering pass: embedding the training set (test transform) and k-means.
+
+    python benchmarks/throughput.py --config cub_lite0 --data ../shared/data/CUB_200_2011
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from common import machine, sync
+from udml.config import make_config
+from udml.data import make_loader
+from udml.inference import autocast
+from udml.samplers import ClusterBatchSampler
+from udml.training import cluster, prepare, train_round
+
+
+def ceiling(s, iters: int, warmup: int = 5) -> float:
+    """Iterations per second of forward+backward through the backbone alone."""
+    cfg = s.cfg
+    n = cfg.clusters_per_batch * cfg.images_per_cluster + (4 * cfg.rotation_images if cfg.rotation_weight > 0 else 0)
+    size = s.model.image_size
+    x = torch.randn(n, 3, size, size, device=s.device)
+    if s.use_amp:
+        x = x.contiguous(memory_format=torch.channels_last)
+    s.model.train()
+    for i in range(warmup + iters):
+        if i == warmup:
+            sync()
+            t = time.perf_counter()
+        with autocast(s.device, s.use_amp):
+            out = s.model.backbone(x)
+        out.float().square().mean().backward()
+    sync()
+    return iters / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="cub_lite0")
+    p.add_argument("--data", help="data set root")
+    p.add_argument("--iters", type=int, default=60, help="timed iterations for (a); (b) times whole rounds")
+    p.add_argument("--rounds", type=int, default=3, help="timed training rounds for (b), after one warm-up round")
+    p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    overrides = list(args.overrides) + ([f"data_root={args.data}"] if args.data else [])
+    cfg = make_config(args.config, overrides)
+
+    t0 = time.perf_counter()
+    s = prepare(cfg)
+    setup_s = time.perf_counter() - t0
+    iters = cfg.iterations_per_round()
+    images = cfg.clusters_per_batch * cfg.images_per_cluster
+    print(f"{cfg.backbone} at {s.model.image_size} px, batch {images} + {4 * cfg.rotation_images} rotated, "
+          f"device {s.device}, {s.workers} loader workers; data and model ready in {setup_s:.1f}s")
+
+    a = ceiling(s, args.iters)
+    print(f"(a) ceiling, bare forward+backward: {a:.2f} it/s")
+
+    t = time.perf_counter()
+    result, _ = cluster(s, None, seed=cfg.seed)
+    sync()
+    first_cluster_s = time.perf_counter() - t
+    labels = result.labels
+    sampler = ClusterBatchSampler(labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster, iters, seed=1)
+    loader = make_loader(s.aug, batch_sampler=sampler, num_workers=s.workers, device=s.device, persistent=True)
+    step, _, _ = train_round(s, loader, labels, 0)  # warm-up: workers start, cudnn picks kernels
+    t = time.perf_counter()
+    for r in range(args.rounds):
+        sampler.reset(labels.numpy(), seed=2 + r)
+        step, _, _ = train_round(s, loader, labels, step)
+    b = args.rounds * iters / (time.perf_counter() - t)
+    print(f"(b) udml full training step: {b:.2f} it/s = {100 * b / a:.1f}% of the ceiling")
+
+    times = []
+    for r in range(3):
+        t = time.perf_counter()
+        result, _ = cluster(s, labels, seed=r)
+        sync()
+        times.append(time.perf_counter() - t)
+    c = sorted(times)[1]
+    print(f"(c) re-clustering pass ({len(s.aug)} images, K={cfg.num_clusters}): {c:.2f}s "
+          f"(first clustering on pooled features, k-means++: {first_cluster_s:.2f}s)")
+
+    rounds = cfg.num_rounds()
+    estimate = rounds * (iters / b + c)
+    print(f"full schedule estimate: {rounds} rounds x ({iters} iterations + a re-clustering) = {estimate:.0f}s "
+          "plus data loading and evaluations")
+    record = {"config": args.config, "overrides": overrides, "backbone": cfg.backbone, "image_size": s.model.image_size,
+              "batch": images, "rotation_images": cfg.rotation_images, "ceiling_it_s": a, "udml_it_s": b,
+              "ratio": b / a, "recluster_s": c, "first_cluster_s": first_cluster_s, "setup_s": setup_s,
+              "workers": s.workers, "schedule_estimate_s": estimate, **machine()}
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(record, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
