@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+
+from udml import checkpoint as ckpt
+from udml.cli import main as cli
+from udml.config import make_config
+from udml.training import CHECKPOINT, METRICS, MODEL, train, training_step
+from udml.inference import load_model
+from udml.losses import create_loss
+from udml.models import build_model
+
+QUICK = ["pseudo_epochs=4", "recluster_every=2", "num_workers=0"]
+
+
+def records(run_dir, kind):
+    return [r for r in map(json.loads, (run_dir / METRICS).read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_default_job_writes_a_run_folder(tmp_path, capsys):
+    assert cli(["train", "--out", str(tmp_path), "run_name=r", *QUICK]) == 0
+    out = capsys.readouterr().out
+    assert "start  (embedding) R@1" in out and "final  (embedding) R@1" in out and "NMI" in out
+    run = tmp_path / "r"
+    for name in ("config.yaml", METRICS, CHECKPOINT, MODEL, "train.log"):
+        assert (run / name).is_file(), name
+    evals = records(run, "eval")
+    cfg = make_config("digits", QUICK)
+    assert [e["step"] for e in evals if e["features"] == "embedding"] == [0, 2 * cfg.iterations_per_round()]
+    assert {"recall@1", "recall@8", "nmi", "map@r"} <= set(evals[-1])
+    clusters = records(run, "cluster")
+    assert len(clusters) == 2 and clusters[1]["nmi_previous"] is not None
+    assert all(c["empty"] == 0 for c in clusters)
+    # the inference file loads without the training configuration and embeds like the trained model
+    model = load_model(run / MODEL)
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    state = ckpt.load(run / CHECKPOINT)
+    trained = build_model(make_config("digits"))
+    trained.load_state_dict(state["model"])
+    assert torch.allclose(model(x), trained.eval()(x), atol=1e-6)
+
+
+def test_resume_continues_and_reaches_the_same_result(tmp_path):
+    full = train(make_config("digits", QUICK + ["run_name=full", f"out_dir={tmp_path}"]))
+    cfg = make_config("digits", ["pseudo_epochs=2", "recluster_every=2", "num_workers=0", "run_name=part",
+                                 f"out_dir={tmp_path}"])
+    train(cfg)  # the first half: one round, as if the run had been stopped after it
+    part = tmp_path / "part"
+    state = ckpt.load(part / CHECKPOINT)
+    assert state["rounds_done"] == 1
+    resumed_cfg = make_config("digits", QUICK + ["run_name=part", f"out_dir={tmp_path}"])
+    # the schedule differs from the checkpoint's: refused, with the fix in the message
+    with pytest.raises(ValueError, match="different configuration.*pseudo_epochs"):
+        train(resumed_cfg, run_dir=part, resume=True)
+    state["config"]["pseudo_epochs"] = 4  # same run, longer schedule: what a killed 4-epoch run leaves behind
+    ckpt.atomic_save(state, part / CHECKPOINT)
+    resumed = train(resumed_cfg, run_dir=part, resume=True)
+    assert resumed["step"] == full["step"]
+    for k, v in full["final"]["embedding"].items():
+        assert resumed["final"]["embedding"][k] == pytest.approx(v, abs=1e-6), k
+    assert [r["round"] for r in records(part, "cluster")] == [1, 2]
+
+
+def test_rotation_weight_zero_switches_the_rotation_task_off():
+    cfg = make_config("digits", ["rotation_weight=0"])
+    model = build_model(cfg).train()
+    x = torch.randint(0, 256, (80, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(16).repeat_interleave(5)
+    loss, parts = training_step(model, create_loss(cfg.loss), x, y, cfg, use_amp=False)
+    loss.backward()
+    assert parts[1] == 0 and all(p.grad is None for p in model.rotation.parameters())
+    cfg = make_config("digits", ["rotation_weight=0.5"])
+    loss, parts = training_step(model, create_loss(cfg.loss), x, y, cfg, use_amp=False)
+    assert loss.item() == pytest.approx(parts[0].item() + 0.5 * parts[1].item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_udml_ss_on_omniglot_beats_its_own_start(tmp_path, omniglot_root):
+    """Real data from ../shared, from scratch on CPU: the trained embedding must retrieve better than the start."""
+    cfg = make_config(None, [
+        "dataset=omniglot", f"data_root={omniglot_root}", "backbone=smallconv", "pretrained=false",
+        "freeze_bn=false", "image_size=28", "resize_size=28", "hflip=false", "crop_scale_min=0.6",
+        "embedding_dim=128", "num_clusters=300", "lr=1e-3", "rotation_weight=0.5",
+        "pseudo_epochs=9", "recluster_every=3", "recall_ks=[1, 2, 4, 8]", f"out_dir={tmp_path}", "run_name=omni"])
+    result = train(cfg)
+    start, final = result["start"]["embedding"], result["final"]["embedding"]
+    assert final["recall@1"] > start["recall@1"] + 0.05, (start, final)
