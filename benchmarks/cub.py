@@ -11,20 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import suite
 from common import machine
 
 ROWS = {"udml_ss": [], "udml": ["rotation_weight=0"]}
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def main() -> None:
@@ -40,64 +32,16 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every row")
     args = p.parse_args()
 
-    jobs = []
-    for seed in args.seeds:
-        for row in args.rows:
-            name = f"{row}_seed{seed}"
-            cmd = [sys.executable, "-m", "udml", "train", "--config", args.config, "--data", args.data,
-                   "--out", args.out, f"run_name={name}", f"seed={seed}", *ROWS[row], *args.overrides]
-            jobs.append({"row": row, "seed": seed, "run_dir": Path(args.out) / name, "cmd": cmd})
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    deadline = time.time() + args.timeout if args.timeout else None
-
-    def launch(job):
-        job["log"] = open(job["run_dir"].with_suffix(".log"), "w")
-        job["start"] = time.time()
-        job["proc"] = subprocess.Popen(job["cmd"], stdout=job["log"], stderr=subprocess.STDOUT,
-                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def finish(job, returncode):
-        job["returncode"] = returncode
-        job["wall_s"] = time.time() - job["start"]
-        job["log"].close()
-
-    def run_all(batch):
-        for job in batch:
-            launch(job)
-        running = list(batch)
-        while running:
-            for job in list(running):
-                if job["proc"].poll() is not None:
-                    finish(job, job["proc"].returncode)
-                    running.remove(job)
-                elif deadline is not None and time.time() > deadline:
-                    job["proc"].kill()
-                    job["proc"].wait()
-                    finish(job, "timeout")
-                    running.remove(job)
-            time.sleep(0.5)
-
-    if args.parallel:
-        run_all(jobs)
-    else:
-        for job in jobs:
-            run_all([job])
-
+    jobs = [suite.job(row, seed, args.config, args.out, [f"data_root={args.data}", *ROWS[row], *args.overrides])
+            for seed in args.seeds for row in args.rows]
+    suite.run(jobs, parallel=args.parallel, timeout=args.timeout)
     records = []
-    for job in jobs:
-        metrics = read_metrics(job["run_dir"])
-        evals = [m for m in metrics if m["kind"] == "eval"]
-        final = next((m for m in evals if m.get("final")), None)
-        if job["row"] == "udml_ss":
-            for m in evals:
-                if m["round"] == 0:
-                    records.append({"row": f"pretrained start ({m['features']})", "seed": job["seed"], **_pick(m)})
-        records.append({"row": job["row"], "seed": job["seed"], "returncode": job["returncode"],
-                        "wall_s": round(job["wall_s"], 1), "finished": final is not None,
-                        "steps": max((m["step"] for m in metrics), default=0),
-                        **_pick(final or (evals[-1] if evals else {})),
-                        "curve": [{"step": m["step"], "recall@1": m["recall@1"], "nmi": m["nmi"]}
-                                  for m in evals if m["features"] == "embedding"]})
+    for j in jobs:
+        r = suite.collect(j)
+        if j["row"] == "udml_ss":
+            records += [{"row": f"pretrained start ({kind})", "seed": j["seed"], "step": 0, **m}
+                        for kind, m in r["start"].items()]
+        records.append(r)
     info = machine()
     result = {"config": args.config, "overrides": args.overrides, "parallel": args.parallel, **info, "rows": records}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
@@ -110,12 +54,7 @@ def main() -> None:
         cells = [f"{100 * r[k]:.1f}" if k in r else "-" for k in
                  ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")]
         note = "" if r.get("finished", True) else " (unfinished: last evaluation)"
-        print(f"| {r['row']}{note} | {r['seed']} | " + " | ".join(cells)
-              + f" | {r.get('steps', 0)} | {r.get('wall_s', '-')} |")
-
-
-def _pick(m: dict) -> dict:
-    return {k: m[k] for k in ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r", "step") if k in m}
+        print(f"| {r['row']}{note} | {r['seed']} | " + " | ".join(cells) + f" | {r['step']} | {r.get('wall_s', '-')} |")
 
 
 if __name__ == "__main__":

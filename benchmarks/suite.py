@@ -1,0 +1,79 @@
+"""Run rows of `udml train` (one subprocess each) and collect their final metrics from metrics.jsonl."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METRIC_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "recall@10", "recall@100", "recall@1000",
+               "nmi", "map@r")
+
+
+def job(row: str, seed: int, config: str, out: str, overrides: list[str]) -> dict:
+    name = f"{row}_seed{seed}"
+    cmd = [sys.executable, "-m", "udml", "train", "--config", config, "--out", out, f"run_name={name}",
+           f"seed={seed}", *overrides]
+    return {"row": row, "seed": seed, "run_dir": Path(out) / name, "cmd": cmd}
+
+
+def run(jobs: list[dict], parallel: bool = False, timeout: float | None = None) -> None:
+    """Run the jobs (all at once or one after another); each gets returncode and wall_s."""
+    deadline = time.time() + timeout if timeout else None
+    for j in jobs:
+        j["run_dir"].parent.mkdir(parents=True, exist_ok=True)
+
+    def batch(group):
+        for j in group:
+            j["log"] = open(j["run_dir"].with_suffix(".log"), "w")
+            j["start"] = time.time()
+            j["proc"] = subprocess.Popen(j["cmd"], stdout=j["log"], stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        running = list(group)
+        while running:
+            for j in list(running):
+                code = j["proc"].poll()
+                if code is None and deadline is not None and time.time() > deadline:
+                    j["proc"].kill()
+                    j["proc"].wait()
+                    code = "timeout"
+                if code is not None:
+                    j["returncode"], j["wall_s"] = code, round(time.time() - j["start"], 1)
+                    j["log"].close()
+                    running.remove(j)
+            time.sleep(0.5)
+
+    for group in ([jobs] if parallel else [[j] for j in jobs]):
+        batch(group)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def pick(m: dict) -> dict:
+    return {k: m[k] for k in METRIC_KEYS if k in m}
+
+
+def collect(j: dict) -> dict:
+    """The row's final metrics (or, for an unfinished run, its last evaluation, flagged) and its curve."""
+    ms = metrics(j["run_dir"])
+    evals = [m for m in ms if m["kind"] == "eval" and m.get("features") == "embedding"]
+    final = next((m for m in evals if m.get("final")), None)
+    last = final or (evals[-1] if evals else {})
+    return {"row": j["row"], "seed": j["seed"], "returncode": j.get("returncode"), "wall_s": j.get("wall_s"),
+            "finished": final is not None, "step": last.get("step", 0), **pick(last),
+            "start": {kind: pick(m) for m in ms if m["kind"] == "eval" and m["round"] == 0
+                      for kind in [m["features"]]},
+            "curve": [{"step": m["step"], **pick(m)} for m in evals]}
+
+
+def mean_spread(records: list[dict], key: str) -> tuple[float, float]:
+    values = [100 * r[key] for r in records if key in r]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
