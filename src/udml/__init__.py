@@ -1,2 +1,13 @@
 """udml: unsupervised deep metric learning (UDML-SS) for image retrieval without labels."""
 __version__ = "0.1.0"
+
+
+def load(path, device: str = "cpu"):
+    """A trained model, ready to embed: ``udml.load("runs/x/model.pt").embed(["a.jpg", pil_image])``.
+
+    ``path``: model.pt, checkpoint.pt or a run folder. Returns a :class:`udml.retrieval.Embedder`;
+    its ``embed`` gives one L2-normalised float32 row per image, with the model's own test transform.
+    """
+    from .retrieval import Embedder  # imported here so that ``import udml`` stays light
+
+    return Embedder.from_file(path, device)

@@ -11,19 +11,25 @@ import torch
 
 
 def atomic_save(obj, path: str | Path) -> None:
+    """Write ``obj`` with torch.save so that ``path`` holds either the old or the new file, never a torn one.
+
+    On failure (full disk, unwritable folder) the temporary file is removed, the previous file at ``path`` is
+    left as it was, and an OSError with the same errno says so."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         if isinstance(e, OSError):
             raise OSError(e.errno, f"could not write checkpoint {path} ({e.strerror}); the previous checkpoint "
                                    "there is intact. Free disk space or make the run folder writable, then "
@@ -36,10 +42,20 @@ def atomic_save(obj, path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def remove_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporary files that atomic_save left next to ``path`` when its process was killed."""
+    path = Path(path)
+    stale = list(path.parent.glob(f".{path.name}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 def load(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"no checkpoint at {path}; resume only a run folder that holds {path.name}, "
+                                "or start a new run without --resume")
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001

@@ -1,4 +1,4 @@
-"""Command line: ``udml train`` and ``udml evaluate``."""
+"""Command line: ``udml train``, ``evaluate``, ``embed``, ``index``, ``search`` and ``export``."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +24,8 @@ def _train(args) -> int:
         cfg = make_config(None, {**cfg.to_dict(), **overrides, **_flag_overrides(args)})
         train(cfg, run_dir=run_dir, resume=True)
         return 0
-    cfg = make_config(args.config or "digits", args.overrides and [*args.overrides])
+    # --data alone: a folder of the user's own images, with the folder preset
+    cfg = make_config(args.config or ("folder" if args.data else "digits"), args.overrides and [*args.overrides])
     extra = _flag_overrides(args)
     if extra:
         cfg = make_config(None, {**cfg.to_dict(), **extra})
@@ -67,6 +68,85 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _embed(args) -> int:
+    from .retrieval import Embedder, embed_folder, save_embeddings
+
+    embedder = Embedder.from_file(args.model, args.device or "auto")
+    emb = embed_folder(embedder, args.folder, batch_size=args.batch_size, num_workers=args.workers, progress=True)
+    save_embeddings(args.output, emb)
+    skipped = f", {len(emb.skipped)} unreadable file(s) skipped" if emb.skipped else ""
+    print(f"{len(emb.paths)} images embedded ({emb.embeddings.shape[1]}-d){skipped} -> {args.output}")
+    return 0
+
+
+def _index(args) -> int:
+    from .retrieval import build_index, load_embeddings, save_index
+
+    if args.ivf is not None and args.hnsw is not None:
+        raise ValueError("choose one of --ivf and --hnsw (or neither, for exact search)")
+    kind = "ivf" if args.ivf is not None else "hnsw" if args.hnsw is not None else "flat"
+    emb = load_embeddings(args.embeddings)
+    index = build_index(emb.embeddings, kind, nlist=args.ivf or None, hnsw_m=args.hnsw or 32, nprobe=args.nprobe)
+    sidecar = save_index(args.output, index, emb, kind)
+    print(f"{kind} index of {index.ntotal} embeddings -> {args.output} (paths in {sidecar})")
+    return 0
+
+
+def _search(args) -> int:
+    import os
+
+    from .retrieval import Embedder, check_model_matches, list_images, load_index, search
+
+    index, paths, meta = load_index(args.index)
+    model = args.model or meta.get("model")
+    if not model or not os.path.exists(model):
+        raise FileNotFoundError(f"no model to embed the queries: pass --model (the model that embedded {args.index}"
+                                + (f"; {model} is gone)" if model else ")"))
+    embedder = Embedder.from_file(model, args.device or "auto")
+    check_model_matches(embedder, meta, str(args.index))
+    queries = []
+    for q in args.queries:
+        queries += list_images(q) if os.path.isdir(q) else [q]
+    for q in queries:
+        if not os.path.isfile(q):
+            raise FileNotFoundError(f"query image {q} does not exist")
+    results = search(index, paths, embedder.embed(queries), args.k, query_paths=queries, keep_self=args.keep_self)
+    out = [{"query": os.path.abspath(q), "results": r} for q, r in zip(queries, results)]
+    text = json.dumps(out, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+        print(f"top-{args.k} results of {len(queries)} queries -> {args.json}")
+    else:
+        print(text)
+    if args.grid:
+        from .plots import retrieval_grid
+
+        def cls(p):
+            return Path(p).parent.name
+
+        matches = [[cls(r["path"]) == cls(q) for r in res] for q, res in zip(queries, results)] \
+            if args.folder_labels else None
+        captions = [[f"{r['score']:.3f}\n{Path(r['path']).name[:20]}" for r in res] for res in results]
+        retrieval_grid(queries, [[r["path"] for r in res] for res in results], args.grid, matches=matches,
+                       captions=captions, query_captions=[f"query\n{Path(q).name[:20]}" for q in queries],
+                       cell=args.cell)
+        print(f"picture -> {args.grid}")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_onnx
+    from .inference import load_model
+
+    model = load_model(args.model, "cpu")
+    diff = export_onnx(model, args.output, input_kind=args.input, opset=args.opset)
+    check = "" if diff is None else f"; onnxruntime matches PyTorch to {diff:.1e}"
+    print(f"{args.output}: input 'images' {args.input} [B, 3, {model.image_size}, {model.image_size}] "
+          f"(RGB 0-255, shorter side resized to {model.resize_size} then centre-cropped), output 'embeddings' "
+          f"[B, {model.embedding.out_features}]{check}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="udml", description="Unsupervised deep metric learning (UDML-SS).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -74,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an embedding network without labels",
                        description="Train by UDML-SS. With no arguments: the embedded digits job.")
     t.add_argument("--config", "-c", help=f"a preset ({', '.join(preset_names())}) or a YAML file")
-    t.add_argument("--data", help="data set root (sets data_root)")
+    t.add_argument("--data", help="data set root (sets data_root); without --config: a folder of your own "
+                   "unlabelled images (any nesting), trained with the folder preset")
     t.add_argument("--out", help="folder for run folders (sets out_dir)")
     t.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
@@ -92,6 +173,47 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device")
     e.add_argument("--output", "-o", help="write the metrics as JSON here")
     e.set_defaults(func=_evaluate)
+
+    m = sub.add_parser("embed", help="embed every image under a folder into an .npz file (embeddings + paths)")
+    m.add_argument("model", help="model.pt, checkpoint.pt or a run folder")
+    m.add_argument("folder", help="folder of images (any nesting); unreadable files are reported and skipped")
+    m.add_argument("--output", "-o", required=True, help="embeddings file to write (.npz)")
+    m.add_argument("--batch-size", type=int, default=64)
+    m.add_argument("--workers", type=int, default=0, help="image-decoding processes")
+    m.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    m.set_defaults(func=_embed)
+
+    i = sub.add_parser("index", help="build a faiss index (exact by default) over an embeddings file")
+    i.add_argument("embeddings", help="an .npz file written by udml embed")
+    i.add_argument("--output", "-o", required=True, help="index file to write; the paths go to <output>.json")
+    i.add_argument("--ivf", type=int, nargs="?", const=0, metavar="NLIST",
+                   help="approximate: inverted lists with NLIST cells (default 4 sqrt(N))")
+    i.add_argument("--nprobe", type=int, default=16, help="cells visited per query with --ivf")
+    i.add_argument("--hnsw", type=int, nargs="?", const=32, metavar="M",
+                   help="approximate: HNSW graph with M links per node (default 32)")
+    i.set_defaults(func=_index)
+
+    s = sub.add_parser("search", help="the most similar indexed images of one or more query images")
+    s.add_argument("index", help="an index from udml index, or an .npz from udml embed (exact search)")
+    s.add_argument("queries", nargs="+", help="query images (or folders of them)")
+    s.add_argument("--model", help="the model that embedded the collection (default: the one recorded in the index)")
+    s.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    s.add_argument("--json", help="write the results (paths and cosine similarities) here instead of printing them")
+    s.add_argument("--grid", help="write a PNG with one row per query: the query, then its results")
+    s.add_argument("--cell", type=int, default=128, help="size in pixels of one image in the grid")
+    s.add_argument("--folder-labels", action="store_true",
+                   help="frame results green when their folder has the query's folder name, red otherwise")
+    s.add_argument("--keep-self", action="store_true", help="keep a query's own file among its results")
+    s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    s.set_defaults(func=_search)
+
+    x = sub.add_parser("export", help="export a model to ONNX (images in, L2-normalised embeddings out)")
+    x.add_argument("model", help="model.pt, checkpoint.pt or a run folder")
+    x.add_argument("--output", "-o", required=True, help="the .onnx file to write")
+    x.add_argument("--input", choices=["uint8", "float"], default="uint8",
+                   help="input type: uint8 or float32 RGB pixels in 0-255, NCHW (default uint8)")
+    x.add_argument("--opset", type=int, default=17)
+    x.set_defaults(func=_export)
     return p
 
 
@@ -99,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, ImportError, RuntimeError) as e:
+    except (ValueError, KeyError, OSError, ImportError, RuntimeError) as e:  # OSError: e.g. a full disk
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"udml {args.command}: error: {message}", file=sys.stderr)
         return 2

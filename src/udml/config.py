@@ -15,6 +15,8 @@ class Config:
     # data
     dataset: str = "digits"            # a name in udml.datasets.DATASETS
     data_root: str | None = None
+    test_root: str | None = None       # root of the test split; default data_root. For dataset "folder": a
+                                       # labelled folder (one sub-folder per class); none = no evaluations
     train_split: str = "train"
     test_split: str = "test"
     image_size: int | None = None      # crop size; None = the backbone's default
@@ -31,9 +33,10 @@ class Config:
     embedding_dim: int = 512
     rotation_hidden: int = 256
     freeze_bn: bool = True             # keep BatchNorm running statistics fixed while training
+    grad_checkpointing: bool = False   # recompute activations in the backward pass (timm backbones): less memory
 
     # pseudo-labels
-    num_clusters: int = 100            # K
+    num_clusters: int | None = 100     # K; null = default_num_clusters(N training images): N / 50, clipped
     kmeans_iters: int = 20
     kmeans_backend: str = "auto"       # auto | faiss | torch
 
@@ -44,6 +47,7 @@ class Config:
     loss: str = "multi_similarity"     # a name in udml.losses.LOSSES
     loss_params: dict = field(default_factory=dict)
     rotation_weight: float = 0.1       # lambda; 0 turns the rotation task off (UDML)
+    supervised: bool = False           # benchmarks only: train on the true training labels (a ceiling)
 
     # optimisation and schedule
     lr: float = 1e-5
@@ -63,10 +67,14 @@ class Config:
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     amp: bool = True                   # bfloat16 autocast and channels_last on CUDA
     out_dir: str = "runs"
+    pictures: bool = True              # retrieval grid, curves and t-SNE map written at the end of a run
     checkpoint_every: int = 1          # clustering rounds between checkpoints (the last round always writes one)
     run_name: str | None = None
 
     def iterations_per_round(self) -> int:
+        if self.num_clusters is None:
+            raise ValueError("num_clusters is null: it is set from the number of training images when training "
+                             "starts (default_num_clusters); give a number to compute the schedule beforehand")
         images = self.recluster_every * self.num_clusters * self.epoch_images_per_cluster
         return max(1, images // (self.clusters_per_batch * self.images_per_cluster))
 
@@ -78,10 +86,21 @@ class Config:
 
 
 # Fields that may differ between a run and its resumption without changing the result.
-RUNTIME_FIELDS = {"num_workers", "device", "out_dir", "run_name", "data_root", "eval_batch_size", "cache_images",
-                  "stack_budget_gb", "eval_every", "checkpoint_every"}
+RUNTIME_FIELDS = {"num_workers", "device", "out_dir", "run_name", "data_root", "test_root", "eval_batch_size",
+                  "cache_images", "stack_budget_gb", "eval_every", "checkpoint_every",
+                  "pictures"}
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+MAX_DEFAULT_CLUSTERS = 10_000
+
+
+def default_num_clusters(n_images: int, clusters_per_batch: int = 16) -> int:
+    """K for ``num_clusters: null``: about 50 images per cluster, ``round(N / 50)``, at least
+    ``clusters_per_batch`` (a batch draws that many clusters) and at most 10,000 (SOP's K).
+    CUB's 5,864 training images give 117, close to the paper's K = 100."""
+    return int(min(MAX_DEFAULT_CLUSTERS, max(clusters_per_batch, 2, round(n_images / 50))))
 
 
 def preset_names() -> list[str]:
@@ -174,10 +193,14 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ValueError(message)
 
-    need(cfg.num_clusters >= 2, f"num_clusters (K) must be at least 2, got {cfg.num_clusters}")
-    need(cfg.clusters_per_batch >= 2, f"clusters_per_batch (P) must be at least 2, got {cfg.clusters_per_batch}")
-    need(cfg.images_per_cluster >= 2, f"images_per_cluster (M) must be at least 2, got {cfg.images_per_cluster}")
-    need(cfg.clusters_per_batch <= cfg.num_clusters,
+    need(cfg.num_clusters is None or cfg.num_clusters >= 2,
+         f"num_clusters (K) must be at least 2, got {cfg.num_clusters}; set num_clusters to 2 or more "
+         "(the paper uses 100 for 100 unseen classes)")
+    need(cfg.clusters_per_batch >= 2, f"clusters_per_batch (P) must be at least 2, got {cfg.clusters_per_batch}; "
+         "a batch needs clusters to contrast")
+    need(cfg.images_per_cluster >= 2, f"images_per_cluster (M) must be at least 2, got {cfg.images_per_cluster}; "
+         "a batch needs positive pairs")
+    need(cfg.num_clusters is None or cfg.clusters_per_batch <= cfg.num_clusters,
          f"clusters_per_batch (P={cfg.clusters_per_batch}) cannot exceed num_clusters (K={cfg.num_clusters}); "
          "lower clusters_per_batch or raise num_clusters")
     need(cfg.rotation_weight >= 0, f"rotation_weight (lambda) must be >= 0, got {cfg.rotation_weight}")
@@ -193,10 +216,27 @@ def validate(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write via a temporary file and a rename, so that a kill or a full disk never leaves a torn config.yaml."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"could not write {path} ({e.strerror}); free disk space or make the run folder "
+                               "writable") from e
 
 
 def load_config(path: Path) -> Config:
-    data = yaml.safe_load(Path(path).read_text())
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no configuration file at {path}; a run folder holds the config.yaml its run "
+                                "was started with")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of configuration keys to values, got "
+                         f"{type(data).__name__}; the file is damaged: restore it, or copy the configuration "
+                         "from the checkpoint (torch.load(...)['config'])")
     _check_keys(data, str(path))
     return Config(**data)

@@ -36,18 +36,26 @@ def test_transform(image_size: int, *, resize_size: int | None = None) -> T.Comp
     return T.Compose([T.Resize(resize_for(image_size, resize_size)), T.CenterCrop(image_size), T.PILToTensor()])
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as RGB: grayscale (8- and 16-bit), palette and CMYK are converted; transparent pixels are
+    composited on white rather than on whatever colour they hide."""
+    if img.mode.startswith("I;16"):  # convert("RGB") would clip 16-bit values to white
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
 def open_rgb(item) -> Image.Image:
-    """A path or PIL image as an RGB image (grayscale, palette, CMYK and alpha images are converted)."""
+    """A path or PIL image as an RGB image (see to_rgb)."""
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return to_rgb(item)
     with Image.open(item) as img:
         img.load()
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            # Composite transparent pixels on white rather than on whatever colour they hide.
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, img).convert("RGB")
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 def _shrink(img: Image.Image, short_side: int | None) -> Image.Image:
@@ -76,6 +84,26 @@ def decode_all(images: list, short_side: int | None = None, workers: int | None 
     return [r[0] for r in results], [r[1] for r in results if r[1] is not None]
 
 
+def check_headers(images: list, workers: int | None = None) -> list:
+    """(index, item, error) for every path that Pillow cannot identify as an image, reading headers only.
+
+    Much cheaper than decoding; a file damaged after an intact header still fails later, when it is opened.
+    """
+    def check(i):
+        if isinstance(images[i], Image.Image):
+            return None
+        try:
+            with Image.open(images[i]) as img:
+                img.verify()
+            return None
+        except Exception as e:  # noqa: BLE001 - any failure means: skip and report this file
+            return i, images[i], f"{type(e).__name__}: {e}"
+
+    workers = workers or min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        return [r for r in pool.map(check, range(len(images))) if r is not None]
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Items are (uint8 image tensor, index). Unreadable images are reported and left out.
 
@@ -86,10 +114,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(self, image_set: ImageSet, transform, cache: bool = True, short_side: int | None = None):
         self.image_set, self.transform = image_set, transform
         if len(image_set) == 0:
-            raise ValueError(f"data set {image_set.name!r} has no images")
+            raise ValueError(f"data set {image_set.name!r} has no images; check data_root and that the files "
+                             "follow the data set's layout (or, for a folder, have an image extension)")
         items = list(image_set.images)
         keep = np.arange(len(items))
-        self.arrays = None
+        self.arrays, bad = None, []
         if cache:
             arrays, bad = decode_all(items, short_side)
             if bad:
@@ -98,11 +127,18 @@ class ImageDataset(torch.utils.data.Dataset):
                 keep = keep[ok]
                 arrays = [a for a in arrays if a is not None]
             self.arrays = arrays
+        else:
+            bad = check_headers(items)
+            if bad:
+                self._report(bad)
+                keep = np.setdiff1d(keep, [i for i, _, _ in bad])
         self.items = [items[i] for i in keep]
         self.labels = None if image_set.labels is None else np.asarray(image_set.labels)[keep]
         self.kept = keep
         if len(self.items) == 0:
-            raise ValueError(f"data set {image_set.name!r}: none of its {len(image_set)} images could be read")
+            first = f" (first: {bad[0][1]}: {bad[0][2]})" if bad else ""
+            raise ValueError(f"data set {image_set.name!r}: none of its {len(image_set)} images could be read"
+                             f"{first}; replace the damaged files or point data_root at an intact copy")
 
     def _report(self, bad) -> None:
         shown = "\n  ".join(f"{item}: {err}" for _, item, err in bad[:10])

@@ -187,4 +187,9 @@ class UDMLNet(nn.Module):
 
 def build_model(cfg) -> UDMLNet:
     backbone = create_backbone(cfg.backbone, cfg.pretrained)
+    if cfg.grad_checkpointing:
+        if not hasattr(backbone.module, "set_grad_checkpointing"):
+            raise ValueError(f"backbone {cfg.backbone!r} does not support gradient checkpointing; it is available "
+                             "for timm backbones (efficientnet_lite0, timm:<name>); set grad_checkpointing=false")
+        backbone.module.set_grad_checkpointing(True)
     return UDMLNet(backbone, cfg.embedding_dim, cfg.rotation_hidden, cfg.freeze_bn)

@@ -30,7 +30,8 @@ class ClusterBatchSampler(torch.utils.data.Sampler):
         self.members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
         if len(self.members) < self.P:
             raise ValueError(f"only {len(self.members)} non-empty clusters but clusters_per_batch (P) is {self.P}; "
-                             "lower clusters_per_batch or raise num_clusters")
+                             "lower clusters_per_batch or raise num_clusters (k-means leaves clusters empty when "
+                             "the data holds fewer distinct images than num_clusters: remove duplicates)")
         self.seed = seed
 
     def __len__(self) -> int:

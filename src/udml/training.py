@@ -1,6 +1,7 @@
 """The UDML-SS training loop: cluster -> sample P x M -> metric loss + lambda * rotation loss, repeat."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -16,13 +17,14 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .clustering import assignment_nmi, kmeans
-from .config import RUNTIME_FIELDS, Config, save_config
+from .config import RUNTIME_FIELDS, Config, default_num_clusters, save_config, validate
 from .data import ImageDataset, default_workers, make_loader, resize_for, test_transform, train_transform
 from .datasets import load_split
 from .evaluation import evaluate
 from .inference import autocast, extract, stack
 from .losses import create_loss, rotation_batch, rotation_loss
 from .models import build_model
+from .plots import write_run_pictures
 from .samplers import ClusterBatchSampler
 
 log = logging.getLogger("udml")
@@ -72,10 +74,18 @@ class MetricsFile:
         self.path = path
 
     def truncate_after(self, rounds_done: int) -> None:
+        """Keep the records of rounds 1..rounds_done (and the start); drop later ones, the final evaluation
+        (written after the last checkpoint) and a line torn by a kill in mid-write."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("round", 0) <= rounds_done]
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("round", 0) <= rounds_done and not record.get("final"):
+                keep.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         tmp.replace(self.path)
@@ -93,12 +103,17 @@ class MetricsFile:
 def build_datasets(cfg: Config, image_size: int):
     """(train set with the train transform, train set with the test transform, test set)."""
     train_set = load_split(cfg.dataset, cfg.data_root, cfg.train_split)
-    test_set = load_split(cfg.dataset, cfg.data_root, cfg.test_split)
     short = resize_for(image_size, cfg.resize_size)
     train = ImageDataset(train_set, None, cache=cfg.cache_images, short_side=short)
-    test = ImageDataset(test_set, test_transform(image_size, resize_size=cfg.resize_size),
-                        cache=cfg.cache_images, short_side=short)
-    if test.labels is None:
+    test = None
+    if cfg.dataset == "folder" and cfg.test_root is None:  # a folder's own sub-folders need not be classes
+        log.info("no labelled test split was given (test_root=FOLDER, one sub-folder per class): the run "
+                 "is not evaluated")
+    else:
+        test_set = load_split(cfg.dataset, cfg.test_root or cfg.data_root, cfg.test_split)
+        test = ImageDataset(test_set, test_transform(image_size, resize_size=cfg.resize_size),
+                            cache=cfg.cache_images, short_side=short)
+    if test is not None and test.labels is None:
         raise ValueError(f"the test split {test_set.name!r} has no labels; evaluation needs class labels "
                          "(for a folder: one sub-folder per class)")
     aug = train.with_transform(train_transform(image_size, resize_size=cfg.resize_size,
@@ -108,7 +123,9 @@ def build_datasets(cfg: Config, image_size: int):
 
 
 def evaluate_model(s: "Session", *, with_pooled: bool) -> dict:
-    """Metrics of the embedding (and optionally of the pooled backbone features) on the test split."""
+    """Metrics of the embedding (and optionally of the pooled backbone features) on the test split; {} without one."""
+    if s.test_labels is None:
+        return {}
     pooled, emb = extract(s.model, s.test_plain, batch_size=s.cfg.eval_batch_size, num_workers=s.workers,
                           amp=s.cfg.amp, pooled=with_pooled)
     labels = s.test_labels.to(emb.device)
@@ -161,7 +178,8 @@ class Session:
     aug: ImageDataset                       # training images, train transform
     train_plain: object                     # training images, test transform (Dataset or stacked tensor)
     test_plain: object
-    test_labels: torch.Tensor
+    test_labels: torch.Tensor | None        # None: no labelled test split, no evaluations
+    test_classes: list | None = None
 
 
 def prepare(cfg: Config) -> Session:
@@ -174,12 +192,20 @@ def prepare(cfg: Config) -> Session:
     if use_amp:
         model = model.to(memory_format=torch.channels_last)
     model.image_size = cfg.image_size or model.image_size
+    metric_loss = create_loss(cfg.loss, cfg.loss_params).to(device)  # a bad loss name fails before decoding
     aug, plain, test = build_datasets(cfg, model.image_size)
+    if cfg.num_clusters is None:
+        cfg = dataclasses.replace(cfg, num_clusters=default_num_clusters(len(aug), cfg.clusters_per_batch))
+        log.info("num_clusters (K) = %d for %d training images (default_num_clusters)", cfg.num_clusters, len(aug))
     if cfg.num_clusters > len(aug):
         raise ValueError(f"num_clusters (K={cfg.num_clusters}) is larger than the number of training images "
                          f"({len(aug)}); lower num_clusters")
+    if test is not None and max(cfg.recall_ks) > len(test) - 1:
+        raise ValueError(f"recall_ks asks for Recall@{max(cfg.recall_ks)} but the test split has {len(test)} "
+                         f"images, so each query has {len(test) - 1} neighbours; use recall_ks values <= "
+                         f"{len(test) - 1}")
     train_plain = stack(plain, num_workers=workers, budget_gb=cfg.stack_budget_gb)
-    test_plain = stack(test, num_workers=workers, budget_gb=cfg.stack_budget_gb)
+    test_plain = stack(test, num_workers=workers, budget_gb=cfg.stack_budget_gb) if test is not None else None
     if device.type == "cuda":  # stacked images live on the GPU: re-embedding costs no transfer
         train_plain = train_plain.to(device) if isinstance(train_plain, torch.Tensor) else train_plain
         test_plain = test_plain.to(device) if isinstance(test_plain, torch.Tensor) else test_plain
@@ -188,9 +214,9 @@ def prepare(cfg: Config) -> Session:
         {"params": list(model.embedding.parameters()) + list(model.rotation.parameters()),
          "lr": cfg.head_lr or cfg.lr},
     ], weight_decay=cfg.weight_decay)
-    metric_loss = create_loss(cfg.loss, cfg.loss_params).to(device)
     return Session(cfg, device, use_amp, workers, model, optimizer, metric_loss, aug, train_plain, test_plain,
-                   torch.as_tensor(test.labels))
+                   None if test is None else torch.as_tensor(test.labels),
+                   None if test is None else test.image_set.class_names)
 
 
 def cluster(s: Session, previous: torch.Tensor | None, seed: int):
@@ -201,6 +227,8 @@ def cluster(s: Session, previous: torch.Tensor | None, seed: int):
     cfg = s.cfg
     pooled, emb = extract(s.model, s.train_plain, batch_size=cfg.eval_batch_size, num_workers=s.workers,
                           amp=cfg.amp, pooled=previous is None)
+    if not bool(torch.isfinite(pooled if previous is None else emb).all()):
+        raise NonFiniteLoss("the network's outputs on the training images are NaN or infinite")
     if previous is None:
         result = kmeans(pooled, cfg.num_clusters, niter=cfg.kmeans_iters, seed=seed, backend=cfg.kmeans_backend)
     else:
@@ -209,6 +237,18 @@ def cluster(s: Session, previous: torch.Tensor | None, seed: int):
     stats = result.stats()
     stats["nmi_previous"] = assignment_nmi(previous, result.labels) if previous is not None else None
     return result, stats
+
+
+def model_is_finite(s: Session, probe_images: int = 16) -> bool:
+    """Finite weights, and finite embeddings of the first training images (weights can be finite but so large
+    that the outputs overflow). Changes no state: eval mode, no gradients, no random numbers."""
+    if not all(bool(torch.isfinite(p).all()) for p in s.model.parameters()):
+        return False
+    data = s.train_plain
+    n = min(probe_images, len(data))
+    x = data[:n] if isinstance(data, torch.Tensor) else torch.stack([data[i][0] for i in range(n)])
+    _, emb = extract(s.model, x, batch_size=n, amp=s.cfg.amp, pooled=False)
+    return bool(torch.isfinite(emb).all())
 
 
 def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None):
@@ -241,9 +281,11 @@ def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None):
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
     """Train by UDML-SS; returns {"start": metrics, "final": metrics, "run_dir": path, "step": steps}."""
+    validate(cfg)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir)
+    ckpt.remove_temporaries(run_dir / CHECKPOINT)  # left by a process killed while writing a checkpoint
     ckpt.seed_all(cfg.seed)
     state = None
     if resume:
@@ -253,10 +295,14 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     metrics = MetricsFile(run_dir / METRICS)
 
     s = prepare(cfg)
+    if s.cfg != cfg:  # num_clusters: null, now resolved
+        cfg = s.cfg
+        save_config(cfg, run_dir / "config.yaml")
     model, optimizer = s.model, s.optimizer
     rounds, iters = cfg.num_rounds(), cfg.iterations_per_round()
     log.info("run folder %s | device %s | %d train / %d test images | K=%d | %d rounds x %d iterations",
-             run_dir, s.device, len(s.aug), len(s.test_labels), cfg.num_clusters, rounds, iters)
+             run_dir, s.device, len(s.aug), 0 if s.test_labels is None else len(s.test_labels), cfg.num_clusters,
+             rounds, iters)
 
     rounds_done, step, labels = 0, 0, None
     if state is not None:
@@ -266,6 +312,12 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
         start_metrics = state["start_metrics"]
         metrics.truncate_after(rounds_done)
         log.info("resumed from %s after round %d (step %d)", run_dir / CHECKPOINT, rounds_done, step)
+        threads = state.get("cpu_threads")
+        if s.device.type == "cpu" and threads not in (None, torch.get_num_threads()):
+            # CPU convolution gradients are summed in a thread-count dependent order.
+            log.warning("the checkpoint was written with %d CPU threads and this process uses %d: the resumed "
+                        "run will differ from an uninterrupted one by rounding; set OMP_NUM_THREADS=%d for an "
+                        "exact replay", threads, torch.get_num_threads(), threads)
     else:
         metrics.truncate_after(-1)
         t = time.time()
@@ -275,16 +327,33 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
             log.info("start  (%-9s) %s", kind, format_metrics(m))
 
     sampler = loader = None
+    saved_round = rounds_done if state is not None else None  # the round the checkpoint on disk holds
     bar = tqdm(total=rounds * iters, initial=step, desc="train", unit="it", dynamic_ncols=True,
                disable=None, mininterval=2.0)
+
+    def stop(what: str) -> NonFiniteLoss:
+        kept = ("no checkpoint was written yet" if saved_round is None else
+                f"the last good checkpoint {run_dir / CHECKPOINT} (after round {saved_round}) is intact")
+        return NonFiniteLoss(f"{what}; training stopped and {kept}. Lower lr (or head_lr), raise weight_decay or "
+                             "check the data, then start a new run: resuming with the same settings repeats the "
+                             "same steps")
+
     for rnd in range(rounds_done + 1, rounds + 1):
         round_seed = cfg.seed * 1_000_003 + rnd
         ckpt.seed_all(round_seed)
         t = time.time()
-        result, stats = cluster(s, labels, seed=cfg.seed + rnd)
-        labels = result.labels
-        metrics.append(kind="cluster", round=rnd, step=step, seconds=time.time() - t, **stats)
-        if rnd == 1 or rnd == rounds or rnd % max(1, rounds // 10) == 0:
+        if cfg.supervised:  # a benchmark ceiling, not the method: true training labels instead of clusters
+            if s.aug.labels is None:
+                raise ValueError("supervised=true needs a labelled training split; this one has no labels")
+            labels, result = torch.as_tensor(s.aug.labels), None
+        else:
+            try:
+                result, stats = cluster(s, labels, seed=cfg.seed + rnd)
+            except NonFiniteLoss as e:  # weights blown up by the last steps, loss still finite
+                raise stop(f"{e} after step {step} (at the clustering of round {rnd})") from None
+            labels = result.labels
+            metrics.append(kind="cluster", round=rnd, step=step, seconds=time.time() - t, **stats)
+        if result is not None and (rnd == 1 or rnd == rounds or rnd % max(1, rounds // 10) == 0):
             bar.write(f"round {rnd}/{rounds} clustering: sizes min {stats['min']} / median {stats['median']:g} / "
                       f"max {stats['max']}, {stats['n_reseeded']} re-seeded, NMI to previous "
                       + ("-" if stats["nmi_previous"] is None else f"{stats['nmi_previous']:.3f}")
@@ -299,14 +368,12 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
         t = time.time()
         step, means, bad = train_round(s, loader, labels, step, bar)
         if bad >= 0:
-            raise NonFiniteLoss(f"the loss became NaN or infinite at step {bad} (round {rnd}); training stopped. "
-                                f"The last good checkpoint ({run_dir / CHECKPOINT}, after round {rnd - 1}) is "
-                                "intact: lower lr, check the data, or resume from it with --resume")
+            raise stop(f"the loss became NaN or infinite at step {bad} (round {rnd})")
         metrics.append(kind="train", round=rnd, step=step, seconds=time.time() - t, iterations=iters,
                        metric_loss=means[0], rotation_loss=means[1], rotation_accuracy=means[2])
         bar.set_postfix(metric=f"{means[0]:.3f}", rot=f"{means[1]:.3f}", refresh=False)
 
-        if cfg.eval_every and rnd % cfg.eval_every == 0 and rnd != rounds:
+        if cfg.eval_every and rnd % cfg.eval_every == 0 and rnd != rounds and s.test_labels is not None:
             t = time.time()
             m = evaluate_model(s, with_pooled=False)["embedding"]
             metrics.append(kind="eval", round=rnd, step=step, features="embedding", seconds=time.time() - t, **m)
@@ -314,21 +381,31 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
 
         if rnd % max(1, cfg.checkpoint_every) and rnd != rounds:
             continue
+        if not model_is_finite(s):  # a checkpoint that only yields NaN would not be a good one
+            raise stop(f"the weights or the network's outputs became NaN or infinite by step {step} (round {rnd})")
         ckpt.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rounds_done": rnd,
-                          "step": step, "labels": labels, "centroids": result.centroids,
-                          "config": cfg.to_dict(), "rng": ckpt.rng_state(), "start_metrics": start_metrics},
+                          "step": step, "labels": labels, "centroids": None if result is None else result.centroids,
+                          "config": cfg.to_dict(), "rng": ckpt.rng_state(), "start_metrics": start_metrics,
+                          "cpu_threads": torch.get_num_threads()},
                          run_dir / CHECKPOINT)
+        saved_round = rnd
     bar.close()
 
     t = time.time()
     final = evaluate_model(s, with_pooled=False)
-    metrics.append(kind="eval", round=rounds, step=step, features="embedding", final=True,
-                   seconds=time.time() - t, **final["embedding"])
+    if final:
+        metrics.append(kind="eval", round=rounds, step=step, features="embedding", final=True,
+                       seconds=time.time() - t, **final["embedding"])
     save_model(model, cfg, run_dir / MODEL)
-    log.info("start  (embedding) %s", format_metrics(start_metrics["embedding"]))
-    log.info("start  (pooled   ) %s", format_metrics(start_metrics["pooled"]))
-    log.info("final  (embedding) %s", format_metrics(final["embedding"]))
+    for name, m in (("start  (embedding)", start_metrics.get("embedding")),
+                    ("start  (pooled   )", start_metrics.get("pooled")),
+                    ("final  (embedding)", final.get("embedding"))):
+        if m:
+            log.info("%s %s", name, format_metrics(m))
     log.info("model written to %s; metrics in %s", run_dir / MODEL, run_dir / METRICS)
+    if cfg.pictures:
+        write_run_pictures(run_dir, model, s.train_plain if s.test_labels is None else s.test_plain, s.test_labels,
+                           class_names=s.test_classes, batch_size=cfg.eval_batch_size, num_workers=s.workers)
     return {"start": start_metrics, "final": final, "run_dir": str(run_dir), "step": step}
 
 

@@ -1,0 +1,305 @@
+"""Using a trained model: embed images and folders, index the embeddings with faiss, search by image.
+
+Embeddings are L2-normalised, so inner product is cosine similarity: scores lie in [-1, 1], higher
+is more similar. Files:
+
+- embeddings ``.npz``: ``embeddings`` (float32 [N, D]), ``paths`` (the absolute image paths, in
+  order) and ``meta`` (JSON text: the model file and its SHA-256, the folder, the image size).
+- index: a faiss index file (``faiss.read_index`` opens it) plus ``<index>.json`` beside it with
+  the image paths and the metadata, in the index's order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .data import open_rgb, test_transform
+
+log = logging.getLogger("udml")
+
+EMBEDDINGS_FORMAT = "udml-embeddings-1"
+INDEX_FORMAT = "udml-index-1"
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for but CUDA is not available here; use cpu or auto")
+    return device
+
+
+class Embedder:
+    """A trained network with its test transform: embeds PIL images or image paths.
+
+    ``udml.load("runs/x/model.pt").embed(["a.jpg", pil_image])`` -> float32 array [2, D], one
+    L2-normalised row per image. Images are resized and centre-cropped exactly as at test time.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", source: str | None = None):
+        self.device = _device(device)
+        self.model = model.to(self.device).eval()
+        self.image_size = int(model.image_size)
+        self.resize_size = getattr(model, "resize_size", None)
+        self.transform = test_transform(self.image_size, resize_size=self.resize_size)
+        self.source = source
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> "Embedder":
+        """From model.pt, checkpoint.pt or a run folder (see :func:`udml.inference.load_model`)."""
+        from .inference import load_model
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no model at {path}; give a model.pt, a checkpoint.pt or a run folder")
+        model = load_model(path, "cpu")
+        return cls(model, device, source=str(path.resolve()))
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.embedding.out_features)
+
+    def _tensor(self, item) -> torch.Tensor:
+        try:
+            return self.transform(open_rgb(item))
+        except Exception as e:  # noqa: BLE001 - any decoder failure: say which image
+            where = item if isinstance(item, (str, Path)) else f"image of type {type(item).__name__}"
+            raise ValueError(f"cannot read {where} ({type(e).__name__}: {e}); pass a PIL image or the path "
+                             "of an image file") from e
+
+    @torch.no_grad()
+    def embed_tensors(self, x: torch.Tensor) -> np.ndarray:
+        """Embeddings of a uint8 batch [B, 3, H, W] already transformed to ``image_size``."""
+        return self.model(x.to(self.device)).float().cpu().numpy()
+
+    def embed(self, images, batch_size: int = 64) -> np.ndarray:
+        """Float32 [N, D] embeddings of a list of PIL images or paths (or of one of them: [1, D])."""
+        if isinstance(images, (str, Path)) or not isinstance(images, Sequence):
+            images = [images]
+        if len(images) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = []
+        for i in range(0, len(images), batch_size):
+            out.append(self.embed_tensors(torch.stack([self._tensor(im) for im in images[i:i + batch_size]])))
+        return np.concatenate(out)
+
+    __call__ = embed
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Files(torch.utils.data.Dataset):
+    """Transformed images by path; an unreadable file yields a blank image and its error message."""
+
+    def __init__(self, paths: list[str], transform, size: int):
+        self.paths, self.transform, self.size = paths, transform, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.transform(open_rgb(self.paths[i])), ""
+        except Exception as e:  # noqa: BLE001 - reported and skipped by embed_folder
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
+
+
+@dataclass
+class Embeddings:
+    embeddings: np.ndarray              # float32 [N, D], L2-normalised rows
+    paths: list[str]                    # absolute image paths, one per row
+    meta: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, error) of unreadable files
+
+
+def list_images(root: str | Path) -> list[str]:
+    """Every image under ``root`` (any nesting), as sorted absolute paths."""
+    from .datasets import load_folder
+
+    return [os.path.abspath(p) for p in load_folder(root, "train").images]
+
+
+def embed_folder(embedder: Embedder, root: str | Path, *, batch_size: int = 64, num_workers: int = 0,
+                 progress: bool = False) -> Embeddings:
+    """Embed every image under ``root``; unreadable files are logged and left out (see ``.skipped``)."""
+    from tqdm import tqdm
+
+    paths = list_images(root)
+    files = _Files(paths, embedder.transform, embedder.image_size)
+    loader = torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    rows, errors = [], []
+    with tqdm(total=len(paths), desc="embed", unit="img", disable=not progress, mininterval=2.0) as bar:
+        for x, err in loader:
+            rows.append(embedder.embed_tensors(x))
+            errors += list(err)
+            bar.update(len(x))
+    emb = np.concatenate(rows)
+    ok = np.array([e == "" for e in errors])
+    skipped = [(p, e) for p, e in zip(paths, errors) if e]
+    if skipped:
+        shown = "\n  ".join(f"{p}: {e}" for p, e in skipped[:10])
+        more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        log.warning("%s: skipped %d unreadable image(s):\n  %s%s", root, len(skipped), shown, more)
+    if not ok.any():
+        raise ValueError(f"none of the {len(paths)} images under {root} could be read")
+    meta = {"format": EMBEDDINGS_FORMAT, "root": os.path.abspath(root), "dim": int(emb.shape[1]),
+            "image_size": embedder.image_size, "model": embedder.source,
+            "model_sha256": file_sha256(embedder.source) if embedder.source and os.path.isfile(embedder.source)
+            else None}
+    return Embeddings(np.ascontiguousarray(emb[ok], dtype=np.float32), [p for p, k in zip(paths, ok) if k],
+                      meta, skipped)
+
+
+def save_embeddings(path: str | Path, emb: Embeddings) -> None:
+    if len(emb.paths) != len(emb.embeddings):
+        raise ValueError(f"{len(emb.embeddings)} embeddings but {len(emb.paths)} paths; they must match one to one")
+    with open(path, "wb") as f:  # a file object: np.savez would otherwise append .npz to other names
+        np.savez(f, embeddings=emb.embeddings.astype(np.float32), paths=np.array(emb.paths, dtype=str),
+                 meta=np.array(json.dumps(emb.meta)))
+
+
+def load_embeddings(path: str | Path) -> Embeddings:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no embeddings file at {path}; write one with: udml embed MODEL DIR -o {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            emb, paths, meta = z["embeddings"], z["paths"].tolist(), json.loads(str(z["meta"]))
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a udml embeddings file (from udml embed): {e}") from e
+    if emb.ndim != 2 or len(paths) != len(emb):
+        raise ValueError(f"{path}: embeddings of shape {emb.shape} do not match its {len(paths)} paths")
+    return Embeddings(np.ascontiguousarray(emb, dtype=np.float32), paths, meta)
+
+
+def build_index(embeddings: np.ndarray, kind: str = "flat", *, nlist: int | None = None, nprobe: int = 16,
+                hnsw_m: int = 32, ef_search: int = 128, seed: int = 0):
+    """A faiss inner-product index over ``embeddings``.
+
+    ``flat``: exact search (IndexFlatIP). ``ivf``: inverted lists (IndexIVFFlat), ``nlist`` cells
+    (default 4 sqrt(N), at most N / 39 so that every cell has training points), ``nprobe`` visited per
+    query. ``hnsw``: a graph (IndexHNSWFlat) with ``hnsw_m`` links per node, ``ef_search`` candidates.
+    Both approximate kinds trade a little recall for speed on large collections.
+    """
+    import faiss
+
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"build_index: expected a non-empty [N, D] array of embeddings, got shape {x.shape}")
+    n, d = x.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = nlist or int(max(1, min(4 * np.sqrt(n), n // 39)))
+        if not 1 <= nlist <= n:
+            raise ValueError(f"build_index: nlist={nlist} must lie in [1, {n}] (the number of embeddings)")
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(x)
+        index.nprobe = min(nprobe, nlist)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = ef_search
+    else:
+        raise ValueError(f"build_index: unknown kind {kind!r}; valid kinds: {', '.join(INDEX_KINDS)}")
+    index.add(x)
+    return index
+
+
+def save_index(path: str | Path, index, emb: Embeddings, kind: str) -> Path:
+    """Write the faiss index to ``path`` and the paths and metadata to ``<path>.json``; returns the latter."""
+    import faiss
+
+    if index.ntotal != len(emb.paths):
+        raise ValueError(f"the index holds {index.ntotal} vectors but {len(emb.paths)} paths were given")
+    faiss.write_index(index, str(path))
+    sidecar = Path(f"{path}.json")
+    sidecar.write_text(json.dumps({"format": INDEX_FORMAT, "kind": kind, "meta": emb.meta, "paths": emb.paths}))
+    return sidecar
+
+
+def load_index(path: str | Path):
+    """(faiss index, paths, meta) from an index written by :func:`save_index`, or an exact index built
+    on the fly from an embeddings ``.npz``."""
+    import faiss
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no index or embeddings file at {path}; make one with udml embed / udml index")
+    if path.suffix == ".npz":
+        emb = load_embeddings(path)
+        return build_index(emb.embeddings, "flat"), emb.paths, emb.meta
+    sidecar = Path(f"{path}.json")
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"{sidecar} is missing: it holds the image paths of {path}. Keep the two files "
+                                "together, or rebuild both with udml index")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise ValueError(f"{path} cannot be read as a faiss index ({e})") from e
+    info = json.loads(sidecar.read_text())
+    if index.ntotal != len(info["paths"]):
+        raise ValueError(f"{path} holds {index.ntotal} vectors but {sidecar} lists {len(info['paths'])} paths; "
+                         "they were not written together. Rebuild both with udml index")
+    return index, info["paths"], info.get("meta", {})
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def search(index, paths: list[str], queries: np.ndarray, k: int = 10, *, query_paths: Sequence | None = None,
+           keep_self: bool = False) -> list[list[dict]]:
+    """Top-``k`` results per query row: ``[[{"rank", "path", "score"}, ...], ...]``, best first.
+
+    When ``query_paths`` is given, a result that is the query's own file is dropped (unless
+    ``keep_self``), so that a query taken from the indexed folder does not find itself first.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != index.d:
+        raise ValueError(f"search: queries have dimension {queries.shape[-1]} but the index {index.d}; embed the "
+                         "queries with the model that embedded the indexed images")
+    if k < 1:
+        raise ValueError(f"search: k must be at least 1, got {k}")
+    k = min(k, index.ntotal)
+    extra = 0 if keep_self or query_paths is None else 1
+    scores, ids = index.search(queries, min(k + extra, index.ntotal))
+    out = []
+    for qi in range(len(queries)):
+        rows = []
+        for s, i in zip(scores[qi], ids[qi]):
+            if i < 0:  # approximate indexes may return fewer than asked
+                continue
+            if extra and isinstance(query_paths[qi], (str, Path)) and _same_file(str(query_paths[qi]), paths[i]):
+                continue
+            rows.append({"rank": len(rows) + 1, "path": paths[i], "score": float(s)})
+        out.append(rows[:k])
+    return out
+
+
+def check_model_matches(embedder: Embedder, meta: dict, where: str) -> None:
+    """Dimensions must agree; a different model file (by SHA-256) is only warned about."""
+    dim = meta.get("dim")
+    if dim is not None and dim != embedder.dim:
+        raise ValueError(f"{where} holds {dim}-d embeddings but the model {embedder.source} makes {embedder.dim}-d "
+                         "ones; search with the model that embedded the images")
+    sha = meta.get("model_sha256")
+    if sha and embedder.source and os.path.isfile(embedder.source) and file_sha256(embedder.source) != sha:
+        log.warning("%s was embedded with a different model file (%s); scores are only meaningful when "
+                    "queries and collection are embedded by the same model", where, meta.get("model"))
