@@ -51,7 +51,8 @@ def _evaluate(args) -> int:
     from .datasets import load_split
     from .evaluation import evaluate
     from .inference import extract, load_model
-    from .training import format_metrics, resolve_device
+    from .inference import resolve_device
+    from .training import format_metrics
 
     device = resolve_device(args.device or "auto")
     model = load_model(args.model, device)

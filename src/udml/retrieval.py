@@ -22,21 +22,13 @@ import numpy as np
 import torch
 
 from .data import open_rgb, test_transform
+from .inference import resolve_device
 
 log = logging.getLogger("udml")
 
 EMBEDDINGS_FORMAT = "udml-embeddings-1"
 INDEX_FORMAT = "udml-index-1"
 INDEX_KINDS = ("flat", "ivf", "hnsw")
-
-
-def _device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} was asked for but CUDA is not available here; use cpu or auto")
-    return device
 
 
 class Embedder:
@@ -47,7 +39,7 @@ class Embedder:
     """
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", source: str | None = None):
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.image_size = int(model.image_size)
         self.resize_size = getattr(model, "resize_size", None)

@@ -21,7 +21,7 @@ from .config import RUNTIME_FIELDS, Config, default_num_clusters, save_config, v
 from .data import ImageDataset, default_workers, make_loader, resize_for, test_transform, train_transform
 from .datasets import load_split
 from .evaluation import evaluate
-from .inference import autocast, extract, stack
+from .inference import autocast, extract, resolve_device, stack
 from .losses import create_loss, rotation_batch, rotation_loss
 from .models import build_model
 from .plots import write_run_pictures
@@ -36,15 +36,6 @@ METRICS = "metrics.jsonl"
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use device=cpu or auto")
-    return device
 
 
 def setup_logging(run_dir: Path | None) -> None:
