@@ -39,6 +39,12 @@ def test_default_job_writes_a_run_folder(tmp_path, capsys):
     trained = build_model(make_config("digits"))
     trained.load_state_dict(state["model"])
     assert torch.allclose(model(x), trained.eval()(x), atol=1e-6)
+    # udml evaluate on the saved model reproduces the run's final evaluation
+    assert cli(["evaluate", str(run), "--dataset", "digits", "-o", str(tmp_path / "eval.json")]) == 0
+    again = json.loads((tmp_path / "eval.json").read_text())
+    final = next(e for e in evals if e.get("final"))
+    for key in ("recall@1", "recall@8", "map@r", "nmi"):
+        assert again[key] == pytest.approx(final[key], abs=1e-6), key
 
 
 def test_resume_continues_and_reaches_the_same_result(tmp_path):
