@@ -10,6 +10,15 @@ from .config import load_config, make_config, parse_override, preset_names
 
 
 def _train(args) -> int:
+    from . import distributed
+
+    try:
+        return _train_run(args)
+    finally:
+        distributed.close()  # torchrun: leave the process group cleanly
+
+
+def _train_run(args) -> int:
     from .training import CHECKPOINT, train
 
     if args.resume:

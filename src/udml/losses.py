@@ -65,6 +65,14 @@ class MetricLoss(nn.Module):
         pairs = self.miner(embeddings, labels) if self.miner is not None else None
         return self.loss(embeddings, labels, pairs)
 
+    def across_processes(self) -> "MetricLoss":
+        """The same loss and miner over the batch gathered from every torchrun process (pytorch-metric-learning's
+        distributed wrappers); the value is multiplied by the number of processes."""
+        from pytorch_metric_learning.utils import distributed as pml_distributed
+
+        miner = pml_distributed.DistributedMinerWrapper(self.miner) if self.miner is not None else None
+        return MetricLoss(pml_distributed.DistributedLossWrapper(self.loss), miner)
+
 
 def create_loss(name: str, params: dict | None = None) -> MetricLoss:
     if name not in LOSSES:

@@ -181,8 +181,13 @@ class UDMLNet(nn.Module):
     def embed(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.embedding(pooled).float(), dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.pooled(x))
+    def forward(self, x: torch.Tensor, rotated: torch.Tensor | None = None):
+        """Embeddings of ``x``; with ``rotated`` images also their rotation logits, from one backbone pass over
+        both (the training step: one forward() call is what DistributedDataParallel synchronises)."""
+        if rotated is None:
+            return self.embed(self.pooled(x))
+        pooled = self.pooled(torch.cat([x, rotated]))
+        return self.embed(pooled[:len(x)]), self.rotation(pooled[len(x):])
 
 
 def build_model(cfg) -> UDMLNet:

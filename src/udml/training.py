@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .clustering import assignment_nmi, kmeans
 from .config import RUNTIME_FIELDS, Config, default_num_clusters, save_config, validate
 from .data import ImageDataset, default_workers, make_loader, resize_for, test_transform, train_transform
@@ -38,8 +39,9 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def setup_logging(run_dir: Path | None) -> None:
-    log.setLevel(logging.INFO)
+def setup_logging(run_dir: Path | None, quiet: bool = False) -> None:
+    """Console (and run_dir/train.log); ``quiet``: warnings only, for the non-main processes of a torchrun job."""
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
     for h in list(log.handlers):
         log.removeHandler(h)
     console = logging.StreamHandler(sys.stdout)
@@ -59,15 +61,16 @@ def format_metrics(m: dict) -> str:
 
 
 class MetricsFile:
-    """Append-only JSON lines; on resume, lines of rounds that the checkpoint does not hold are dropped."""
+    """Append-only JSON lines; on resume, lines of rounds that the checkpoint does not hold are dropped.
+    With ``path=None`` (the non-main processes of a torchrun job) nothing is written."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
 
     def truncate_after(self, rounds_done: int) -> None:
         """Keep the records of rounds 1..rounds_done (and the start); drop later ones, the final evaluation
         (written after the last checkpoint) and a line torn by a kill in mid-write."""
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return
         keep = []
         for line in self.path.read_text().splitlines():
@@ -82,11 +85,13 @@ class MetricsFile:
         tmp.replace(self.path)
 
     def append(self, **record) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict]:
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
@@ -114,17 +119,30 @@ def build_datasets(cfg: Config, image_size: int):
 
 
 def evaluate_model(s: "Session", *, with_pooled: bool) -> dict:
-    """Metrics of the embedding (and optionally of the pooled backbone features) on the test split; {} without one."""
+    """Metrics of the embedding (and optionally of the pooled backbone features) on the test split; {} without one
+    and on the non-main processes of a torchrun job (they only embed their share of the images)."""
     if s.test_labels is None:
         return {}
-    pooled, emb = extract(s.model, s.test_plain, batch_size=s.cfg.eval_batch_size, num_workers=s.workers,
-                          amp=s.cfg.amp, pooled=with_pooled)
+    pooled, emb = extract_all(s, s.test_plain, pooled=with_pooled)
+    if not distributed.is_main():
+        return {}
     labels = s.test_labels.to(emb.device)
     results = {"embedding": evaluate(emb, labels, recall_ks=s.cfg.recall_ks, seed=s.cfg.seed)}
     if with_pooled:
         results["pooled"] = evaluate(F.normalize(pooled, dim=1), labels, recall_ks=s.cfg.recall_ks,
                                      seed=s.cfg.seed)
     return results
+
+
+def extract_all(s: "Session", data, pooled: bool):
+    """extract() of every item of ``data``; under torchrun each process embeds its contiguous share and the
+    shares are gathered in order, so every process ends with the same features."""
+    if distributed.world_size() > 1:
+        part = distributed.shard(len(data))
+        data = data[part.start:part.stop] if isinstance(data, torch.Tensor) else torch.utils.data.Subset(data, part)
+    p, e = extract(s.model, data, batch_size=s.cfg.eval_batch_size, num_workers=s.workers, amp=s.cfg.amp,
+                   pooled=pooled)
+    return (distributed.gather_rows(p) if pooled else None), distributed.gather_rows(e)
 
 
 def warm_start(features: torch.Tensor, previous_labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -171,11 +189,20 @@ class Session:
     test_plain: object
     test_labels: torch.Tensor | None        # None: no labelled test split, no evaluations
     test_classes: list | None = None
+    train_model: torch.nn.Module | None = None  # what the training step calls: the model, or its DDP wrapper
+
+    def __post_init__(self):
+        self.train_model = self.train_model or self.model
 
 
 def prepare(cfg: Config) -> Session:
-    device = resolve_device(cfg.device)
-    workers = default_workers() if cfg.num_workers < 0 else cfg.num_workers
+    device = distributed.init(resolve_device(cfg.device))
+    world = distributed.world_size()
+    if cfg.clusters_per_batch % world:
+        raise ValueError(f"clusters_per_batch (P={cfg.clusters_per_batch}) must be divisible by the number of "
+                         f"processes ({world}) so that every process trains on whole clusters; change P or "
+                         "--nproc_per_node")
+    workers = max(1, default_workers() // distributed.local_world_size()) if cfg.num_workers < 0 else cfg.num_workers
     use_amp = cfg.amp and device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -200,6 +227,18 @@ def prepare(cfg: Config) -> Session:
     if device.type == "cuda":  # stacked images live on the GPU: re-embedding costs no transfer
         train_plain = train_plain.to(device) if isinstance(train_plain, torch.Tensor) else train_plain
         test_plain = test_plain.to(device) if isinstance(test_plain, torch.Tensor) else test_plain
+    if cfg.rotation_weight == 0:  # UDML: the rotation head takes no part (and DDP needs no unused parameters)
+        model.rotation.requires_grad_(False)
+    train_model = model
+    if world > 1:
+        if not cfg.freeze_bn and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif not cfg.freeze_bn:
+            log.warning("BatchNorm is trained with statistics of each process's share of the batch (SyncBatchNorm "
+                        "needs CUDA); set freeze_bn=true for steps identical to a single process")
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
+        metric_loss = metric_loss.across_processes()
     optimizer = torch.optim.Adam([
         {"params": model.backbone.parameters(), "lr": cfg.lr},
         {"params": list(model.embedding.parameters()) + list(model.rotation.parameters()),
@@ -207,27 +246,33 @@ def prepare(cfg: Config) -> Session:
     ], weight_decay=cfg.weight_decay)
     return Session(cfg, device, use_amp, workers, model, optimizer, metric_loss, aug, train_plain, test_plain,
                    None if test is None else torch.as_tensor(test.labels),
-                   None if test is None else test.image_set.class_names)
+                   None if test is None else test.image_set.class_names, train_model)
 
 
 def cluster(s: Session, previous: torch.Tensor | None, seed: int):
-    """Pseudo-labels: features in eval mode with the test transform, then k-means.
+    """Pseudo-labels: features in eval mode with the test transform, then k-means; returns (labels, k-means
+    result, stats).
 
     The first clustering uses the pretrained pooled features (k-means++); later ones the embeddings,
-    warm-started from the previous clusters."""
+    warm-started from the previous clusters. Under torchrun the features are gathered from every process,
+    the main process clusters and broadcasts the labels (the others get result None and stats {})."""
     cfg = s.cfg
-    pooled, emb = extract(s.model, s.train_plain, batch_size=cfg.eval_batch_size, num_workers=s.workers,
-                          amp=cfg.amp, pooled=previous is None)
-    if not bool(torch.isfinite(pooled if previous is None else emb).all()):
+    pooled, emb = extract_all(s, s.train_plain, pooled=previous is None)
+    features = pooled if previous is None else emb
+    if not bool(torch.isfinite(features).all()):
         raise NonFiniteLoss("the network's outputs on the training images are NaN or infinite")
-    if previous is None:
-        result = kmeans(pooled, cfg.num_clusters, niter=cfg.kmeans_iters, seed=seed, backend=cfg.kmeans_backend)
-    else:
-        result = kmeans(emb, cfg.num_clusters, niter=cfg.kmeans_iters, seed=seed, backend=cfg.kmeans_backend,
-                        init_centroids=warm_start(emb, previous, cfg.num_clusters))
-    stats = result.stats()
-    stats["nmi_previous"] = assignment_nmi(previous, result.labels) if previous is not None else None
-    return result, stats
+    result, stats, labels = None, {}, None
+    if distributed.is_main():
+        if previous is None:
+            result = kmeans(features, cfg.num_clusters, niter=cfg.kmeans_iters, seed=seed, backend=cfg.kmeans_backend)
+        else:
+            result = kmeans(features, cfg.num_clusters, niter=cfg.kmeans_iters, seed=seed, backend=cfg.kmeans_backend,
+                            init_centroids=warm_start(features, previous, cfg.num_clusters))
+        stats = result.stats()
+        stats["nmi_previous"] = assignment_nmi(previous, result.labels) if previous is not None else None
+        labels = torch.as_tensor(result.labels, dtype=torch.long)
+    labels = distributed.broadcast(labels, like=torch.empty(len(features), dtype=torch.long, device=features.device))
+    return labels.cpu(), result, stats
 
 
 def model_is_finite(s: Session, probe_images: int = 16) -> bool:
@@ -254,11 +299,11 @@ def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None):
     for x, idx in loader:
         x = x.to(s.device, non_blocking=True)
         y = label_dev[idx.to(s.device, non_blocking=True)]
-        loss, parts = training_step(s.model, s.metric_loss, x, y, s.cfg, s.use_amp)
+        loss, parts = training_step(s.train_model, s.metric_loss, x, y, s.cfg, s.use_amp, distributed.world_size())
         step += 1
         finite = torch.isfinite(loss)
         bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
-        if s.device.type == "cpu" and not bool(finite):
+        if s.device.type == "cpu" and distributed.any_true(~finite, s.device):  # every process stops together
             break
         s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -266,34 +311,42 @@ def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None):
         sums += torch.stack(parts + [torch.ones((), device=s.device)])
         if bar is not None:
             bar.update(1)
+    sums = distributed.sum_over_ranks(sums)  # the processes' rotation losses differ; their metric losses do not
     means = (sums[:3] / sums[3].clamp_min(1)).tolist()  # the one host sync of the round
-    return step, means, int(bad_step)
+    return step, means, int(distributed.max_over_ranks(bad_step))
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
     """Train by UDML-SS; returns {"start": metrics, "final": metrics, "run_dir": path, "step": steps}."""
     validate(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir)
-    ckpt.remove_temporaries(run_dir / CHECKPOINT)  # left by a process killed while writing a checkpoint
+    distributed.init(resolve_device(cfg.device))
+    main = distributed.is_main()  # under torchrun only the main process writes files and logs
+    if main:
+        run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(distributed.broadcast_object(str(run_dir) if main else None))
+    setup_logging(run_dir if main else None, quiet=not main)
+    if main:
+        ckpt.remove_temporaries(run_dir / CHECKPOINT)  # left by a process killed while writing a checkpoint
     ckpt.seed_all(cfg.seed)
     state = None
     if resume:
         state = ckpt.load(run_dir / CHECKPOINT)
         check_resumable(cfg, state["config"], run_dir / CHECKPOINT)
-    save_config(cfg, run_dir / "config.yaml")
-    metrics = MetricsFile(run_dir / METRICS)
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
+    metrics = MetricsFile(run_dir / METRICS if main else None)
 
     s = prepare(cfg)
     if s.cfg != cfg:  # num_clusters: null, now resolved
         cfg = s.cfg
-        save_config(cfg, run_dir / "config.yaml")
+        if main:
+            save_config(cfg, run_dir / "config.yaml")
     model, optimizer = s.model, s.optimizer
     rounds, iters = cfg.num_rounds(), cfg.iterations_per_round()
-    log.info("run folder %s | device %s | %d train / %d test images | K=%d | %d rounds x %d iterations",
-             run_dir, s.device, len(s.aug), 0 if s.test_labels is None else len(s.test_labels), cfg.num_clusters,
-             rounds, iters)
+    log.info("run folder %s | device %s%s | %d train / %d test images | K=%d | %d rounds x %d iterations",
+             run_dir, s.device, f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else "",
+             len(s.aug), 0 if s.test_labels is None else len(s.test_labels), cfg.num_clusters, rounds, iters)
 
     rounds_done, step, labels = 0, 0, None
     if state is not None:
@@ -320,7 +373,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     sampler = loader = None
     saved_round = rounds_done if state is not None else None  # the round the checkpoint on disk holds
     bar = tqdm(total=rounds * iters, initial=step, desc="train", unit="it", dynamic_ncols=True,
-               disable=None, mininterval=2.0)
+               disable=None if main else True, mininterval=2.0)
 
     def stop(what: str) -> NonFiniteLoss:
         kept = ("no checkpoint was written yet" if saved_round is None else
@@ -339,10 +392,9 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
             labels, result = torch.as_tensor(s.aug.labels), None
         else:
             try:
-                result, stats = cluster(s, labels, seed=cfg.seed + rnd)
+                labels, result, stats = cluster(s, labels, seed=cfg.seed + rnd)
             except NonFiniteLoss as e:  # weights blown up by the last steps, loss still finite
                 raise stop(f"{e} after step {step} (at the clustering of round {rnd})") from None
-            labels = result.labels
             metrics.append(kind="cluster", round=rnd, step=step, seconds=time.time() - t, **stats)
         if result is not None and (rnd == 1 or rnd == rounds or rnd % max(1, rounds // 10) == 0):
             bar.write(f"round {rnd}/{rounds} clustering: sizes min {stats['min']} / median {stats['median']:g} / "
@@ -352,7 +404,8 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
 
         if sampler is None:
             sampler = ClusterBatchSampler(labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster, iters,
-                                          seed=round_seed)
+                                          seed=round_seed, rank=distributed.rank(),
+                                          world_size=distributed.world_size())
             loader = make_loader(s.aug, batch_sampler=sampler, num_workers=s.workers, device=s.device,
                                  persistent=True)
         sampler.reset(labels.numpy(), seed=round_seed)
@@ -366,24 +419,29 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
 
         if cfg.eval_every and rnd % cfg.eval_every == 0 and rnd != rounds and s.test_labels is not None:
             t = time.time()
-            m = evaluate_model(s, with_pooled=False)["embedding"]
-            metrics.append(kind="eval", round=rnd, step=step, features="embedding", seconds=time.time() - t, **m)
-            bar.write(f"step {step:6d} (embedding) {format_metrics(m)}")
+            m = evaluate_model(s, with_pooled=False).get("embedding")
+            if m is not None:
+                metrics.append(kind="eval", round=rnd, step=step, features="embedding", seconds=time.time() - t, **m)
+                bar.write(f"step {step:6d} (embedding) {format_metrics(m)}")
 
         if rnd % max(1, cfg.checkpoint_every) and rnd != rounds:
             continue
         if not model_is_finite(s):  # a checkpoint that only yields NaN would not be a good one
             raise stop(f"the weights or the network's outputs became NaN or infinite by step {step} (round {rnd})")
-        ckpt.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rounds_done": rnd,
-                          "step": step, "labels": labels, "centroids": None if result is None else result.centroids,
-                          "config": cfg.to_dict(), "rng": ckpt.rng_state(), "start_metrics": start_metrics,
-                          "cpu_threads": torch.get_num_threads()},
-                         run_dir / CHECKPOINT)
+        if main:
+                ckpt.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rounds_done": rnd,
+                              "step": step, "labels": labels,
+                              "centroids": None if result is None else result.centroids,
+                              "config": cfg.to_dict(), "rng": ckpt.rng_state(), "start_metrics": start_metrics,
+                              "cpu_threads": torch.get_num_threads()},
+                             run_dir / CHECKPOINT)
         saved_round = rnd
     bar.close()
 
     t = time.time()
     final = evaluate_model(s, with_pooled=False)
+    if not main:
+        return {"start": {}, "final": {}, "run_dir": str(run_dir), "step": step}
     if final:
         metrics.append(kind="eval", round=rounds, step=step, features="embedding", final=True,
                        seconds=time.time() - t, **final["embedding"])
@@ -400,18 +458,19 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     return {"start": start_metrics, "final": final, "run_dir": str(run_dir), "step": step}
 
 
-def training_step(model, metric_loss, x, y, cfg: Config, use_amp: bool):
-    """Forward both tasks in one pass over [batch; rotated images]; returns (loss, [metric, rotation, accuracy])."""
+def training_step(model, metric_loss, x, y, cfg: Config, use_amp: bool, world_size: int = 1):
+    """Forward both tasks in one pass over [batch; rotated images]; returns (loss, [metric, rotation, accuracy]).
+
+    Under torchrun ``x`` is this process's share of the batch, ``model`` the DDP wrapper and ``metric_loss``
+    the loss over the batch gathered from all processes, scaled by ``world_size`` because DDP averages the
+    gradients while each process back-propagates only through its own share."""
     if use_amp:
         x = x.contiguous(memory_format=torch.channels_last)
-    n = x.shape[0]
     with autocast(x.device, use_amp):
         if cfg.rotation_weight > 0:
             # One image per sampled cluster (the batch is grouped cluster by cluster), up to R of them.
-            xr, yr = rotation_batch(x[::cfg.images_per_cluster][:cfg.rotation_images])
-            pooled = model.pooled(torch.cat([x, xr]))
-            emb = model.embed(pooled[:n])
-            logits = model.rotation(pooled[n:])
+            xr, yr = rotation_batch(x[::cfg.images_per_cluster][:max(1, cfg.rotation_images // world_size)])
+            emb, logits = model(x, xr)
         else:
             emb = model(x)
     lm = metric_loss(emb.float(), y)
@@ -422,7 +481,7 @@ def training_step(model, metric_loss, x, y, cfg: Config, use_amp: bool):
     else:
         lr_ = acc = torch.zeros((), device=x.device)
         loss = lm
-    return loss, [lm.detach(), lr_.detach(), acc.detach()]
+    return loss, [lm.detach() / world_size, lr_.detach(), acc.detach()]
 
 
 def save_model(model, cfg: Config, path: Path) -> None:
