@@ -1,6 +1,7 @@
 """Omniglot from scratch on the CPU: random start, UDML, UDML-SS and a supervised ceiling, over seeds.
 
     python benchmarks/omniglot.py --data ../shared/data/omniglot --seeds 0 1 2
+    python benchmarks/omniglot.py --data ../shared/data/omniglot --seeds 0 --sweep lambda   # or --sweep loss
 
 Trains the `omniglot` preset (small convnet, 28 px, no pretrained weights) on images_background and tests on
 the unseen alphabets of images_evaluation. "supervised" trains the same network on the true background
@@ -25,28 +26,32 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--out", default="runs/bench_omniglot")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--rows", nargs="+", help=f"a subset of the rows ({', '.join(ROWS)}) or of the sweep's rows")
+    p.add_argument("--sweep", choices=["lambda", "loss"], help="instead of the rows: UDML-SS at each lambda "
+                   "(0, 0.05, 0.1, 0.5, 1) or with each metric loss; an ablation on the test classes, not a "
+                   "way to choose settings")
     p.add_argument("--results", default="benchmarks/results/omniglot.json")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every row")
     args = p.parse_args()
+    rows = suite.select(suite.sweep(args.sweep) if args.sweep else ROWS, args.rows)
 
-    jobs = [suite.job(row, seed, args.config, args.out, [f"data_root={args.data}", *ROWS[row], *args.overrides])
-            for seed in args.seeds for row in args.rows]
+    jobs = [suite.job(row, seed, args.config, args.out, [f"data_root={args.data}", *rows[row], *args.overrides])
+            for seed in args.seeds for row in rows]
     suite.run(jobs)
     records = [suite.collect(j) for j in jobs]
     starts = [{"row": "random start", "seed": r["seed"], **r["start"]["embedding"]}
-              for r in records if r["row"] == "udml_ss" and "embedding" in r["start"]]
+              for r in records if r["row"] == ("udml_ss" if "udml_ss" in rows else next(iter(rows))) and "embedding" in r["start"]]
     info = machine()
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps({"config": args.config, "overrides": args.overrides, **info,
                                               "rows": starts + records}, indent=2))
 
-    print(f"\nOmniglot, {args.config} {' '.join(args.overrides)} | seeds {args.seeds} | {info['card']} | "
+    print(f"\nOmniglot, {args.config} {' '.join(args.overrides)} {args.sweep or ''} | seeds {args.seeds} | {info['card']} | "
           f"commit {info['commit']}")
     print("| row | runs | R@1 | R@2 | R@4 | R@8 | NMI | MAP@R | wall s (mean) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, group in [("random start", starts)] + [(row, [r for r in records if r["row"] == row])
-                                                     for row in args.rows]:
+                                                     for row in rows]:
         done = [r for r in group if r.get("finished", True)]
         cells = []
         for k in ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r"):

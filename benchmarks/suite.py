@@ -48,6 +48,24 @@ def run(jobs: list[dict], parallel: bool = False, timeout: float | None = None) 
 
     for group in ([jobs] if parallel else [[j] for j in jobs]):
         batch(group)
+        for j in group:
+            if j["returncode"] != 0:  # say so at once; the table marks the row unfinished
+                tail = j["run_dir"].with_suffix(".log").read_text().splitlines()[-5:]
+                print(f"{j['run_dir'].name}: exit {j['returncode']}\n  " + "\n  ".join(tail), flush=True)
+
+
+LAMBDAS = (0, 0.05, 0.1, 0.5, 1)
+
+
+def sweep(kind: str) -> dict[str, list[str]]:
+    """Rows of an ablation: row name -> overrides. "lambda": the rotation weight; "loss": every metric loss
+    udml offers (with the preset's lambda)."""
+    if kind == "lambda":
+        return {f"lambda_{v:g}": [f"rotation_weight={v}"] for v in LAMBDAS}
+    if kind == "loss":
+        from udml.losses import LOSSES
+        return {f"loss_{name}": [f"loss={name}"] for name in LOSSES}
+    raise ValueError(f"unknown sweep {kind!r}: lambda or loss")
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -77,3 +95,10 @@ def mean_spread(records: list[dict], key: str) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def select(rows: dict[str, list[str]], names: list[str] | None) -> dict[str, list[str]]:
+    unknown = set(names or []) - set(rows)
+    if unknown:
+        raise SystemExit(f"unknown row(s) {', '.join(sorted(unknown))}; the rows are {', '.join(rows)}")
+    return {r: rows[r] for r in names} if names else dict(rows)
