@@ -243,7 +243,7 @@ def prepare(cfg: Config) -> Session:
         {"params": model.backbone.parameters(), "lr": cfg.lr},
         {"params": list(model.embedding.parameters()) + list(model.rotation.parameters()),
          "lr": cfg.head_lr or cfg.lr},
-    ], weight_decay=cfg.weight_decay)
+    ], weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None)  # fused: one kernel per step on CUDA
     return Session(cfg, device, use_amp, workers, model, optimizer, metric_loss, aug, train_plain, test_plain,
                    None if test is None else torch.as_tensor(test.labels),
                    None if test is None else test.image_set.class_names, train_model)
