@@ -162,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an embedding network without labels",
-                       description="Train by UDML-SS. With no arguments: the embedded digits job.")
+                       description="Train by UDML-SS. With no arguments: the embedded digits job.",
+                       epilog="Several GPUs or machines: torchrun --nproc_per_node=N -m udml train ... "
+                              "(DistributedDataParallel; clusters_per_batch must be divisible by the number of "
+                              "processes).")
     t.add_argument("--config", "-c", help=f"a preset ({', '.join(preset_names())}) or a YAML file")
     t.add_argument("--data", help="data set root (sets data_root); without --config: a folder of your own "
                    "unlabelled images (any nesting), trained with the folder preset")
