@@ -85,3 +85,20 @@ def test_offline_download_gives_an_actionable_error(monkeypatch):
     monkeypatch.setattr(api.WeightsEnum, "get_state_dict", offline)
     with pytest.raises(PretrainedWeightsUnavailable, match="offline.*efficientnet_lite0"):
         create_backbone("resnet50", pretrained=True)
+
+
+def test_training_forward_joint_or_separate_batchnorm_passes():
+    torch.manual_seed(0)
+    model = UDMLNet(create_backbone("smallconv", pretrained=False), embedding_dim=16)
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    rotated = torch.rot90(x[:2], 1, dims=(-2, -1))
+    model.eval()  # running statistics: both ways compute the same
+    joint, separate = model(x, rotated), model(x, rotated, separate=True)
+    for a, b in zip(joint, separate):
+        assert torch.allclose(a, b, atol=1e-5)
+    model.train()  # batch statistics: separate passes normalise x by its own batch only
+    emb_joint, _ = model(x, rotated)
+    emb_separate, logits = model(x, rotated, separate=True)
+    assert torch.allclose(emb_separate, model(x), atol=1e-5)
+    assert not torch.allclose(emb_joint, emb_separate, atol=1e-3)
+    assert logits.shape == (2, 4)

@@ -47,6 +47,8 @@ class Config:
     loss: str = "multi_similarity"     # a name in udml.losses.LOSSES
     loss_params: dict = field(default_factory=dict)
     rotation_weight: float = 0.1       # lambda; 0 turns the rotation task off (UDML)
+    rotation_pass: str = "joint"       # joint: one backbone pass over [batch; rotated] (shared BatchNorm
+                                       # statistics); separate: two passes, each with its own statistics
     supervised: bool = False           # benchmarks only: train on the true training labels (a ceiling)
 
     # optimisation and schedule
@@ -204,6 +206,8 @@ def validate(cfg: Config) -> None:
          f"clusters_per_batch (P={cfg.clusters_per_batch}) cannot exceed num_clusters (K={cfg.num_clusters}); "
          "lower clusters_per_batch or raise num_clusters")
     need(cfg.rotation_weight >= 0, f"rotation_weight (lambda) must be >= 0, got {cfg.rotation_weight}")
+    need(cfg.rotation_pass in ("joint", "separate"),
+         f"rotation_pass must be 'joint' or 'separate', got {cfg.rotation_pass!r}")
     need(cfg.rotation_images >= 1, f"rotation_images must be at least 1, got {cfg.rotation_images}")
     need(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
     need(cfg.pseudo_epochs >= 1 and cfg.recluster_every >= 1,

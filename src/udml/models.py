@@ -181,11 +181,14 @@ class UDMLNet(nn.Module):
     def embed(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.embedding(pooled).float(), dim=1)
 
-    def forward(self, x: torch.Tensor, rotated: torch.Tensor | None = None):
-        """Embeddings of ``x``; with ``rotated`` images also their rotation logits, from one backbone pass over
-        both (the training step: one forward() call is what DistributedDataParallel synchronises)."""
+    def forward(self, x: torch.Tensor, rotated: torch.Tensor | None = None, separate: bool = False):
+        """Embeddings of ``x``; with ``rotated`` images also their rotation logits (the training step: one
+        forward() call is what DistributedDataParallel synchronises). One backbone pass over both, or with
+        ``separate`` two passes, so that trained BatchNorm layers normalise each with its own statistics."""
         if rotated is None:
             return self.embed(self.pooled(x))
+        if separate:
+            return self.embed(self.pooled(x)), self.rotation(self.pooled(rotated))
         pooled = self.pooled(torch.cat([x, rotated]))
         return self.embed(pooled[:len(x)]), self.rotation(pooled[len(x):])
 

@@ -470,7 +470,7 @@ def training_step(model, metric_loss, x, y, cfg: Config, use_amp: bool, world_si
         if cfg.rotation_weight > 0:
             # One image per sampled cluster (the batch is grouped cluster by cluster), up to R of them.
             xr, yr = rotation_batch(x[::cfg.images_per_cluster][:max(1, cfg.rotation_images // world_size)])
-            emb, logits = model(x, xr)
+            emb, logits = model(x, xr, separate=cfg.rotation_pass == "separate")
         else:
             emb = model(x)
     lm = metric_loss(emb.float(), y)
