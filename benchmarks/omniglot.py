@@ -2,6 +2,10 @@
 
     python benchmarks/omniglot.py --data ../shared/data/omniglot --seeds 0 1 2
     python benchmarks/omniglot.py --data ../shared/data/omniglot --seeds 0 --sweep lambda   # or --sweep loss
+    python benchmarks/omniglot.py --data ... --sweep lambda train_split=train_val test_split=val
+
+The last form chooses settings honestly: it trains on 25 background alphabets and evaluates on the 5 held-out
+background alphabets (datasets.load_omniglot's train_val / val splits), never on images_evaluation.
 
 Trains the `omniglot` preset (small convnet, 28 px, no pretrained weights) on images_background and tests on
 the unseen alphabets of images_evaluation. "supervised" trains the same network on the true background

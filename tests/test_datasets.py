@@ -181,6 +181,19 @@ def test_omniglot_real_counts():
         assert np.bincount(s.labels).tolist() == [20] * k
 
 
+def test_omniglot_validation_split_holds_out_whole_background_alphabets():
+    root = shared_data("omniglot")
+    full, tv, val = (load_split("omniglot", root, sp) for sp in ("train", "train_val", "val"))
+    assert (len(tv), tv.num_classes, len(val), val.num_classes) == (15740, 787, 3540, 177)
+    assert sorted(tv.images + val.images) == sorted(full.images)
+    alphabets = lambda s: {c.split("/")[0] for c in s.class_names}  # noqa: E731
+    assert len(alphabets(val)) == 5 and not alphabets(val) & alphabets(tv)
+    for s in (tv, val):  # labels renumbered 0..C-1 and still naming each image's own character
+        assert np.bincount(s.labels).tolist() == [20] * s.num_classes
+        for i in range(0, len(s), 701):
+            assert s.images[i].split(os.sep)[-3:-1] == s.class_names[s.labels[i]].split("/")
+
+
 def test_omniglot_fixture(tmp_path):
     for alpha, chars in (("Latin", ("character01", "character02")), ("Greek", ("character01",))):
         for c in chars:

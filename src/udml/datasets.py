@@ -412,10 +412,27 @@ def _sorted_entries(path: Path, dirs: bool) -> list[os.DirEntry]:
                       key=lambda e: e.name)
 
 
+OMNIGLOT_VAL_EVERY = 6  # background alphabets 0, 6, 12, 18, 24 (sorted by name) form the validation split
+
+
 def load_omniglot(root: str | Path | None, split: str, *, strict: bool = True) -> ImageSet:
     """Omniglot: images_background for train, images_evaluation for test; one class per
-    character, named '<Alphabet>/<character>'."""
-    _check_split("omniglot", split, ("train", "test"))
+    character, named '<Alphabet>/<character>'.
+
+    For choosing settings without the test alphabets: ``train_val`` is images_background without every
+    sixth alphabet (25 alphabets), ``val`` those 5 held-out background alphabets."""
+    _check_split("omniglot", split, ("train", "test", "train_val", "val"))
+    if split in ("train_val", "val"):
+        full = load_omniglot(root, "train", strict=strict)
+        alphabets = sorted({c.split("/")[0] for c in full.class_names})
+        held = set(alphabets[::OMNIGLOT_VAL_EVERY])
+        keep_class = np.array([(c.split("/")[0] in held) == (split == "val") for c in full.class_names])
+        keep = keep_class[full.labels]
+        classes = np.flatnonzero(keep_class)
+        relabel = np.full(len(full.class_names), -1)
+        relabel[classes] = np.arange(len(classes))
+        return ImageSet([f for f, k in zip(full.images, keep) if k], relabel[full.labels[keep]],
+                        f"omniglot/{split}", [full.class_names[c] for c in classes])
     sub = "images_background" if split == "train" else "images_evaluation"
     root = _resolve_root(root, "omniglot", sub, "omniglot", OMNIGLOT_LAYOUT)
     split_dir = _require(root / sub, "omniglot", OMNIGLOT_LAYOUT)
