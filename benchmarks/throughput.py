@@ -42,6 +42,24 @@ def ceiling(s, iters: int, warmup: int = 5) -> float:
     return iters / (time.perf_counter() - t)
 
 
+def profile_steps(s, loader, sampler, labels, steps: int) -> None:
+    """Print the top operators of ``steps`` udml training steps and the synchronisations among them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+    sampler.num_batches = steps
+    sampler.reset(labels.numpy(), seed=99)
+    with profile(activities=activities) as prof:
+        train_round(s, loader, labels, 0)
+        sync()
+    key = "self_cuda_time_total" if s.device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
+    syncs = [e for e in prof.key_averages() if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                         "cudaMemcpyAsync", "aten::item", "aten::nonzero")]
+    for e in syncs:
+        print(f"{e.key}: {e.count} calls in {steps} steps")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="cub_lite0")
@@ -49,6 +67,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=60, help="timed iterations for (a); (b) times whole rounds")
     p.add_argument("--rounds", type=int, default=3, help="timed training rounds for (b), after one warm-up round")
     p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile STEPS training steps (torch.profiler) and print where the time goes, "
+                        "including the host-device synchronisations inside the step")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     overrides = list(args.overrides) + ([f"data_root={args.data}"] if args.data else [])
@@ -93,6 +114,8 @@ def main() -> None:
     estimate = rounds * (iters / b + c)
     print(f"full schedule estimate: {rounds} rounds x ({iters} iterations + a re-clustering) = {estimate:.0f}s "
           "plus data loading and evaluations")
+    if args.profile:
+        profile_steps(s, loader, sampler, labels, args.profile)
     record = {"config": args.config, "overrides": overrides, "backbone": cfg.backbone, "image_size": s.model.image_size,
               "batch": images, "rotation_images": cfg.rotation_images, "ceiling_it_s": a, "udml_it_s": b,
               "ratio": b / a, "recluster_s": c, "first_cluster_s": first_cluster_s, "setup_s": setup_s,
