@@ -118,6 +118,17 @@ def test_chunked_assignment_matches_cdist():
         torch.testing.assert_close(d2.double(), ref.min(1).values ** 2, atol=1e-3, rtol=1e-4)
 
 
+def test_bfloat16_candidates_reranked_in_float32_match_the_exact_assignment():
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(3000, 64, generator=g), dim=1)
+    c = x[:500] + 0.05 * torch.randn(500, 64, generator=g)  # many close centroids: near-ties
+    ref = torch.cdist(x.double(), c.double())
+    for chunk_rows in (7, 1000, 5000):
+        labels, d2 = clustering._assign(x, c, chunk_rows=chunk_rows, x_low=x.bfloat16())
+        assert torch.equal(labels, ref.argmin(1))
+        torch.testing.assert_close(d2.double(), ref.min(1).values ** 2, atol=1e-4, rtol=1e-4)
+
+
 def test_default_chunk_is_bounded_for_large_k():
     k = 10_000
     rows = max(1, clustering._CHUNK_BYTES // (4 * k))
