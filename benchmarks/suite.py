@@ -28,7 +28,7 @@ def run(jobs: list[dict], parallel: bool = False, timeout: float | None = None) 
 
     def batch(group):
         for j in group:
-            j["log"] = open(j["run_dir"].with_suffix(".log"), "w")
+            j["log"] = open(j["run_dir"].parent / (j["run_dir"].name + ".log"), "w")
             j["start"] = time.time()
             j["proc"] = subprocess.Popen(j["cmd"], stdout=j["log"], stderr=subprocess.STDOUT,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -50,7 +50,7 @@ def run(jobs: list[dict], parallel: bool = False, timeout: float | None = None) 
         batch(group)
         for j in group:
             if j["returncode"] != 0:  # say so at once; the table marks the row unfinished
-                tail = j["run_dir"].with_suffix(".log").read_text().splitlines()[-5:]
+                tail = j["run_dir"].parent / (j["run_dir"].name + ".log").read_text().splitlines()[-5:]
                 print(f"{j['run_dir'].name}: exit {j['returncode']}\n  " + "\n  ".join(tail), flush=True)
 
 
