@@ -20,6 +20,10 @@ def job(row: str, seed: int, config: str, out: str, overrides: list[str]) -> dic
     return {"row": row, "seed": seed, "run_dir": Path(out) / name, "cmd": cmd}
 
 
+def log_path(j: dict) -> Path:
+    return j["run_dir"].parent / (j["run_dir"].name + ".log")  # not with_suffix: "lambda_0.05_seed0"
+
+
 def run(jobs: list[dict], parallel: bool = False, timeout: float | None = None) -> None:
     """Run the jobs (all at once or one after another); each gets returncode and wall_s."""
     deadline = time.time() + timeout if timeout else None
@@ -28,7 +32,7 @@ def run(jobs: list[dict], parallel: bool = False, timeout: float | None = None) 
 
     def batch(group):
         for j in group:
-            j["log"] = open(j["run_dir"].parent / (j["run_dir"].name + ".log"), "w")
+            j["log"] = open(log_path(j), "w")
             j["start"] = time.time()
             j["proc"] = subprocess.Popen(j["cmd"], stdout=j["log"], stderr=subprocess.STDOUT,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -50,7 +54,7 @@ def run(jobs: list[dict], parallel: bool = False, timeout: float | None = None) 
         batch(group)
         for j in group:
             if j["returncode"] != 0:  # say so at once; the table marks the row unfinished
-                tail = j["run_dir"].parent / (j["run_dir"].name + ".log").read_text().splitlines()[-5:]
+                tail = log_path(j).read_text().splitlines()[-5:]
                 print(f"{j['run_dir'].name}: exit {j['returncode']}\n  " + "\n  ".join(tail), flush=True)
 
 
