@@ -348,7 +348,7 @@ def run_size(n: int, args) -> dict:
     if "nmi" in args.steps:
         nmi_iters = args.kmeans_iters or nmi_default_iters
         res, nmi_seconds = timed_kmeans(rows, "NMI (k-means K=classes + assignment_nmi)", x_dev, classes, nmi_iters,
-                                        nmi_default_iters, "auto", device, args.seed,
+                                        nmi_default_iters, args.nmi_backend, device, args.seed,
                                         nmi_of=labels, short="NMI", return_default_seconds=True)
         metrics["nmi"] = res.nmi
         del res
@@ -453,6 +453,8 @@ def main() -> None:
     p.add_argument("--kmeans-iters", type=int, default=None,
                    help="cap the k-means iterations (both k-means runs) and extrapolate to the default count")
     p.add_argument("--backends", nargs="+", default=["faiss", "torch"], choices=["faiss", "torch"])
+    p.add_argument("--nmi-backend", default="auto", choices=["auto", "faiss", "torch"],
+                   help="k-means backend of the NMI step (evaluation.nmi's default: auto)")
     p.add_argument("--exact-query-limit", type=int, default=20000,
                    help="above this N, exact search runs for this many random queries and is extrapolated")
     p.add_argument("--recall-ks", type=int, nargs="+", default=[1, 10, 100, 1000])
