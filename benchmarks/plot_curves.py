@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 LABELS = {"udml_ss": "UDML-SS", "udml": "UDML (lambda = 0)"}
-COLOURS = {"udml_ss": "tab:blue", "udml": "tab:orange"}
+COLOURS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
 
 
 def curve_from_metrics(path: Path) -> list[dict]:
@@ -34,8 +34,8 @@ def curve_from_metrics(path: Path) -> list[dict]:
             if m["kind"] == "eval" and m.get("features") == "embedding"]
 
 
-def load(inputs: list[str]) -> dict[str, list[tuple[list[dict], bool]]]:
-    """row -> [(curve, finished), ...] (one per seed)."""
+def load(inputs: list[str], rows: list[str]) -> dict[str, list[tuple[list[dict], bool]]]:
+    """row -> [(curve, finished), ...] (one per seed), for the rows asked for."""
     curves = defaultdict(list)
     for item in inputs:
         if "=" in item:
@@ -45,26 +45,26 @@ def load(inputs: list[str]) -> dict[str, list[tuple[list[dict], bool]]]:
             curves[row].append((curve, '"final": true' in lines))
             continue
         for r in json.loads(Path(item).read_text())["rows"]:
-            if r["row"] in LABELS and r.get("curve"):
+            if r["row"] in rows and r.get("curve"):
                 curves[r["row"]].append((r["curve"], r.get("finished", True)))
     return curves
 
 
-def plot(curves, title: str, out: Path) -> None:
+def plot(curves, title: str, out: Path, rows: list[str], labels: dict[str, str]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, name in zip(axes, ("recall@1", "nmi"), ("Recall@1 (%)", "NMI (%)")):
-        for row in ("udml_ss", "udml"):
+        for colour, row in zip(COLOURS, rows):
             runs = curves.get(row, [])
             if not runs:
                 continue
             steps = sorted(set.intersection(*[{p["step"] for p in c} for c, _ in runs]))
             values = np.array([[100 * next(p[key] for p in c if p["step"] == s) for s in steps] for c, _ in runs])
             unfinished = sum(not f for _, f in runs)
-            label = f"{LABELS[row]} ({len(runs)} seed{'s' if len(runs) > 1 else ''}"
+            label = f"{labels.get(row, row)} ({len(runs)} seed{'s' if len(runs) > 1 else ''}"
             label += f", {unfinished} unfinished)" if unfinished else ")"
-            ax.plot(steps, values.mean(0), marker="o", ms=3, color=COLOURS[row], label=label)
+            ax.plot(steps, values.mean(0), marker="o", ms=3, color=colour, label=label)
             if len(runs) > 1:
-                ax.fill_between(steps, values.min(0), values.max(0), color=COLOURS[row], alpha=0.2)
+                ax.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.2)
         ax.set_xlabel("training step")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -81,11 +81,14 @@ def main() -> None:
     p.add_argument("inputs", nargs="+")
     p.add_argument("--title", default="")
     p.add_argument("--out", required=True)
+    p.add_argument("--rows", nargs="+", default=["udml_ss", "udml"], help="rows to draw, in this order")
+    p.add_argument("--label", nargs="*", default=[], metavar="ROW=TEXT", help="legend text of a row")
     args = p.parse_args()
-    curves = load(args.inputs)
+    labels = {**LABELS, **dict(x.split("=", 1) for x in args.label)}
+    curves = load(args.inputs, args.rows)
     if not curves:
-        raise SystemExit("no udml_ss / udml curves in the inputs")
-    plot(curves, args.title, Path(args.out))
+        raise SystemExit(f"no curves of the rows {args.rows} in the inputs")
+    plot(curves, args.title, Path(args.out), args.rows, labels)
 
 
 if __name__ == "__main__":
