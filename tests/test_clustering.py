@@ -214,6 +214,7 @@ def test_stats_and_sizes():
         inertia=1.5,
         backend="torch",
         n_reseeded=2,
+        iterations=7,
     )
     assert res.sizes().tolist() == [2, 0, 3, 0]
     assert res.stats() == {
@@ -224,6 +225,7 @@ def test_stats_and_sizes():
         "max": 3,
         "inertia": 1.5,
         "backend": "torch",
+        "iterations": 7,
         "n_reseeded": 2,
     }
 
@@ -243,3 +245,14 @@ def test_torch_backend_on_cuda_matches_blobs():
     assert res.backend == "torch"
     assert res.labels.device.type == "cpu"
     assert assignment_nmi(res.labels, truth) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_iterations_run_are_reported(backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 8, generator=g)
+    res = kmeans(x, 20, niter=40, backend=backend)
+    assert 1 <= res.iterations <= 40
+    assert kmeans(x, 20, niter=1, backend=backend).iterations == 1

@@ -37,6 +37,7 @@ class KMeansResult:
     inertia: float  # sum of squared distances of the points to their assigned centroid
     backend: str  # "faiss" or "torch"
     n_reseeded: int  # empty clusters re-seeded (torch) or split (faiss), summed over iterations
+    iterations: int | None = None  # Lloyd iterations run (both backends stop early once nothing changes)
 
     def sizes(self) -> torch.Tensor:
         """Number of points in each cluster, int64 [K]."""
@@ -54,6 +55,7 @@ class KMeansResult:
             "inertia": float(self.inertia),
             "backend": self.backend,
             "n_reseeded": int(self.n_reseeded),
+            "iterations": self.iterations,
         }
 
 
@@ -221,6 +223,7 @@ def _kmeans_faiss(
         inertia=float(dist.astype(np.float64).sum()),
         backend="faiss",
         n_reseeded=int(sum(s["nsplit"] for s in km.iteration_stats)),
+        iterations=len(km.iteration_stats),
     )
 
 
@@ -240,8 +243,8 @@ def _kmeans_torch(
 
     x_low = x.bfloat16() if _bf16_matmul_is_fast(x) and k > _CANDIDATES else None
     labels, d2 = _assign(x, centroids, x_sq, x_low=x_low)
-    n_reseeded = 0
-    for _ in range(niter):
+    n_reseeded = iterations = 0
+    for iterations in range(1, niter + 1):
         centroids, n_new = _update(x, labels, d2, centroids)
         n_reseeded += n_new
         new_labels, d2 = _assign(x, centroids, x_sq, x_low=x_low)
@@ -255,6 +258,7 @@ def _kmeans_torch(
         inertia=float(d2.double().sum()),
         backend="torch",
         n_reseeded=n_reseeded,
+        iterations=iterations,
     )
 
 
