@@ -23,26 +23,16 @@ ROWS = {"udml_ss": [], "udml": ["rotation_weight=0"]}
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="cub_lite0")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", default="runs/bench_cub", help="folder for the run folders")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--rows", nargs="+", help=f"a subset of the rows ({', '.join(ROWS)}) or of the sweep's rows")
-    p.add_argument("--sweep", choices=["lambda", "loss"], help="instead of the rows: UDML-SS at each lambda "
-                   "or with each metric loss (an ablation on the test classes, not a way to choose settings)")
+    suite.add_arguments(p, ROWS, out="runs/bench_cub", results="benchmarks/results/cub.json", seeds=[0])
     p.add_argument("--parallel", action="store_true", help="run all rows at once (one GPU has room for both)")
     p.add_argument("--timeout", type=float, default=None, help="seconds before unfinished runs are stopped")
-    p.add_argument("--results", default="benchmarks/results/cub.json")
-    p.add_argument("overrides", nargs="*", help="extra key=value overrides for every row")
     args = p.parse_args()
-    rows = suite.select(suite.sweep(args.sweep) if args.sweep else ROWS, args.rows)
-
-    jobs = [suite.job(row, seed, args.config, args.out, [f"data_root={args.data}", *rows[row], *args.overrides])
-            for seed in args.seeds for row in rows]
+    rows, jobs = suite.jobs_from(args, ROWS)
     suite.run(jobs, parallel=args.parallel, timeout=args.timeout)
     records = []
     for j in jobs:
         r = suite.collect(j)
-        if j["row"] == ("udml_ss" if "udml_ss" in rows else next(iter(rows))):
+        if j["row"] == suite.start_row(rows):
             records += [{"row": f"pretrained start ({kind})", "seed": j["seed"], "step": 0, **m}
                         for kind, m in r["start"].items()]
         records.append(r)

@@ -27,24 +27,14 @@ ROWS = {"udml": ["rotation_weight=0"], "udml_ss": [], "supervised": ["supervised
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="omniglot")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", default="runs/bench_omniglot")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--rows", nargs="+", help=f"a subset of the rows ({', '.join(ROWS)}) or of the sweep's rows")
-    p.add_argument("--sweep", choices=["lambda", "loss"], help="instead of the rows: UDML-SS at each lambda "
-                   "(0, 0.05, 0.1, 0.5, 1) or with each metric loss; an ablation on the test classes, not a "
-                   "way to choose settings")
-    p.add_argument("--results", default="benchmarks/results/omniglot.json")
-    p.add_argument("overrides", nargs="*", help="extra key=value overrides for every row")
+    suite.add_arguments(p, ROWS, out="runs/bench_omniglot", results="benchmarks/results/omniglot.json",
+                        seeds=[0, 1, 2])
     args = p.parse_args()
-    rows = suite.select(suite.sweep(args.sweep) if args.sweep else ROWS, args.rows)
-
-    jobs = [suite.job(row, seed, args.config, args.out, [f"data_root={args.data}", *rows[row], *args.overrides])
-            for seed in args.seeds for row in rows]
+    rows, jobs = suite.jobs_from(args, ROWS)
     suite.run(jobs)
     records = [suite.collect(j) for j in jobs]
     starts = [{"row": "random start", "seed": r["seed"], **r["start"]["embedding"]}
-              for r in records if r["row"] == ("udml_ss" if "udml_ss" in rows else next(iter(rows))) and "embedding" in r["start"]]
+              for r in records if r["row"] == suite.start_row(rows) and "embedding" in r["start"]]
     info = machine()
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps({"config": args.config, "overrides": args.overrides, **info,

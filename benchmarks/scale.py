@@ -169,31 +169,6 @@ def default_iters() -> tuple[int, int]:
     return int(cfg), int(inspect.signature(kmeans).parameters["niter"].default)
 
 
-class _IterationCounter:
-    """Counts the Lloyd iterations the torch backend runs (it stops early once the assignment is stable;
-    faiss always runs niter) by wrapping udml.clustering._update; None where that helper is gone."""
-
-    def __enter__(self):
-        from udml import clustering
-
-        self.count, self._mod = 0, clustering
-        self._orig = getattr(clustering, "_update", None)
-        if self._orig is not None:
-            def update(*a, **kw):
-                self.count += 1
-                return self._orig(*a, **kw)
-
-            clustering._update = update
-        return self
-
-    def __exit__(self, *exc):
-        if self._orig is not None:
-            self._mod._update = self._orig
-            return False
-        self.count = None
-        return False
-
-
 def timed_kmeans(rows: "Rows", step: str, src, k: int, iters: int, default: int, backend: str,
                  device: torch.device, seed: int, *, nmi_of=None, short: str | None = None,
                  return_default_seconds: bool = False):
@@ -201,18 +176,18 @@ def timed_kmeans(rows: "Rows", step: str, src, k: int, iters: int, default: int,
     measured one and, when iters is not the default count, the extrapolated one."""
     from udml.clustering import KMEANS_PLUS_PLUS_MAX_K, assignment_nmi, kmeans
 
-    with measure(device) as m, warnings.catch_warnings(), _IterationCounter() as counter:
+    with measure(device) as m, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         res = kmeans(src, k, niter=iters, seed=seed, backend=backend,
                      device=device if backend == "torch" else None)
         res.nmi = None if nmi_of is None else assignment_nmi(res.labels, nmi_of)
-    ran = getattr(res, "iterations", None) or counter.count  # both backends stop once nothing changes
-    converged = ran is not None and ran < iters
-    passes = (ran if ran is not None else iters) + 1  # assignment passes: one per iteration + the first/last
+    ran = res.iterations  # both backends stop once nothing changes
+    converged = ran < iters
+    passes = ran + 1  # assignment passes: one per iteration + the first/last
     per = m["seconds"] / passes
     st = res.stats()
     where = "cpu" if res.backend == "faiss" else device.type
-    note = (f"K={k}, {res.backend} on {where}, {ran if ran is not None else '?'} of {iters} iters"
+    note = (f"K={k}, {res.backend} on {where}, {ran} of {iters} iters"
             f"{' (converged)' if converged else ''}, {per:.3f} s/iter; cluster sizes {st['min']}-{st['max']}, "
             f"{st['empty']} empty")
     if res.nmi is not None:

@@ -106,3 +106,29 @@ def select(rows: dict[str, list[str]], names: list[str] | None) -> dict[str, lis
     if unknown:
         raise SystemExit(f"unknown row(s) {', '.join(sorted(unknown))}; the rows are {', '.join(rows)}")
     return {r: rows[r] for r in names} if names else dict(rows)
+
+
+def add_arguments(p, rows: dict[str, list[str]], *, out: str, results: str, seeds: list[int]) -> None:
+    """The command-line options every row benchmark shares (omniglot.py, cub.py)."""
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", default=out, help="folder for the run folders")
+    p.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    p.add_argument("--rows", nargs="+", help=f"a subset of the rows ({', '.join(rows)}) or of the sweep's rows")
+    p.add_argument("--sweep", choices=["lambda", "loss"], help="instead of the rows: UDML-SS at each lambda "
+                   f"({', '.join(f'{v:g}' for v in LAMBDAS)}) or with each metric loss; an ablation on the test "
+                   "classes, not a way to choose settings")
+    p.add_argument("--results", default=results)
+    p.add_argument("overrides", nargs="*", help="extra key=value overrides for every row")
+
+
+def jobs_from(args, rows: dict[str, list[str]]) -> tuple[dict[str, list[str]], list[dict]]:
+    """(the rows to run, one job per seed and row) from options added by add_arguments."""
+    rows = select(sweep(args.sweep) if args.sweep else rows, args.rows)
+    jobs = [job(row, seed, args.config, args.out, [f"data_root={args.data}", *rows[row], *args.overrides])
+            for seed in args.seeds for row in rows]
+    return rows, jobs
+
+
+def start_row(rows) -> str:
+    """The row whose untrained network gives the "start" numbers (UDML-SS when it runs)."""
+    return "udml_ss" if "udml_ss" in rows else next(iter(rows))

@@ -15,7 +15,7 @@ from udml.samplers import ClusterBatchSampler
 from udml.training import cluster, extract_all, prepare, train_round
 
 
-def main(out: str, steps: int = 1) -> None:
+def main(out: str) -> None:
     torch.manual_seed(0)
     # freeze_bn: per-sample forward passes, so a split batch computes exactly what the whole batch does.
     # rotation_images = P: every cluster of the batch gives one rotated image, on whichever process holds it.
@@ -24,7 +24,7 @@ def main(out: str, steps: int = 1) -> None:
     s = prepare(cfg)
     _, emb = extract_all(s, s.train_plain, pooled=False)
     labels, _, _ = cluster(s, None, seed=3)
-    sampler = ClusterBatchSampler(labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster, steps, seed=5,
+    sampler = ClusterBatchSampler(labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster, 1, seed=5,
                                   rank=distributed.rank(), world_size=distributed.world_size())
     loader = make_loader(s.aug, batch_sampler=sampler)
     _, means, bad = train_round(s, loader, labels, 0)
@@ -36,4 +36,4 @@ def main(out: str, steps: int = 1) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *map(int, sys.argv[2:]))
+    main(sys.argv[1])
