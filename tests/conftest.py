@@ -1,3 +1,4 @@
+import logging
 import os
 from pathlib import Path
 
@@ -22,3 +23,12 @@ def omniglot_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"Omniglot not found at {root}")
     return root
+
+
+@pytest.fixture
+def udml_log(caplog):
+    """caplog for the "udml" logger, which stops propagating once a training run set up its handlers."""
+    logger = logging.getLogger("udml")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)

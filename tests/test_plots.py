@@ -1,6 +1,5 @@
 """Run pictures: retrieval grids with coloured frames, training curves, t-SNE maps."""
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -11,15 +10,6 @@ from udml.config import make_config
 from udml.models import build_model
 from udml.plots import (GREEN, RED, embedding_map, read_metrics, retrieval_grid, sample_retrievals, training_curves,
                         tsne_2d, write_run_pictures)
-
-
-@pytest.fixture
-def udml_log(caplog):
-    """caplog for the "udml" logger, which stops propagating once a training run set up its handlers."""
-    logger = logging.getLogger("udml")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def colour_pixels(path, hex_colour: str, tol: int = 12) -> int:

@@ -1,6 +1,5 @@
 """embed / index / search (library and command line) on CUB images, and `udml train --data DIR`."""
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -48,15 +47,6 @@ def model_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def embedded(cub3, model_file) -> Embeddings:
     return embed_folder(Embedder.from_file(model_file), cub3)
-
-
-@pytest.fixture
-def udml_log(caplog):
-    """caplog for the "udml" logger, which stops propagating once a training run set up its handlers."""
-    logger = logging.getLogger("udml")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def brute_force(x: np.ndarray, q: np.ndarray, k: int):
