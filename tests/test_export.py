@@ -102,3 +102,15 @@ def test_export_command_and_bad_input(tmp_path, capsys):
     np.testing.assert_allclose(got, udml.load(path).embed(ims), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="input_kind must be one of uint8, float"):
         export_onnx(udml.load(path).model, tmp_path / "x.onnx", input_kind="int8")
+
+
+def test_export_without_onnx_names_the_install_command(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    path, _ = make_model(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    assert main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "onnxruntime" in err and "pip install" in err
+    assert not (tmp_path / "m.onnx").exists()

@@ -41,6 +41,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_kind: str = "uint8"
     """
     if input_kind not in INPUT_KINDS:
         raise ValueError(f"input_kind must be one of {', '.join(INPUT_KINDS)}, got {input_kind!r}")
+    require_onnx(runtime=check)
     model = model.cpu().eval()
     size = int(model.image_size)
     graph = _EmbeddingGraph(model, input_kind).eval()
@@ -57,15 +58,23 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_kind: str = "uint8"
                          "udml_input": input_kind, "udml_embedding_dim": str(model.embedding.out_features)})
     if not check:
         return None
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return None
     x = torch.randint(0, 256, (batch + 1, 3, size, size), dtype=torch.uint8)
     with torch.no_grad():
         expected = model(x).numpy()
     got = run_onnx(path, x.numpy() if input_kind == "uint8" else x.float().numpy())
     return float(np.abs(got - expected).max())
+
+
+def require_onnx(runtime: bool = True) -> None:
+    """ONNX export needs onnx (and onnxruntime to check the file); both are udml dependencies, but an environment
+    assembled by hand may lack them."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime")[: 2 if runtime else 1] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"udml export needs the package(s) {', '.join(missing)}, which are not installed in this "
+                          f"Python environment; install udml with its dependencies (pip install -e . in a checkout, "
+                          f"or pip install {' '.join(missing)})")
 
 
 def _add_metadata(path: Path, props: dict[str, str]) -> None:
