@@ -64,7 +64,7 @@ def test_embed_folder_matches_embedder_one_by_one(cub3, model_file, embedded):
     some = [0, 7, n - 1]
     single = Embedder.from_file(model_file).embed([embedded.paths[i] for i in some])
     np.testing.assert_allclose(single, embedded.embeddings[some], atol=1e-5)
-    assert embedded.meta["model_sha256"] and embedded.meta["dim"] == 32
+    assert len(embedded.meta["model_fingerprint"]) == 64 and embedded.meta["dim"] == 32
 
 
 def test_embed_folder_reports_and_skips_unreadable_files(tmp_path, cub3, model_file, udml_log):
@@ -193,6 +193,40 @@ def test_command_line_search_errors(tmp_path, embedded, capsys):
     assert "nope.jpg does not exist" in capsys.readouterr().err
     assert main(["index", str(emb), "-o", str(tmp_path / "i"), "--ivf", "--hnsw"]) == 2
     assert "one of --ivf and --hnsw" in capsys.readouterr().err
+
+
+def test_search_with_another_network_is_an_error(tmp_path, cub3, model_file, capsys):
+    """The collection is embedded from a run folder; the same network as model.pt or checkpoint.pt is accepted,
+    any other network of the same shape is refused unless --allow-other-model says otherwise."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = make_config("digits", ["embedding_dim=32"])
+    torch.manual_seed(0)
+    same = build_model(cfg)
+    same.image_size = 32
+    save_model(same, cfg, run / "model.pt")
+    torch.manual_seed(1)
+    other = build_model(cfg)
+    other.image_size = 32
+    save_model(other, cfg, tmp_path / "other.pt")
+    few = tmp_path / "few"
+    (few / CLASSES[0]).mkdir(parents=True)
+    for p in sorted((cub3 / CLASSES[0]).iterdir())[:6]:
+        (few / CLASSES[0] / p.name).symlink_to(p)
+    emb, idx = tmp_path / "emb.npz", tmp_path / "index.faiss"
+    assert main(["embed", str(run), str(few), "-o", str(emb)]) == 0  # a run folder, not a file
+    assert main(["index", str(emb), "-o", str(idx)]) == 0
+    fingerprint = load_embeddings(emb).meta["model_fingerprint"]
+    assert fingerprint == Embedder.from_file(model_file).fingerprint  # same weights, another file
+    assert fingerprint != Embedder.from_file(tmp_path / "other.pt").fingerprint
+    query = str(sorted((few / CLASSES[0]).iterdir())[0])
+    assert main(["search", str(idx), query, "--model", str(run / "model.pt"), "-k", "2"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(idx), query, "--model", str(tmp_path / "other.pt"), "-k", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "embedded by another network" in err and "--allow-other-model" in err
+    assert main(["search", str(idx), query, "--model", str(tmp_path / "other.pt"), "-k", "2",
+                 "--allow-other-model"]) == 0
 
 
 # --------------------------------------------------------------------------- udml train --data DIR

@@ -4,7 +4,8 @@ Embeddings are L2-normalised, so inner product is cosine similarity: scores lie 
 is more similar. Files:
 
 - embeddings ``.npz``: ``embeddings`` (float32 [N, D]), ``paths`` (the absolute image paths, in
-  order) and ``meta`` (JSON text: the model file and its SHA-256, the folder, the image size).
+  order) and ``meta`` (JSON text: the model file and the fingerprint of its network, the folder, the
+  image size).
 - index: a faiss index file (``faiss.read_index`` opens it) plus ``<index>.json`` beside it with
   the image paths and the metadata, in the index's order.
 """
@@ -45,6 +46,14 @@ class Embedder:
         self.resize_size = getattr(model, "resize_size", None)
         self.transform = test_transform(self.image_size, resize_size=self.resize_size)
         self.source = source
+        self._fingerprint = None
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`model_fingerprint` of the network (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> "Embedder":
@@ -88,11 +97,18 @@ class Embedder:
     __call__ = embed
 
 
-def file_sha256(path: str | Path) -> str:
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a network's weights (names, dtypes, shapes and values, in order) and input settings.
+
+    It identifies the network, not the file: a run folder, its model.pt and its last checkpoint.pt give the same
+    fingerprint, and any other network a different one."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(f"image_size={getattr(model, 'image_size', None)}|resize_size={getattr(model, 'resize_size', None)}"
+             .encode())
     return h.hexdigest()
 
 
@@ -152,8 +168,7 @@ def embed_folder(embedder: Embedder, root: str | Path, *, batch_size: int = 64, 
         raise ValueError(f"none of the {len(paths)} images under {root} could be read")
     meta = {"format": EMBEDDINGS_FORMAT, "root": os.path.abspath(root), "dim": int(emb.shape[1]),
             "image_size": embedder.image_size, "model": embedder.source,
-            "model_sha256": file_sha256(embedder.source) if embedder.source and os.path.isfile(embedder.source)
-            else None}
+            "model_fingerprint": embedder.fingerprint}
     return Embeddings(np.ascontiguousarray(emb[ok], dtype=np.float32), [p for p, k in zip(paths, ok) if k],
                       meta, skipped)
 
@@ -285,13 +300,30 @@ def search(index, paths: list[str], queries: np.ndarray, k: int = 10, *, query_p
     return out
 
 
-def check_model_matches(embedder: Embedder, meta: dict, where: str) -> None:
-    """Dimensions must agree; a different model file (by SHA-256) is only warned about."""
+class ModelMismatch(ValueError):
+    """The query model is not the network that embedded the collection."""
+
+
+def check_model_matches(embedder: Embedder, meta: dict, where: str, allow_other: bool = False) -> None:
+    """The query model must be the network that embedded the collection (same :func:`model_fingerprint`):
+    another network's embeddings live in another space, and its neighbours would look plausible but be wrong.
+    ``allow_other`` turns the error into a warning (dimensions must still agree)."""
     dim = meta.get("dim")
     if dim is not None and dim != embedder.dim:
-        raise ValueError(f"{where} holds {dim}-d embeddings but the model {embedder.source} makes {embedder.dim}-d "
-                         "ones; search with the model that embedded the images")
-    sha = meta.get("model_sha256")
-    if sha and embedder.source and os.path.isfile(embedder.source) and file_sha256(embedder.source) != sha:
-        log.warning("%s was embedded with a different model file (%s); scores are only meaningful when "
-                    "queries and collection are embedded by the same model", where, meta.get("model"))
+        raise ModelMismatch(f"{where} holds {dim}-d embeddings but the model {embedder.source} makes "
+                            f"{embedder.dim}-d ones; search with the model that embedded the images "
+                            f"({meta.get('model')})")
+    expected = meta.get("model_fingerprint")
+    if expected is None:  # written before udml fingerprinted models
+        log.warning("%s records no model fingerprint, so the query model cannot be checked against the one that "
+                    "embedded it; re-embed the collection (udml embed) to record one", where)
+        return
+    if expected != embedder.fingerprint:
+        message = (f"{where} was embedded by another network ({meta.get('model')}, fingerprint {expected[:12]}) "
+                   f"than the query model {embedder.source} (fingerprint {embedder.fingerprint[:12]}); its "
+                   "neighbours would be meaningless")
+        if not allow_other:
+            raise ModelMismatch(f"{message}. Search with the model that embedded the collection (drop --model), "
+                                "re-embed the collection with this model, or pass --allow-other-model to search "
+                                "anyway")
+        log.warning("%s (--allow-other-model given)", message)
