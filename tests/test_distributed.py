@@ -63,9 +63,24 @@ def test_torchrun_udml_train_writes_one_run_like_a_single_process(tmp_path):
     assert not list(tmp_path.glob("two/.*.tmp"))
     lines = {n: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for n, d in runs.items()}
     assert [m["kind"] for m in lines["two"]] == [m["kind"] for m in lines["one"]]  # one writer, no duplicates
-    final = {n: next(m for m in ls if m.get("final")) for n, ls in lines.items()}
-    # After dozens of Adam steps rounding differences grow (a single process with 2 threads instead of 1
-    # differs from itself by as much: R@1 0.6, NMI 1.7 points here), so the whole runs agree only roughly;
-    # the exact agreement is checked step by step above.
-    for key, tol in (("recall@1", 0.02), ("map@r", 0.02), ("nmi", 0.05)):
-        assert final["two"][key] == pytest.approx(final["one"][key], abs=tol), key
+    for one, two in zip(lines["one"], lines["two"]):
+        assert (one["round"], one["step"]) == (two["round"], two["step"])
+    # The start is the same network on the same images: same numbers. The first round's steps are those checked
+    # one by one above, so its mean losses agree closely. Later rounds are not compared: after dozens of Adam
+    # steps rounding differences grow and a few pseudo-labels flip at the next clustering, after which two runs
+    # follow different batches (a single process with 2 threads instead of 1 drifts from itself as far: R@1 0.6,
+    # NMI 1.7, MAP@R 2.4 points at the end of this schedule).
+    start = {n: [m for m in ls if m["kind"] == "eval" and m["round"] == 0] for n, ls in lines.items()}
+    assert len(start["one"]) == 2
+    for a, b in zip(start["one"], start["two"]):
+        for key in ("recall@1", "map@r", "nmi"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), key
+    first = {n: next(m for m in ls if m["kind"] == "cluster") for n, ls in lines.items()}
+    assert (first["two"]["min"], first["two"]["max"]) == (first["one"]["min"], first["one"]["max"])
+    train1 = {n: next(m for m in ls if m["kind"] == "train") for n, ls in lines.items()}
+    for key in ("metric_loss", "rotation_loss"):
+        assert train1["two"][key] == pytest.approx(train1["one"][key], rel=0.02), key
+    # both runs trained to the end and wrote a usable final evaluation
+    for ls in lines.values():
+        final = [m for m in ls if m.get("final")]
+        assert len(final) == 1 and 0 < final[0]["recall@1"] <= 1 and 0 < final[0]["nmi"] <= 1

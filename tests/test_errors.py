@@ -239,7 +239,7 @@ def test_cmyk_grayscale_palette_and_alpha_images_load_as_rgb(tmp_path):
 
 
 def test_unknown_configuration_key_lists_valid_keys():
-    with pytest.raises(KeyError, match=r"unknown configuration key\(s\) num_cluster; valid keys are: .*num_clusters"):
+    with pytest.raises(KeyError, match=r"unknown configuration key\(s\) num_cluster \(num_cluster -> did you mean num_clusters\?\); valid keys are: .*num_clusters"):
         make_config("digits", ["num_cluster=10"])
 
 
@@ -354,3 +354,23 @@ def test_evaluation_k_larger_than_the_test_split_through_train(tmp_path):
     with pytest.raises(ValueError, match=r"recall_ks asks for Recall@8 but the test split has 6 images, so each "
                                          r"query has 5 neighbours; use recall_ks values <= 5"):
         train(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "lrr=1"], "did you mean lr?"),
+    (["train", "--config", "cub_lite0", "rotaton_weight=0"], "did you mean rotation_weight?"),
+    (["train", "--data", "/no/such/folder"], "/no/such/folder does not exist"),
+    (["train", "--resume", "/no/such/run"], "the folder does not exist"),
+    (["train", "--config", "no_such_preset"], "no configuration file or preset"),
+])
+def test_bad_train_arguments_are_reported_before_torch_is_imported(argv, message):
+    """A mistyped key or a missing folder is answered at once: torch (tens of seconds to import on a busy
+    machine) is not imported before the command line and the configuration are checked."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from udml.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr

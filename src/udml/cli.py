@@ -10,36 +10,39 @@ from .config import load_config, make_config, parse_override, preset_names
 
 
 def _train(args) -> int:
+    cfg, resume_dir = _train_config(args)  # before importing torch: a bad argument is reported at once
     from . import distributed
+    from .training import train
 
     try:
-        return _train_run(args)
+        train(cfg, run_dir=resume_dir, resume=resume_dir is not None)
     finally:
         distributed.close()  # torchrun: leave the process group cleanly
+    return 0
 
 
-def _train_run(args) -> int:
-    from .training import CHECKPOINT, train
+def _train_config(args):
+    """(configuration, run folder to resume or None) from the command line, checked without importing torch."""
+    from .config import check_paths
+    from .rundir import RunDir
 
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / CHECKPOINT).exists():
-            raise FileNotFoundError(f"--resume {run_dir}: no {CHECKPOINT} there; give the run folder of a run "
-                                    "that wrote at least one checkpoint")
+        run = RunDir(args.resume)
+        run.check_resumable()
         if args.config:
             raise ValueError("--resume takes its configuration from the run folder; drop --config")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(run.config)
         overrides = dict(parse_override(o) for o in args.overrides)
         cfg = make_config(None, {**cfg.to_dict(), **overrides, **_flag_overrides(args)})
-        train(cfg, run_dir=run_dir, resume=True)
-        return 0
+        check_paths(cfg)
+        return cfg, run.path
     # --data alone: a folder of the user's own images, with the folder preset
     cfg = make_config(args.config or ("folder" if args.data else "digits"), args.overrides and [*args.overrides])
     extra = _flag_overrides(args)
     if extra:
         cfg = make_config(None, {**cfg.to_dict(), **extra})
-    train(cfg)
-    return 0
+    check_paths(cfg)
+    return cfg, None
 
 
 def _flag_overrides(args) -> dict:
@@ -113,7 +116,7 @@ def _search(args) -> int:
         raise FileNotFoundError(f"no model to embed the queries: pass --model (the model that embedded {args.index}"
                                 + (f"; {model} is gone)" if model else ")"))
     embedder = Embedder.from_file(model, args.device or "auto")
-    check_model_matches(embedder, meta, str(args.index))
+    check_model_matches(embedder, meta, str(args.index), allow_other=args.allow_other_model)
     queries = []
     for q in args.queries:
         queries += list_images(q) if os.path.isdir(q) else [q]
@@ -136,12 +139,22 @@ def _search(args) -> int:
 
         matches = [[cls(r["path"]) == cls(q) for r in res] for q, res in zip(queries, results)] \
             if args.folder_labels else None
-        captions = [[f"{r['score']:.3f}\n{Path(r['path']).name[:20]}" for r in res] for res in results]
+        captions = [[f"{r['score']:.3f}\n{_where(r['path'])}" for r in res] for res in results]
         retrieval_grid(queries, [[r["path"] for r in res] for res in results], args.grid, matches=matches,
-                       captions=captions, query_captions=[f"query\n{Path(q).name[:20]}" for q in queries],
+                       captions=captions, query_captions=[f"query\n{_where(q)}" for q in queries],
                        cell=args.cell)
         print(f"picture -> {args.grid}")
     return 0
+
+
+def _where(path: str, width: int = 24) -> str:
+    """folder/file for a grid caption, each part shortened so that both stay visible."""
+    folder, name = Path(path).parent.name, Path(path).name
+    if len(folder) + 1 + len(name) > width:
+        keep = max(4, width - 1 - min(len(name), width // 2))
+        folder = folder[:keep - 1] + "~" if len(folder) > keep else folder
+        name = name[:width - 1 - len(folder)]
+    return f"{folder}/{name}"
 
 
 def _export(args) -> int:
@@ -217,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--folder-labels", action="store_true",
                    help="frame results green when their folder has the query's folder name, red otherwise")
     s.add_argument("--keep-self", action="store_true", help="keep a query's own file among its results")
+    s.add_argument("--allow-other-model", action="store_true",
+                   help="search even when --model is not the network that embedded the collection (by default an "
+                        "error: the neighbours would be meaningless)")
     s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     s.set_defaults(func=_search)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,7 @@ class Config:
     image_size: int | None = None      # crop size; None = the backbone's default
     resize_size: int | None = None     # shorter side before cropping; None = image_size * 256 / 227
     crop_scale_min: float = 0.16       # RandomResizedCrop lower scale bound
+    crop_rule: str = "torchvision"     # torchvision: redraw boxes that do not fit; clamped: clamp them to the image
     hflip: bool = True
     cache_images: bool = True          # keep decoded images in memory
     stack_budget_gb: float = 4.0       # keep test-transformed images as one tensor when they fit in this
@@ -39,6 +41,7 @@ class Config:
     num_clusters: int | None = 100     # K; null = default_num_clusters(N training images): N / 50, clipped
     kmeans_iters: int = 20
     kmeans_backend: str = "auto"       # auto | faiss | torch
+    recluster_init: str = "warm"       # warm: start from the previous clusters' centres; fresh: k-means++ each time
 
     # batches and losses
     clusters_per_batch: int = 16       # P
@@ -132,8 +135,23 @@ def _read_yaml(path_or_name: str) -> dict[str, Any]:
 def _check_keys(data: dict[str, Any], where: str) -> None:
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
-        raise KeyError(f"{where}: unknown configuration key(s) {', '.join(unknown)}; "
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{key} -> did you mean {close[0]}?")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise KeyError(f"{where}: unknown configuration key(s) {', '.join(unknown)}{hint}; "
                        f"valid keys are: {', '.join(FIELDS)}")
+
+
+def check_paths(cfg: Config) -> None:
+    """The data folders named by the configuration exist (the data set's own layout is checked when it loads)."""
+    for key in ("data_root", "test_root"):
+        value = getattr(cfg, key)
+        if value is not None and not Path(value).exists():
+            raise FileNotFoundError(f"{key}: {value} does not exist; give the folder that holds the "
+                                    f"{cfg.dataset} data (--data sets data_root)")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -215,21 +233,19 @@ def validate(cfg: Config) -> None:
     need(0 < cfg.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {cfg.crop_scale_min}")
     need(len(cfg.recall_ks) > 0 and all(int(k) >= 1 for k in cfg.recall_ks),
          f"recall_ks must be a non-empty list of positive integers, got {cfg.recall_ks}")
+    need(cfg.crop_rule in ("torchvision", "clamped"),
+         f"crop_rule must be 'torchvision' or 'clamped', got {cfg.crop_rule!r}")
+    need(cfg.recluster_init in ("warm", "fresh"), f"recluster_init must be 'warm' or 'fresh', got {cfg.recluster_init!r}")
     need(cfg.kmeans_backend in ("auto", "faiss", "torch"),
          f"kmeans_backend must be auto, faiss or torch, got {cfg.kmeans_backend!r}")
 
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write via a temporary file and a rename, so that a kill or a full disk never leaves a torn config.yaml."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, f"could not write {path} ({e.strerror}); free disk space or make the run folder "
-                               "writable") from e
+    from .rundir import atomic_write
+
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
+    atomic_write(path, lambda f: f.write(text), what="configuration")
 
 
 def load_config(path: Path) -> Config:

@@ -1,0 +1,87 @@
+"""The run folder: its file names, and the checks that need no PyTorch (so the command line answers at once)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Callable
+
+CONFIG = "config.yaml"            # the resolved configuration of the run
+CHECKPOINT = "checkpoint.pt"      # resume state, after the last finished clustering round
+MODEL = "model.pt"                # the final network for inference
+METRICS = "metrics.jsonl"         # one JSON record per evaluation, clustering and training round
+LOG = "train.log"                 # everything that was printed
+
+
+class RunDir:
+    """Paths of one run folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    config = property(lambda self: self.path / CONFIG)
+    checkpoint = property(lambda self: self.path / CHECKPOINT)
+    model = property(lambda self: self.path / MODEL)
+    metrics = property(lambda self: self.path / METRICS)
+    log = property(lambda self: self.path / LOG)
+
+    def check_resumable(self) -> None:
+        """A clear error when ``--resume`` is given something that is not a run folder with a checkpoint."""
+        if not self.path.exists():
+            raise FileNotFoundError(f"--resume {self.path}: the folder does not exist; give the run folder of an "
+                                    "earlier run (by default under runs/)")
+        if not self.path.is_dir():
+            raise NotADirectoryError(f"--resume {self.path}: not a folder; give the run folder of an earlier run, "
+                                     f"the one holding {CHECKPOINT} and {CONFIG}")
+        if not self.checkpoint.exists():
+            raise FileNotFoundError(f"--resume {self.path}: no {CHECKPOINT} there; give the run folder of a run "
+                                    "that wrote at least one checkpoint (one is written after each clustering "
+                                    "round)")
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str = "file") -> None:
+    """Write a file so that ``path`` holds either the old or the new content, never a torn one: ``write(f)``
+    fills a temporary file in the same folder, which is flushed to disk and renamed over ``path``.
+
+    On failure (full disk, unwritable folder) the temporary file is removed, the previous file at ``path`` is
+    left as it was, and an OSError with the same errno says so."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            then = ", then continue with --resume" if what == "checkpoint" else ""
+            raise OSError(e.errno, f"could not write {what} {path} ({e.strerror}); the previous {what} there is "
+                                   f"intact. Free disk space or make the run folder writable{then}") from e
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def remove_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporary files that atomic_write left next to ``path`` when its process was killed."""
+    path = Path(path)
+    stale = list(path.parent.glob(f".{path.name}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
