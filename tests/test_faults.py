@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def test_real_enospc_from_dev_full(tmp_path, monkeypatch):
     # The temporary file is /dev/full, where every write fails with ENOSPC from the kernel.
     ckpt.atomic_save({"round": 1}, tmp_path / "checkpoint.pt")
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    monkeypatch.setattr(ckpt.tempfile, "mkstemp",
+    monkeypatch.setattr(tempfile, "mkstemp",
                         lambda **kw: (os.open("/dev/full", os.O_WRONLY), str(tmp_path / ".checkpoint.pt.x.tmp")))
     with pytest.raises(OSError, match=rf"\(No space left on device\); {FIX}") as info:
         ckpt.atomic_save({"round": 2, "weights": torch.zeros(100_000)}, tmp_path / "checkpoint.pt")
@@ -179,7 +180,7 @@ def test_unwritable_folder_keeps_the_previous_checkpoint(tmp_path, monkeypatch, 
     def refuse(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(ckpt.tempfile if where == "mkstemp" else ckpt.os, where, refuse)
+    monkeypatch.setattr(tempfile if where == "mkstemp" else os, where, refuse)
     with pytest.raises(OSError, match=rf"could not write checkpoint .*\({os.strerror(code)}\); {FIX}") as info:
         ckpt.atomic_save({"round": 2}, tmp_path / "checkpoint.pt")
     assert info.value.errno == code

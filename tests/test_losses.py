@@ -55,3 +55,20 @@ def test_rotation_loss_is_cross_entropy():
     logits = torch.randn(8, 4)
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     assert torch.allclose(rotation_loss(logits, labels), F.cross_entropy(logits, labels))
+
+
+def test_loss_params_reach_the_loss_and_the_miner():
+    loss = create_loss("multi_similarity", {"alpha": 3.0, "miner_epsilon": 0.3})
+    assert loss.loss.alpha == 3.0 and loss.loss.beta == 40.0 and loss.miner.epsilon == 0.3
+    loss = create_loss("triplet", {"margin": 0.2, "miner_type_of_triplets": "hard"})
+    assert loss.loss.margin == 0.2 and loss.miner.margin == 0.1 and loss.miner.type_of_triplets == "hard"
+
+
+@pytest.mark.parametrize("name, params, named", [
+    ("multi_similarity", {"alpah": 5}, "alpah"),
+    ("multi_similarity", {"epsilon": 0.2}, "epsilon"),  # the miner's, without its miner_ prefix
+    ("contrastive", {"miner_epsilon": 0.2}, "miner_epsilon"),  # contrastive has no miner
+])
+def test_mistyped_loss_params_are_errors_that_list_the_valid_ones(name, params, named):
+    with pytest.raises(ValueError, match=f"{named} not a parameter of loss '{name}'; valid: "):
+        create_loss(name, params)

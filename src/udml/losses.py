@@ -1,7 +1,8 @@
 """Metric losses by name (pytorch-metric-learning) and the rotation-prediction task."""
 from __future__ import annotations
 
-from typing import Any, Callable
+import inspect
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -9,49 +10,44 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 
 
-def _multi_similarity(p):
-    return (losses.MultiSimilarityLoss(alpha=p.get("alpha", 2.0), beta=p.get("beta", 40.0), base=p.get("base", 0.5)),
-            miners.MultiSimilarityMiner(epsilon=p.get("miner_epsilon", 0.1)))
+@dataclass(frozen=True)
+class LossSpec:
+    """A pytorch-metric-learning loss with udml's defaults, and the miner that goes with it (or None)."""
+
+    loss: type
+    defaults: dict = field(default_factory=dict)
+    miner: type | None = None
+    miner_defaults: dict = field(default_factory=dict)
 
 
-def _contrastive(p):
-    return losses.ContrastiveLoss(pos_margin=p.get("pos_margin", 0.0), neg_margin=p.get("neg_margin", 0.5)), None
-
-
-def _triplet(p):
-    return (losses.TripletMarginLoss(margin=p.get("margin", 0.1)),
-            miners.TripletMarginMiner(margin=p.get("miner_margin", 0.1), type_of_triplets=p.get("triplets", "semihard")))
-
-
-def _ntxent(p):
-    return losses.NTXentLoss(temperature=p.get("temperature", 0.07)), None
-
-
-def _npair(p):
-    return losses.NPairsLoss(), None
-
-
-def _lifted_structure(p):
-    return losses.LiftedStructureLoss(pos_margin=p.get("pos_margin", 0.0), neg_margin=p.get("neg_margin", 1.0)), None
-
-
-def _margin(p):
-    return (losses.MarginLoss(margin=p.get("margin", 0.2), nu=p.get("nu", 0.0), beta=p.get("beta", 1.2)),
-            miners.DistanceWeightedMiner(cutoff=p.get("miner_cutoff", 0.5),
-                                         nonzero_loss_cutoff=p.get("miner_nonzero_loss_cutoff", 1.4)))
-
-
-# name -> factory(params) -> (loss, miner or None). Defaults follow METHOD.md for multi-similarity and the
-# usual settings for L2-normalised embeddings elsewhere; every constant can be changed through loss_params.
-LOSSES: dict[str, Callable[[dict], tuple[nn.Module, Any]]] = {
-    "multi_similarity": _multi_similarity,
-    "contrastive": _contrastive,
-    "triplet": _triplet,
-    "ntxent": _ntxent,
-    "npair": _npair,
-    "lifted_structure": _lifted_structure,
-    "margin": _margin,
+# name -> loss and miner. Defaults follow METHOD.md for multi-similarity and the usual settings for L2-normalised
+# embeddings elsewhere. ``loss_params`` changes any keyword parameter of the loss (``alpha``) and, prefixed with
+# ``miner_``, of the miner (``miner_epsilon``).
+LOSSES: dict[str, LossSpec] = {
+    "multi_similarity": LossSpec(losses.MultiSimilarityLoss, {"alpha": 2.0, "beta": 40.0, "base": 0.5},
+                                 miners.MultiSimilarityMiner, {"epsilon": 0.1}),
+    "contrastive": LossSpec(losses.ContrastiveLoss, {"pos_margin": 0.0, "neg_margin": 0.5}),
+    "triplet": LossSpec(losses.TripletMarginLoss, {"margin": 0.1},
+                        miners.TripletMarginMiner, {"margin": 0.1, "type_of_triplets": "semihard"}),
+    "ntxent": LossSpec(losses.NTXentLoss, {"temperature": 0.07}),
+    "npair": LossSpec(losses.NPairsLoss),
+    "lifted_structure": LossSpec(losses.LiftedStructureLoss, {"pos_margin": 0.0, "neg_margin": 1.0}),
+    "margin": LossSpec(losses.MarginLoss, {"margin": 0.2, "nu": 0.0, "beta": 1.2},
+                       miners.DistanceWeightedMiner, {"cutoff": 0.5, "nonzero_loss_cutoff": 1.4}),
 }
+MINER_PREFIX = "miner_"
+
+
+def _parameters(cls: type) -> list[str]:
+    """The keyword parameters of a class's constructor (not its **kwargs, which take objects, not settings)."""
+    return [p.name for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def loss_parameters(name: str) -> list[str]:
+    """The keys ``loss_params`` accepts for loss ``name``: the loss's own, then the miner's with ``miner_``."""
+    spec = LOSSES[name]
+    return _parameters(spec.loss) + ([MINER_PREFIX + p for p in _parameters(spec.miner)] if spec.miner else [])
 
 
 class MetricLoss(nn.Module):
@@ -75,13 +71,22 @@ class MetricLoss(nn.Module):
 
 
 def create_loss(name: str, params: dict | None = None) -> MetricLoss:
+    """The metric loss ``name`` (a key of LOSSES) with its miner; ``params`` as described at LOSSES."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid names are {', '.join(LOSSES)}")
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(loss_parameters(name)))
+    if unknown:
+        raise ValueError(f"loss_params: {', '.join(unknown)} not a parameter of loss {name!r}; valid: "
+                         f"{', '.join(loss_parameters(name))} (miner_... go to its miner)")
+    spec = LOSSES[name]
+    loss_kwargs = {**spec.defaults, **{k: v for k, v in params.items() if not k.startswith(MINER_PREFIX)}}
+    miner_kwargs = {**spec.miner_defaults,
+                    **{k[len(MINER_PREFIX):]: v for k, v in params.items() if k.startswith(MINER_PREFIX)}}
     try:
-        loss, miner = LOSSES[name](dict(params or {}))
-    except TypeError as e:
+        return MetricLoss(spec.loss(**loss_kwargs), spec.miner(**miner_kwargs) if spec.miner else None)
+    except (TypeError, ValueError) as e:  # a value of the wrong kind, as pytorch-metric-learning reports it
         raise ValueError(f"loss {name!r}: bad loss_params {params}: {e}") from e
-    return MetricLoss(loss, miner)
 
 
 def rotation_batch(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

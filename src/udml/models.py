@@ -110,7 +110,7 @@ def efficientnet_lite0(pretrained: bool) -> Backbone:
 
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
     if pretrained:
-        source = torch.load(lite0_weights_path(), map_location="cpu")
+        source = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
         source = [v.float() if v.is_floating_point() else v for k, v in source.items() if not k.startswith("_fc.")]
         target = net.state_dict()
         if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source, target.values())):
