@@ -3,6 +3,8 @@
     python benchmarks/cub.py --data ../shared/data/CUB_200_2011            # METHOD.md's full schedule
     python benchmarks/cub.py --data ... --parallel --seeds 0 1 2             # both rows at once on one GPU
     python benchmarks/cub.py --data ... --sweep lambda                       # or --sweep loss (ablations)
+    python benchmarks/cub.py --data ... --sweep val --parallel num_clusters=75 pseudo_epochs=260
+                                             # choose settings on the validation classes (suite.VAL_ROWS)
 
 Each row is one `udml train` run (config cub_lite0 unless --config); the numbers are those of the final
 model (no choosing on the test classes). The pretrained start is the untrained network of the UDML-SS run:
@@ -38,6 +40,10 @@ def main() -> None:
         records.append(r)
     info = machine()
     result = {"config": args.config, "overrides": args.overrides, "parallel": args.parallel, **info, "rows": records}
+    if args.sweep == "val":  # the rule written in suite.VAL_ROWS, applied to the validation numbers only
+        winner = suite.choose([r for r in records if not r["row"].startswith("pretrained")])
+        result["choice"] = {"row": winner["row"], "overrides": [o for o in rows[winner["row"]]
+                                                                if o not in suite.VAL_SPLITS]}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(result, indent=2))
 
@@ -49,6 +55,8 @@ def main() -> None:
                  ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")]
         note = "" if r.get("finished", True) else " (unfinished: last evaluation)"
         print(f"| {r['row']}{note} | {r['seed']} | " + " | ".join(cells) + f" | {r['step']} | {r.get('wall_s', '-')} |")
+    if "choice" in result:
+        print(f"chosen on the validation classes: {result['choice']['row']} -> {' '.join(result['choice']['overrides'])}")
 
 
 if __name__ == "__main__":

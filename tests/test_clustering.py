@@ -256,3 +256,36 @@ def test_iterations_run_are_reported(backend):
     res = kmeans(x, 20, niter=40, backend=backend)
     assert 1 <= res.iterations <= 40
     assert kmeans(x, 20, niter=1, backend=backend).iterations == 1
+
+
+def naive_spherical_kmeans(x, init, niter):
+    """Cosine k-means written plainly: unit rows, argmax cosine, mean, renormalise."""
+    x = x.double() / x.double().norm(dim=1, keepdim=True)
+    c = init.double() / init.double().norm(dim=1, keepdim=True)
+    for _ in range(niter):
+        labels = (x @ c.T).argmax(1)
+        c = torch.stack([x[labels == j].mean(0) if (labels == j).any() else c[j] for j in range(len(c))])
+        c = c / c.norm(dim=1, keepdim=True)
+    return (x @ c.T).argmax(1), c
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spherical_kmeans_matches_a_naive_reference(backend):
+    # directions in clusters, lengths all over the place (like raw pooled features, norms 7-18)
+    x, _, centers = make_blobs(n_per=60, n_blobs=6, dim=12, spread=3.0, seed=3)
+    x = x * torch.empty(len(x), 1).uniform_(0.2, 20, generator=torch.Generator().manual_seed(1))
+    init = x[torch.arange(0, len(x), 60)] + 0.1
+    res = kmeans(x, 6, init_centroids=init, niter=8, backend=backend, spherical=True)
+    labels, c = naive_spherical_kmeans(x, init, res.iterations)
+    assert torch.equal(res.labels, labels)
+    torch.testing.assert_close(res.centroids.norm(dim=1), torch.ones(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(res.centroids.double(), c, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spherical_kmeans_ignores_the_lengths_of_the_rows(backend):
+    x, _, _ = make_blobs(n_per=50, n_blobs=8, dim=16, spread=2.0, seed=4)
+    scale = torch.empty(len(x), 1).uniform_(0.1, 50, generator=torch.Generator().manual_seed(2))
+    a = kmeans(x, 8, seed=5, backend=backend, spherical=True)
+    b = kmeans(x * scale, 8, seed=5, backend=backend, spherical=True)
+    assert torch.equal(a.labels, b.labels)

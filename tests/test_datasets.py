@@ -194,6 +194,20 @@ def test_omniglot_validation_split_holds_out_whole_background_alphabets():
             assert s.images[i].split(os.sep)[-3:-1] == s.class_names[s.labels[i]].split("/")
 
 
+def test_cub_validation_split_holds_out_every_fourth_training_class():
+    root = shared_data("CUB_200_2011")
+    full, tv, val = (load_split("cub", root, sp) for sp in ("train", "train_val", "val"))
+    assert (len(tv), tv.num_classes, len(val), val.num_classes) == (4407, 75, 1457, 25)
+    assert sorted(tv.images + val.images) == sorted(full.images)
+    assert val.class_names[:2] == ["004.Groove_billed_Ani", "008.Rhinoceros_Auklet"]
+    assert not set(val.class_names) & set(tv.class_names)
+    assert not set(val.class_names) & set(load_split("cub", root, "test").class_names)
+    for s in (tv, val):  # labels renumbered 0..C-1 and still naming each image's own class folder
+        assert sorted(set(s.labels.tolist())) == list(range(s.num_classes))
+        for i in range(0, len(s), 97):
+            assert s.images[i].split(os.sep)[-2] == s.class_names[s.labels[i]]
+
+
 def test_omniglot_fixture(tmp_path):
     for alpha, chars in (("Latin", ("character01", "character02")), ("Greek", ("character01",))):
         for c in chars:

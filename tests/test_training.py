@@ -21,8 +21,16 @@ def records(run_dir, kind):
 def test_default_job_writes_a_run_folder(tmp_path, capsys):
     assert cli(["train", "--out", str(tmp_path), "run_name=r", *QUICK, "pictures=true"]) == 0
     out = capsys.readouterr().out
-    assert "start  (embedding) R@1" in out and "final  (embedding) R@1" in out and "NMI" in out
+    assert "start  (embedding) R@1" in out and "NMI" in out
+    assert "estimated duration of the whole schedule" in out
+    table = out[out.index("final (embedding)"):]
+    assert "change vs start (embedding)" in table and "change vs start (pooled)" in table
     run = tmp_path / "r"
+    # train.log holds every printed line, after a line that marks the start
+    log_text = (run / "train.log").read_text()
+    assert "===== udml train started" in log_text
+    printed = [line for line in out.splitlines() if line.strip()]
+    assert printed and [line for line in printed if line not in log_text] == []
     for name in ("config.yaml", METRICS, CHECKPOINT, MODEL, "train.log", "curves.png", "retrieval.png", "embeddings.png"):
         assert (run / name).is_file(), name
     evals = records(run, "eval")
@@ -66,6 +74,9 @@ def test_resume_continues_and_reaches_the_same_result(tmp_path):
     for k, v in full["final"]["embedding"].items():
         assert resumed["final"]["embedding"][k] == pytest.approx(v, abs=1e-6), k
     assert [r["round"] for r in records(part, "cluster")] == [1, 2]
+    log_text = (part / "train.log").read_text()
+    assert log_text.count("===== udml train started") == 1
+    assert log_text.count("===== udml train --resume") == 2  # the refused resume, then the one that ran
 
 
 def test_rotation_weight_zero_switches_the_rotation_task_off():

@@ -78,8 +78,13 @@ def kmeans(
     seed: int = 0,
     backend: str = "auto",
     device: str | torch.device | None = None,
+    spherical: bool = False,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` [N, D] into ``k`` clusters with Lloyd's k-means.
+
+    ``spherical``: cosine k-means, the geometry of L2-normalised embeddings: the rows and the initial
+    centroids are L2-normalised, and so is every centroid after its update, so that each point goes to
+    the centroid of highest cosine similarity (faiss' ``spherical`` option; the same rule in PyTorch).
 
     ``backend``: ``"faiss"`` (faiss-cpu, runs on the CPU), ``"torch"`` (runs on ``device``,
     default ``x``'s device) or ``"auto"`` (faiss when it is installed and the work is on the CPU,
@@ -109,13 +114,20 @@ def kmeans(
                 "dimension"
             )
 
+    if spherical:
+        x = torch.nn.functional.normalize(x, dim=1)
+        if init_centroids is not None:
+            init_centroids = torch.nn.functional.normalize(init_centroids, dim=1)
     backend = _resolve_backend(backend, x, device)
     if backend == "faiss":
-        result = _kmeans_faiss(x, k, niter=niter, init_centroids=init_centroids, seed=int(seed))
+        result = _kmeans_faiss(
+            x, k, niter=niter, init_centroids=init_centroids, seed=int(seed), spherical=spherical
+        )
     else:
         dev = torch.device(device) if device is not None else x.device
         result = _kmeans_torch(
-            x.to(dev), k, niter=niter, init_centroids=init_centroids, seed=int(seed)
+            x.to(dev), k, niter=niter, init_centroids=init_centroids, seed=int(seed),
+            spherical=spherical,
         )
     n_empty = int((result.sizes() == 0).sum())
     if n_empty:
@@ -192,7 +204,8 @@ def _resolve_backend(backend: str, x: torch.Tensor, device: str | torch.device |
 
 
 def _kmeans_faiss(
-    x: torch.Tensor, k: int, *, niter: int, init_centroids: torch.Tensor | None, seed: int
+    x: torch.Tensor, k: int, *, niter: int, init_centroids: torch.Tensor | None, seed: int,
+    spherical: bool = False,
 ) -> KMeansResult:
     import faiss
 
@@ -201,7 +214,7 @@ def _kmeans_faiss(
     params = dict(
         niter=niter,
         seed=seed,
-        spherical=False,
+        spherical=spherical,
         verbose=False,
         # faiss otherwise trains on a random subsample of k * 256 points.
         max_points_per_centroid=math.ceil(n / k) + 1,
@@ -228,7 +241,8 @@ def _kmeans_faiss(
 
 
 def _kmeans_torch(
-    x: torch.Tensor, k: int, *, niter: int, init_centroids: torch.Tensor | None, seed: int
+    x: torch.Tensor, k: int, *, niter: int, init_centroids: torch.Tensor | None, seed: int,
+    spherical: bool = False,
 ) -> KMeansResult:
     x = x.contiguous()
     gen = torch.Generator(device=x.device).manual_seed(seed)
@@ -246,6 +260,8 @@ def _kmeans_torch(
     n_reseeded = iterations = 0
     for iterations in range(1, niter + 1):
         centroids, n_new = _update(x, labels, d2, centroids)
+        if spherical:
+            centroids = torch.nn.functional.normalize(centroids, dim=1)
         n_reseeded += n_new
         new_labels, d2 = _assign(x, centroids, x_sq, x_low=x_low)
         changed = bool((new_labels != labels).any())

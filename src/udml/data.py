@@ -23,10 +23,32 @@ def resize_for(image_size: int, resize_size: int | None = None) -> int:
 
 # Transforms stop at uint8 tensors: a quarter of the bytes through the loader, and the model normalises
 # on its own device (UDMLNet.normalize), so inference needs no transform configuration.
+class ClampedRandomResizedCrop(T.RandomResizedCrop):
+    """RandomResizedCrop that draws scale and aspect ratio once and clamps the box to the image.
+
+    torchvision's redraws a box that does not fit (up to 10 times), which on 3:2 photos favours small boxes (mean
+    area about 0.43 of the image at scale 0.16-1, against about 0.54 clamped), further from the test framing."""
+
+    @staticmethod
+    def get_params(img, scale, ratio):
+        width, height = T.functional.get_image_size(img)
+        area = height * width * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        log_ratio = torch.log(torch.tensor(ratio))
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = min(width, max(1, round((area * aspect) ** 0.5)))
+        h = min(height, max(1, round((area / aspect) ** 0.5)))
+        i = torch.randint(0, height - h + 1, size=(1,)).item()
+        j = torch.randint(0, width - w + 1, size=(1,)).item()
+        return i, j, h, w
+
+
+CROP_RULES = {"torchvision": T.RandomResizedCrop, "clamped": ClampedRandomResizedCrop}
+
+
 def train_transform(image_size: int, *, resize_size: int | None = None,
-                    crop_scale_min: float = 0.16, hflip: bool = True) -> T.Compose:
+                    crop_scale_min: float = 0.16, hflip: bool = True, crop_rule: str = "torchvision") -> T.Compose:
     steps = [T.Resize(resize_for(image_size, resize_size)),
-             T.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0))]
+             CROP_RULES[crop_rule](image_size, scale=(crop_scale_min, 1.0))]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     return T.Compose(steps + [T.PILToTensor()])

@@ -159,12 +159,32 @@ CUB_LAYOUT = (
 CUB_COUNTS = {"train": (5864, 100), "test": (5924, 100)}
 
 
+CUB_VAL_EVERY = 4  # training classes 4, 8, ..., 100 form the validation split
+
+
+def _keep_classes(full: ImageSet, keep_class: np.ndarray, name: str) -> ImageSet:
+    """The images of the classes where ``keep_class`` is true, relabelled 0..n-1 in order."""
+    keep = keep_class[full.labels]
+    classes = np.flatnonzero(keep_class)
+    relabel = np.full(len(full.class_names), -1)
+    relabel[classes] = np.arange(len(classes))
+    return ImageSet([f for f, k in zip(full.images, keep) if k], relabel[full.labels[keep]], name,
+                    [full.class_names[c] for c in classes])
+
+
 def load_cub(root: str | Path | None, split: str, *, strict: bool = True) -> ImageSet:
     """CUB-200-2011 with the metric-learning split: classes 1-100 train, 101-200 test.
 
     ``train_test_split.txt`` (the classification split) is deliberately not used.
+
+    For choosing settings without the test classes: ``val`` holds every fourth training class (classes 4, 8,
+    ..., 100: 25 classes), ``train_val`` the other 75.
     """
-    _check_split("cub", split, ("train", "test"))
+    _check_split("cub", split, ("train", "test", "train_val", "val"))
+    if split in ("train_val", "val"):
+        full = load_cub(root, "train", strict=strict)
+        held = np.arange(len(full.class_names)) % CUB_VAL_EVERY == CUB_VAL_EVERY - 1
+        return _keep_classes(full, held if split == "val" else ~held, f"cub/{split}")
     root = _resolve_root(root, "cub", "images.txt", "CUB_200_2011", CUB_LAYOUT)
     images_txt = _require(root / "images.txt", "cub", CUB_LAYOUT)
     labels_txt = _require(root / "image_class_labels.txt", "cub", CUB_LAYOUT)
@@ -427,12 +447,7 @@ def load_omniglot(root: str | Path | None, split: str, *, strict: bool = True) -
         alphabets = sorted({c.split("/")[0] for c in full.class_names})
         held = set(alphabets[::OMNIGLOT_VAL_EVERY])
         keep_class = np.array([(c.split("/")[0] in held) == (split == "val") for c in full.class_names])
-        keep = keep_class[full.labels]
-        classes = np.flatnonzero(keep_class)
-        relabel = np.full(len(full.class_names), -1)
-        relabel[classes] = np.arange(len(classes))
-        return ImageSet([f for f, k in zip(full.images, keep) if k], relabel[full.labels[keep]],
-                        f"omniglot/{split}", [full.class_names[c] for c in classes])
+        return _keep_classes(full, keep_class, f"omniglot/{split}")
     sub = "images_background" if split == "train" else "images_evaluation"
     root = _resolve_root(root, "omniglot", sub, "omniglot", OMNIGLOT_LAYOUT)
     split_dir = _require(root / sub, "omniglot", OMNIGLOT_LAYOUT)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from .inference import autocast, extract, resolve_device, stack
 from .losses import create_loss, rotation_batch, rotation_loss
 from .models import build_model
 from .plots import write_run_pictures
+from .rundir import atomic_write, remove_temporaries
+from .report import ScheduleClock, format_duration, format_metrics, summary
 from .samplers import ClusterBatchSampler
 
 log = logging.getLogger("udml")
@@ -39,25 +43,45 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def setup_logging(run_dir: Path | None, quiet: bool = False) -> None:
-    """Console (and run_dir/train.log); ``quiet``: warnings only, for the non-main processes of a torchrun job."""
+class _ConsoleHandler(logging.Handler):
+    """Prints through tqdm, so that a line never tears a progress bar; progress lines (``extra={"progress":
+    True}``) only when no bar is drawn (not a terminal): the bar shows the same."""
+
+    def __init__(self):
+        super().__init__()
+        self.bar_drawn = False
+
+    def emit(self, record):
+        if getattr(record, "progress", False) and self.bar_drawn:
+            return
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+
+
+_console = _ConsoleHandler()
+
+
+def setup_logging(run_dir: Path | None, quiet: bool = False, resume: bool = False) -> None:
+    """Console and run_dir/train.log get every line; ``quiet``: warnings only, for the non-main processes of a
+    torchrun job. A line marks where each start or resume of the run begins in train.log."""
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     for h in list(log.handlers):
         log.removeHandler(h)
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(console)
+    _console.setFormatter(logging.Formatter("%(message)s"))
+    _console.bar_drawn = False
+    log.addHandler(_console)
     if run_dir is not None:
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
+        if handler.stream.tell() > 0:  # a folder reused after a kill, or resumed
+            handler.stream.write("\n")
+        handler.stream.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} ===== udml train "
+                             f"{'--resume' if resume else 'started'} (pid {os.getpid()}) =====\n")
+        handler.flush()
     log.propagate = False
-
-
-def format_metrics(m: dict) -> str:
-    keys = [k for k in m if k.startswith("recall@")] + [k for k in ("nmi", "map@r") if k in m]
-    names = {"nmi": "NMI", "map@r": "MAP@R"}
-    return "  ".join(f"{names.get(k, 'R@' + k[7:])} {100 * m[k]:5.2f}" for k in keys)
 
 
 class MetricsFile:
@@ -80,9 +104,8 @@ class MetricsFile:
                 continue
             if record.get("round", 0) <= rounds_done and not record.get("final"):
                 keep.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        text = "".join(line + "\n" for line in keep).encode()
+        atomic_write(self.path, lambda f: f.write(text), what="metrics file")
 
     def append(self, **record) -> None:
         if self.path is None:
@@ -113,7 +136,8 @@ def build_datasets(cfg: Config, image_size: int):
         raise ValueError(f"the test split {test_set.name!r} has no labels; evaluation needs class labels "
                          "(for a folder: one sub-folder per class)")
     aug = train.with_transform(train_transform(image_size, resize_size=cfg.resize_size,
-                                               crop_scale_min=cfg.crop_scale_min, hflip=cfg.hflip))
+                                               crop_scale_min=cfg.crop_scale_min, hflip=cfg.hflip,
+                                               crop_rule=cfg.crop_rule))
     plain = train.with_transform(test_transform(image_size, resize_size=cfg.resize_size))
     return aug, plain, test
 
@@ -189,6 +213,7 @@ class Session:
     test_plain: object
     test_labels: torch.Tensor | None        # None: no labelled test split, no evaluations
     test_classes: list | None = None
+    train_labels: torch.Tensor | None = None  # true classes of a benchmark's training split: diagnostics only
     train_model: torch.nn.Module | None = None  # what the training step calls: the model, or its DDP wrapper
 
     def __post_init__(self):
@@ -244,35 +269,55 @@ def prepare(cfg: Config) -> Session:
         {"params": list(model.embedding.parameters()) + list(model.rotation.parameters()),
          "lr": cfg.head_lr or cfg.lr},
     ], weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None)  # fused: one kernel per step on CUDA
+    # A folder's sub-folders need not be classes; the benchmarks' training classes are.
+    train_labels = torch.as_tensor(aug.labels) if aug.labels is not None and cfg.dataset != "folder" else None
     return Session(cfg, device, use_amp, workers, model, optimizer, metric_loss, aug, train_plain, test_plain,
                    None if test is None else torch.as_tensor(test.labels),
-                   None if test is None else test.image_set.class_names, train_model)
+                   test_classes=None if test is None else test.image_set.class_names,
+                   train_labels=train_labels, train_model=train_model)
 
 
 def cluster(s: Session, previous: torch.Tensor | None, seed: int):
-    """Pseudo-labels: features in eval mode with the test transform, then k-means; returns (labels, k-means
-    result, stats).
+    """Pseudo-labels: features in eval mode with the test transform, then cosine k-means; returns (labels,
+    k-means result, stats).
 
+    Every clustering works in one geometry, that of the evaluation: L2-normalised features, spherical k-means.
     The first clustering uses the pretrained pooled features (k-means++); later ones the embeddings,
-    warm-started from the previous clusters. Under torchrun the features are gathered from every process,
-    the main process clusters and broadcasts the labels (the others get result None and stats {})."""
+    warm-started from the previous clusters' centres in the current feature space. Under torchrun the features
+    are gathered from every process, the main process clusters and broadcasts the labels (the others get
+    result None and stats {})."""
     cfg = s.cfg
     pooled, emb = extract_all(s, s.train_plain, pooled=previous is None)
     features = pooled if previous is None else emb
     if not bool(torch.isfinite(features).all()):
         raise NonFiniteLoss("the network's outputs on the training images are NaN or infinite")
+    features = F.normalize(features, dim=1)
     result, stats, labels = None, {}, None
     if distributed.is_main():
-        if previous is None:
-            result = kmeans(features, cfg.num_clusters, niter=cfg.kmeans_iters, seed=seed, backend=cfg.kmeans_backend)
-        else:
-            result = kmeans(features, cfg.num_clusters, niter=cfg.kmeans_iters, seed=seed, backend=cfg.kmeans_backend,
-                            init_centroids=warm_start(features, previous, cfg.num_clusters))
-        stats = result.stats()
-        stats["nmi_previous"] = assignment_nmi(previous, result.labels) if previous is not None else None
+        warm = previous is not None and cfg.recluster_init == "warm"
+        init = warm_start(features, previous, cfg.num_clusters) if warm else None
+        result = kmeans(features, cfg.num_clusters, niter=cfg.kmeans_iters, seed=seed, backend=cfg.kmeans_backend,
+                        init_centroids=init, spherical=True)
+        stats = cluster_stats(result, previous, cfg.images_per_cluster, s.train_labels)
         labels = torch.as_tensor(result.labels, dtype=torch.long)
     labels = distributed.broadcast(labels, like=torch.empty(len(features), dtype=torch.long, device=features.device))
     return labels.cpu(), result, stats
+
+
+def cluster_stats(result, previous: torch.Tensor | None, images_per_cluster: int,
+                  true_labels: torch.Tensor | None) -> dict:
+    """The clustering record of metrics.jsonl: k-means' own statistics, the cluster sizes, how many clusters
+    are smaller than M (the sampler repeats their images), the NMI to the previous assignment and, where the
+    training split has class labels (benchmarks), the NMI to them. That last one is a diagnostic only: labels
+    never reach training or the choice of a setting."""
+    stats = result.stats()
+    sizes = result.sizes()
+    stats["sizes"] = sizes.tolist() if len(sizes) <= 1000 else None  # SOP's K = 10,000: summary only
+    stats["smaller_than_m"] = int((sizes < images_per_cluster).sum())
+    stats["nmi_previous"] = assignment_nmi(previous, result.labels) if previous is not None else None
+    stats["diagnostic_nmi_true_classes"] = (assignment_nmi(true_labels, result.labels)
+                                            if true_labels is not None else None)
+    return stats
 
 
 def model_is_finite(s: Session, probe_images: int = 16) -> bool:
@@ -287,11 +332,11 @@ def model_is_finite(s: Session, probe_images: int = 16) -> bool:
     return bool(torch.isfinite(emb).all())
 
 
-def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None):
+def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, progress=None):
     """One pass of the loader; returns (step, [mean metric loss, rotation loss, rotation accuracy], bad step).
 
     Non-finite losses are tracked on the device (no host sync per step) and reported as the first bad step,
-    or -1; on the CPU the round stops at the first one."""
+    or -1; on the CPU the round stops at the first one. ``progress(step)`` is called after every step."""
     label_dev = labels.to(s.device)
     sums = torch.zeros(4, device=s.device)  # metric loss, rotation loss, rotation accuracy, steps
     bad_step = torch.full((), -1, dtype=torch.long, device=s.device)
@@ -311,6 +356,8 @@ def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None):
         sums += torch.stack(parts + [torch.ones((), device=s.device)])
         if bar is not None:
             bar.update(1)
+        if progress is not None:
+            progress(step)
     sums = distributed.sum_over_ranks(sums)  # the processes' rotation losses differ; their metric losses do not
     means = (sums[:3] / sums[3].clamp_min(1)).tolist()  # the one host sync of the round
     return step, means, int(distributed.max_over_ranks(bad_step))
@@ -325,9 +372,9 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
         run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = Path(distributed.broadcast_object(str(run_dir) if main else None))
-    setup_logging(run_dir if main else None, quiet=not main)
+    setup_logging(run_dir if main else None, quiet=not main, resume=resume)
     if main:
-        ckpt.remove_temporaries(run_dir / CHECKPOINT)  # left by a process killed while writing a checkpoint
+        remove_temporaries(run_dir / CHECKPOINT)  # left by a process killed while writing a checkpoint
     ckpt.seed_all(cfg.seed)
     state = None
     if resume:
@@ -362,10 +409,13 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
             log.warning("the checkpoint was written with %d CPU threads and this process uses %d: the resumed "
                         "run will differ from an uninterrupted one by rounding; set OMP_NUM_THREADS=%d for an "
                         "exact replay", threads, torch.get_num_threads(), threads)
-    else:
+    evaluations = 0 if s.test_labels is None or not cfg.eval_every else (rounds - 1) // cfg.eval_every
+    clock = ScheduleClock(rounds, iters, evaluations)
+    if state is None:
         metrics.truncate_after(-1)
         t = time.time()
         start_metrics = evaluate_model(s, with_pooled=True)
+        clock.eval_seconds = time.time() - t
         for kind, m in start_metrics.items():
             metrics.append(kind="eval", round=0, step=0, features=kind, seconds=time.time() - t, **m)
             log.info("start  (%-9s) %s", kind, format_metrics(m))
@@ -374,6 +424,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     saved_round = rounds_done if state is not None else None  # the round the checkpoint on disk holds
     bar = tqdm(total=rounds * iters, initial=step, desc="train", unit="it", dynamic_ncols=True,
                disable=None if main else True, mininterval=2.0)
+    _console.bar_drawn = not bar.disable
 
     def stop(what: str) -> NonFiniteLoss:
         kept = ("no checkpoint was written yet" if saved_round is None else
@@ -396,11 +447,15 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
             except NonFiniteLoss as e:  # weights blown up by the last steps, loss still finite
                 raise stop(f"{e} after step {step} (at the clustering of round {rnd})") from None
             metrics.append(kind="cluster", round=rnd, step=step, seconds=time.time() - t, **stats)
+            clock.cluster_seconds = clock.cluster_seconds or time.time() - t
         if result is not None and (rnd == 1 or rnd == rounds or rnd % max(1, rounds // 10) == 0):
-            bar.write(f"round {rnd}/{rounds} clustering: sizes min {stats['min']} / median {stats['median']:g} / "
-                      f"max {stats['max']}, {stats['n_reseeded']} re-seeded, NMI to previous "
-                      + ("-" if stats["nmi_previous"] is None else f"{stats['nmi_previous']:.3f}")
-                      + f" ({time.time() - t:.1f}s)")
+            log.info(f"round {rnd}/{rounds} clustering: sizes min {stats['min']} / median {stats['median']:g} / "
+                     f"max {stats['max']}, {stats['smaller_than_m']} smaller than M, {stats['n_reseeded']} "
+                     "re-seeded, NMI to previous "
+                     + ("-" if stats["nmi_previous"] is None else f"{stats['nmi_previous']:.3f}")
+                     + ("" if stats["diagnostic_nmi_true_classes"] is None else
+                        f", to the true classes {stats['diagnostic_nmi_true_classes']:.3f} (diagnostic)")
+                     + f" ({time.time() - t:.1f}s)")
 
         if sampler is None:
             sampler = ClusterBatchSampler(labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster, iters,
@@ -410,7 +465,9 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
                                  persistent=True)
         sampler.reset(labels.numpy(), seed=round_seed)
         t = time.time()
-        step, means, bad = train_round(s, loader, labels, step, bar)
+        clock.round_started(step)
+        step, means, bad = train_round(s, loader, labels, step, bar,
+                                       progress=functools.partial(report_progress, s, clock, rnd))
         if bad >= 0:
             raise stop(f"the loss became NaN or infinite at step {bad} (round {rnd})")
         metrics.append(kind="train", round=rnd, step=step, seconds=time.time() - t, iterations=iters,
@@ -422,7 +479,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
             m = evaluate_model(s, with_pooled=False).get("embedding")
             if m is not None:
                 metrics.append(kind="eval", round=rnd, step=step, features="embedding", seconds=time.time() - t, **m)
-                bar.write(f"step {step:6d} (embedding) {format_metrics(m)}")
+                log.info(f"step {step:6d} (embedding) {format_metrics(m)}")
 
         if rnd % max(1, cfg.checkpoint_every) and rnd != rounds:
             continue
@@ -431,8 +488,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
         if main:
                 ckpt.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rounds_done": rnd,
                               "step": step, "labels": labels,
-                              "centroids": None if result is None else result.centroids,
-                              "config": cfg.to_dict(), "rng": ckpt.rng_state(), "start_metrics": start_metrics,
+                              "config": cfg.to_dict(), "start_metrics": start_metrics,
                               "cpu_threads": torch.get_num_threads()},
                              run_dir / CHECKPOINT)
         saved_round = rnd
@@ -446,16 +502,36 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
         metrics.append(kind="eval", round=rounds, step=step, features="embedding", final=True,
                        seconds=time.time() - t, **final["embedding"])
     save_model(model, cfg, run_dir / MODEL)
-    for name, m in (("start  (embedding)", start_metrics.get("embedding")),
-                    ("start  (pooled   )", start_metrics.get("pooled")),
-                    ("final  (embedding)", final.get("embedding"))):
-        if m:
-            log.info("%s %s", name, format_metrics(m))
+    table, worse = summary(start_metrics, final.get("embedding"))
+    for line in table:
+        log.info("%s", line)
+    if worse:
+        log.warning("%s", worse)
     log.info("model written to %s; metrics in %s", run_dir / MODEL, run_dir / METRICS)
     if cfg.pictures:
         write_run_pictures(run_dir, model, s.train_plain if s.test_labels is None else s.test_plain, s.test_labels,
                            class_names=s.test_classes, batch_size=cfg.eval_batch_size, num_workers=s.workers)
     return {"start": start_metrics, "final": final, "run_dir": str(run_dir), "step": step}
+
+
+def report_progress(s: Session, clock: ScheduleClock, rnd: int, step: int) -> None:
+    """After a training step: the schedule's estimated duration once, then a progress line now and then."""
+    if clock.timed_steps(step):
+        if s.device.type == "cuda":
+            torch.cuda.synchronize(s.device)  # the steps were only queued
+        total = clock.estimate(step)
+        log.info("estimated duration of the whole schedule: %s (%d rounds x %d iterations at %.2f s each, %d "
+                 "clusterings at %.1f s, %d evaluations at %.1f s)", format_duration(total), clock.rounds,
+                 clock.iterations, clock.step_seconds, clock.rounds, clock.cluster_seconds, clock.evaluations + 2,
+                 clock.eval_seconds)
+        if s.device.type == "cpu" and total > 3600:
+            rounds = clock.rounds_within(1800)
+            log.warning("that is over an hour on the CPU. To shorten it: pseudo_epochs=%d (about 30 min at this "
+                        "speed; now %d), a smaller crop (image_size=160), eval_every=0 (no evaluations in between), "
+                        "or train on a GPU (device=cuda)", rounds * s.cfg.recluster_every, s.cfg.pseudo_epochs)
+    line = clock.progress_line(step, rnd)
+    if line:
+        log.info("%s", line, extra={"progress": True})
 
 
 def training_step(model, metric_loss, x, y, cfg: Config, use_amp: bool, world_size: int = 1):

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The CUB plan for a lent GPU (15 minutes of device time in all, each call under 10 minutes, the machine bare):
+#   call 1: bash benchmarks/gpu_cub_plan.sh DATA OUT val
+#           the settings of suite.VAL_ROWS side by side on the one GPU, ~1,200 iterations each, trained on 75 of
+#           CUB's training classes (train_val) and evaluated on the other 25 (val); the rule in suite.VAL_ROWS
+#           picks the winner and writes OUT/choice.txt. The test classes are not touched.
+#   call 2: bash benchmarks/gpu_cub_plan.sh DATA OUT test "0 1"
+#           METHOD.md's full schedule on the test classes with the chosen settings: UDML-SS and UDML (lambda = 0)
+#           for each seed given, all side by side. Seed 2 in a third call if device time is left.
+# Before spending device time, the same commands run on a CPU with TINY=1 (a tiny schedule at 64 px).
+# Runs stopped by TIMEOUT (default 540 s) are recorded as unfinished; their metrics so far are kept.
+set -uo pipefail
+data=${1:?data root}; out=${2:?results folder}; part=${3:?val or test}; seeds=${4:-0}
+timeout=${TIMEOUT:-540}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU: $(nproc) CPU cores"
+extra=(eval_every=10 checkpoint_every=10)
+if [ "${TINY:-0}" = 1 ]; then  # the dry run on a CPU: same commands, a schedule of minutes
+    extra=(image_size=64 resize_size=72 pseudo_epochs=2 recluster_every=1 eval_every=1 eval_batch_size=64 pictures=false)
+fi
+case "$part" in
+  val)
+    python3 "$here/cub.py" --data "$data" --out /tmp/udml_val --sweep val --parallel --timeout "$timeout" \
+        --results "$out/cub_val.json" num_clusters=75 pseudo_epochs=260 "${extra[@]}" ${ROWS:+--rows $ROWS} || exit $?
+    python3 -c "import json,sys; c=json.load(open(sys.argv[1]))['choice']; print(' '.join(c['overrides']))" \
+        "$out/cub_val.json" > "$out/choice.txt"
+    echo "chosen: $(cat "$out/choice.txt")" ;;
+  test)
+    [ -f "$out/choice.txt" ] || { echo "no $out/choice.txt: run the val part first" >&2; exit 2; }
+    read -r -a chosen < "$out/choice.txt"
+    # shellcheck disable=SC2086
+    python3 "$here/cub.py" --data "$data" --out /tmp/udml_test --seeds $seeds --parallel --timeout "$timeout" \
+        --results "$out/cub_test_seeds_${seeds// /_}.json" "${chosen[@]}" "${extra[@]}" ;;
+  *) echo "unknown part $part: val or test" >&2; exit 2 ;;
+esac
+for f in /tmp/udml_val/*/metrics.jsonl /tmp/udml_test/*/metrics.jsonl; do
+    [ -f "$f" ] && cp "$f" "$out/$(basename "$(dirname "$f")").metrics.jsonl"
+done
+exit 0
