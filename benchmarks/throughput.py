@@ -19,7 +19,7 @@ from udml.config import make_config
 from udml.data import make_loader
 from udml.inference import autocast
 from udml.samplers import ClusterBatchSampler
-from udml.training import cluster, prepare, train_round
+from udml.training import cluster, prepare, resolve_num_clusters, train_round
 
 
 def ceiling(s, iters: int, warmup: int = 5) -> float:
@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     overrides = list(args.overrides) + ([f"data_root={args.data}"] if args.data else [])
-    cfg = make_config(args.config, overrides)
+    cfg = resolve_num_clusters(make_config(args.config, overrides))
 
     t0 = time.perf_counter()
     s = prepare(cfg)

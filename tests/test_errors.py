@@ -374,3 +374,30 @@ def test_bad_train_arguments_are_reported_before_torch_is_imported(argv, message
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("error, expected", [
+    (ValueError("bad value"), True), (FileNotFoundError("no file"), True), (OSError(28, "disk full"), True),
+    (RuntimeError("a bug deep inside"), False), (KeyError("a bug deep inside"), False),
+    (AttributeError("a bug deep inside"), False),
+])
+def test_command_line_turns_user_errors_into_one_line_and_keeps_the_traceback_of_anything_else(
+        monkeypatch, capsys, error, expected):
+    from udml import cli
+
+    def fail(args):
+        raise error
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), fail))
+    if expected:
+        assert cli.main(["index", "x.npz", "-o", "y"]) == 2
+        assert capsys.readouterr().err.startswith("udml index: error: ")
+    else:
+        with pytest.raises(type(error), match="a bug deep inside"):
+            cli.main(["index", "x.npz", "-o", "y"])
+
+
+def _with_func(parser, func):
+    parser._subparsers._group_actions[0].choices["index"].set_defaults(func=func)
+    return parser

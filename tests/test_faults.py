@@ -18,7 +18,7 @@ import torch
 from udml import checkpoint as ckpt
 from udml import training
 from udml.cli import main as cli_main
-from udml.training import NonFiniteLoss, train
+from udml.training import NonFiniteError, train
 
 from test_errors import make_folder, tiny_config
 
@@ -89,7 +89,7 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_checkpoint(tmp_pat
     run = tmp_path / "run"
     kept = (r"no checkpoint was written yet" if bad_step == 1 else
             rf"the last good checkpoint .*checkpoint.pt \(after round {bad_step - 1}\) is intact")
-    with pytest.raises(NonFiniteLoss, match=rf"NaN or infinite at step {bad_step} \(round {bad_step}\); training "
+    with pytest.raises(NonFiniteError, match=rf"NaN or infinite at step {bad_step} \(round {bad_step}\); training "
                                             rf"stopped and {kept}\. Lower lr"):
         train(cfg, run)
     assert len(calls) == bad_step  # stopped at once: no further step
@@ -107,7 +107,7 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_checkpoint(tmp_pat
 def test_huge_learning_rate_is_caught_before_a_useless_checkpoint(tmp_path, data):
     # One Adam step of size 1e30 leaves finite weights whose outputs overflow: no checkpoint may hold them.
     cfg = tiny_config(tmp_path, data, lr=1e30, pseudo_epochs=3)
-    with pytest.raises(NonFiniteLoss, match=r"the weights or the network's outputs became NaN or infinite by step 1 "
+    with pytest.raises(NonFiniteError, match=r"the weights or the network's outputs became NaN or infinite by step 1 "
                                             r"\(round 1\); training stopped and no checkpoint was written yet"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
@@ -125,7 +125,7 @@ def test_blown_up_weights_are_caught_at_the_next_clustering(tmp_path, monkeypatc
         return out
 
     monkeypatch.setattr(training, "train_round", blow_up)
-    with pytest.raises(NonFiniteLoss, match=r"outputs on the training images are NaN or infinite after step 1 "
+    with pytest.raises(NonFiniteError, match=r"outputs on the training images are NaN or infinite after step 1 "
                                             r"\(at the clustering of round 2\); training stopped and no checkpoint"):
         train(cfg, tmp_path / "run")
 

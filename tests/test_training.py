@@ -6,7 +6,8 @@ import torch
 from udml import checkpoint as ckpt
 from udml.cli import main as cli
 from udml.config import make_config
-from udml.training import CHECKPOINT, METRICS, MODEL, train, training_step
+from udml.rundir import CHECKPOINT, METRICS, MODEL
+from udml.training import train, training_step
 from udml.inference import load_model
 from udml.losses import create_loss
 from udml.models import build_model
@@ -84,12 +85,13 @@ def test_rotation_weight_zero_switches_the_rotation_task_off():
     model = build_model(cfg).train()
     x = torch.randint(0, 256, (80, 3, 32, 32), dtype=torch.uint8)
     y = torch.arange(16).repeat_interleave(5)
-    loss, parts = training_step(model, create_loss(cfg.loss), x, y, cfg, use_amp=False)
+    loss, terms = training_step(model, create_loss(cfg.loss), x, y, cfg, use_amp=False)
     loss.backward()
-    assert parts[1] == 0 and all(p.grad is None for p in model.rotation.parameters())
+    assert list(terms) == ["metric_loss"] and all(p.grad is None for p in model.rotation.parameters())
     cfg = make_config("digits", ["rotation_weight=0.5"])
-    loss, parts = training_step(model, create_loss(cfg.loss), x, y, cfg, use_amp=False)
-    assert loss.item() == pytest.approx(parts[0].item() + 0.5 * parts[1].item(), rel=1e-5)
+    loss, terms = training_step(model, create_loss(cfg.loss), x, y, cfg, use_amp=False)
+    assert loss.item() == pytest.approx(terms["metric_loss"].item() + 0.5 * terms["rotation_loss"].item(), rel=1e-5)
+    assert 0 <= terms["rotation_accuracy"] <= 1
 
 
 @pytest.mark.slow

@@ -12,8 +12,9 @@ from .config import load_config, make_config, parse_override, preset_names
 def _train(args) -> int:
     cfg, resume_dir = _train_config(args)  # before importing torch: a bad argument is reported at once
     from . import distributed
-    from .training import train
+    from .training import log_to_console, train
 
+    log_to_console()
     try:
         train(cfg, run_dir=resume_dir, resume=resume_dir is not None)
     finally:
@@ -64,7 +65,7 @@ def _evaluate(args) -> int:
     from .evaluation import evaluate
     from .inference import extract, load_model
     from .inference import resolve_device
-    from .training import format_metrics
+    from .report import format_metrics
 
     device = resolve_device(args.device or "auto")
     model = load_model(args.model, device)
@@ -246,13 +247,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause and fix (bad arguments, configuration, data, files, a full disk, a missing package,
+    a diverging run): one line. Anything else, a bug or CUDA running out of memory, keeps its traceback."""
+    from .config import UnknownKey
+
+    kinds: list[type[BaseException]] = [ValueError, OSError, ImportError, UnknownKey]
+    if "udml.training" in sys.modules:  # imported only by the commands that can raise these
+        from .models import PretrainedWeightsUnavailable
+        from .training import NonFiniteError
+
+        kinds += [NonFiniteError, PretrainedWeightsUnavailable]
+    return tuple(kinds)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, OSError, ImportError, RuntimeError) as e:  # OSError: e.g. a full disk
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"udml {args.command}: error: {message}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - sorted below: expected ones become one line, the rest is re-raised
+        if not isinstance(e, expected_errors()):
+            if type(e).__name__ == "OutOfMemoryError":
+                print(f"udml {args.command}: out of memory on the GPU: lower clusters_per_batch or "
+                      "eval_batch_size, set grad_checkpointing=true, or use a smaller image_size", file=sys.stderr)
+            raise
+        print(f"udml {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

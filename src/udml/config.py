@@ -132,6 +132,13 @@ def _read_yaml(path_or_name: str) -> dict[str, Any]:
     return data
 
 
+class UnknownKey(KeyError):
+    """A configuration key that udml does not know (a KeyError whose text is the plain message)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def _check_keys(data: dict[str, Any], where: str) -> None:
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
@@ -141,7 +148,7 @@ def _check_keys(data: dict[str, Any], where: str) -> None:
             if close:
                 hints.append(f"{key} -> did you mean {close[0]}?")
         hint = f" ({'; '.join(hints)})" if hints else ""
-        raise KeyError(f"{where}: unknown configuration key(s) {', '.join(unknown)}{hint}; "
+        raise UnknownKey(f"{where}: unknown configuration key(s) {', '.join(unknown)}{hint}; "
                        f"valid keys are: {', '.join(FIELDS)}")
 
 

@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .rundir import METRICS
+
 log = logging.getLogger("udml")
 
 GREEN, RED, GREY = "#1a9641", "#d7191c", "#bdbdbd"
@@ -251,7 +253,7 @@ def write_run_pictures(run_dir: str | Path, model, data, labels=None, *, class_n
     run_dir = Path(run_dir)
     written = []
     try:
-        written.append(training_curves(read_metrics(run_dir / "metrics.jsonl"), run_dir / "curves.png",
+        written.append(training_curves(read_metrics(run_dir / METRICS), run_dir / "curves.png",
                                        title=run_dir.name))
     except Exception as e:  # noqa: BLE001
         log.warning("could not draw curves.png: %s: %s", type(e).__name__, e)

@@ -5,6 +5,19 @@ import numpy as np
 import torch
 
 
+def check_world_size(clusters_per_batch: int, world_size: int) -> None:
+    if clusters_per_batch % world_size:
+        raise ValueError(f"clusters_per_batch (P={clusters_per_batch}) must be divisible by the number of processes "
+                         f"({world_size}) so that every process trains on whole clusters; change P or "
+                         "--nproc_per_node")
+
+
+def one_per_cluster(batch: torch.Tensor, images_per_cluster: int) -> torch.Tensor:
+    """The first image of each cluster of a batch from ClusterBatchSampler, whose batches hold each cluster's
+    M images one after another: rows 0, M, 2M, ..."""
+    return batch[::images_per_cluster]
+
+
 class ClusterBatchSampler(torch.utils.data.Sampler):
     """Yields ``num_batches`` batches of P distinct clusters x M images, grouped cluster by cluster.
 
@@ -16,9 +29,7 @@ class ClusterBatchSampler(torch.utils.data.Sampler):
     def __init__(self, labels, clusters_per_batch: int, images_per_cluster: int, num_batches: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1):
         self.P, self.M, self.num_batches = clusters_per_batch, images_per_cluster, num_batches
-        if self.P % world_size:
-            raise ValueError(f"clusters_per_batch (P={self.P}) must be divisible by the number of processes "
-                             f"({world_size}) so that every rank gets whole clusters")
+        check_world_size(clusters_per_batch, world_size)
         self.rank, self.world_size = rank, world_size
         self.reset(labels, seed)
 

@@ -28,19 +28,16 @@ from .inference import autocast, extract, resolve_device, stack
 from .losses import create_loss, rotation_batch, rotation_loss
 from .models import build_model
 from .plots import write_run_pictures
-from .rundir import atomic_write, remove_temporaries
+from .rundir import CHECKPOINT, LOG, RunDir, atomic_write, remove_temporaries
 from .report import ScheduleClock, format_duration, format_metrics, summary
-from .samplers import ClusterBatchSampler
+from .samplers import ClusterBatchSampler, check_world_size, one_per_cluster
 
 log = logging.getLogger("udml")
 
-CHECKPOINT = "checkpoint.pt"
-MODEL = "model.pt"
-METRICS = "metrics.jsonl"
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteError(RuntimeError):
+    """The loss, the weights or the network's outputs became NaN or infinite."""
 
 
 class _ConsoleHandler(logging.Handler):
@@ -63,17 +60,25 @@ class _ConsoleHandler(logging.Handler):
 _console = _ConsoleHandler()
 
 
+def log_to_console() -> None:
+    """udml's messages on stdout, for the command line. A program that imports udml configures logging itself:
+    the library adds no console handler of its own and leaves the root logger alone."""
+    if _console not in log.handlers:
+        log.addHandler(_console)
+    log.setLevel(logging.INFO)
+
+
 def setup_logging(run_dir: Path | None, quiet: bool = False, resume: bool = False) -> None:
-    """Console and run_dir/train.log get every line; ``quiet``: warnings only, for the non-main processes of a
-    torchrun job. A line marks where each start or resume of the run begins in train.log."""
+    """run_dir/train.log gets every message of the run, after a line that marks where this start or resume
+    begins; ``quiet``: warnings only, for the non-main processes of a torchrun job."""
     log.setLevel(logging.WARNING if quiet else logging.INFO)
-    for h in list(log.handlers):
-        log.removeHandler(h)
     _console.setFormatter(logging.Formatter("%(message)s"))
     _console.bar_drawn = False
-    log.addHandler(_console)
+    for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:  # an earlier run in this process
+        log.removeHandler(h)
+        h.close()
     if run_dir is not None:
-        handler = logging.FileHandler(run_dir / "train.log")
+        handler = logging.FileHandler(run_dir / LOG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         if handler.stream.tell() > 0:  # a folder reused after a kill, or resumed
@@ -81,7 +86,6 @@ def setup_logging(run_dir: Path | None, quiet: bool = False, resume: bool = Fals
         handler.stream.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} ===== udml train "
                              f"{'--resume' if resume else 'started'} (pid {os.getpid()}) =====\n")
         handler.flush()
-    log.propagate = False
 
 
 class MetricsFile:
@@ -220,13 +224,22 @@ class Session:
         self.train_model = self.train_model or self.model
 
 
+def resolve_num_clusters(cfg: Config) -> Config:
+    """``num_clusters: null`` replaced by default_num_clusters of the number of training images."""
+    if cfg.num_clusters is not None:
+        return cfg
+    n = len(load_split(cfg.dataset, cfg.data_root, cfg.train_split))
+    cfg = dataclasses.replace(cfg, num_clusters=default_num_clusters(n, cfg.clusters_per_batch))
+    log.info("num_clusters (K) = %d for %d training images (default_num_clusters)", cfg.num_clusters, n)
+    return cfg
+
+
 def prepare(cfg: Config) -> Session:
+    """Model, optimiser, loss and data for ``cfg`` (its num_clusters resolved), on the device of this process:
+    joins the torchrun process group first when there is one."""
     device = distributed.init(resolve_device(cfg.device))
     world = distributed.world_size()
-    if cfg.clusters_per_batch % world:
-        raise ValueError(f"clusters_per_batch (P={cfg.clusters_per_batch}) must be divisible by the number of "
-                         f"processes ({world}) so that every process trains on whole clusters; change P or "
-                         "--nproc_per_node")
+    check_world_size(cfg.clusters_per_batch, world)
     workers = max(1, default_workers() // distributed.local_world_size()) if cfg.num_workers < 0 else cfg.num_workers
     use_amp = cfg.amp and device.type == "cuda"
     if device.type == "cuda":
@@ -238,8 +251,7 @@ def prepare(cfg: Config) -> Session:
     metric_loss = create_loss(cfg.loss, cfg.loss_params).to(device)  # a bad loss name fails before decoding
     aug, plain, test = build_datasets(cfg, model.image_size)
     if cfg.num_clusters is None:
-        cfg = dataclasses.replace(cfg, num_clusters=default_num_clusters(len(aug), cfg.clusters_per_batch))
-        log.info("num_clusters (K) = %d for %d training images (default_num_clusters)", cfg.num_clusters, len(aug))
+        raise ValueError("num_clusters is null: resolve it first (resolve_num_clusters)")
     if cfg.num_clusters > len(aug):
         raise ValueError(f"num_clusters (K={cfg.num_clusters}) is larger than the number of training images "
                          f"({len(aug)}); lower num_clusters")
@@ -290,7 +302,7 @@ def cluster(s: Session, previous: torch.Tensor | None, seed: int):
     pooled, emb = extract_all(s, s.train_plain, pooled=previous is None)
     features = pooled if previous is None else emb
     if not bool(torch.isfinite(features).all()):
-        raise NonFiniteLoss("the network's outputs on the training images are NaN or infinite")
+        raise NonFiniteError("the network's outputs on the training images are NaN or infinite")
     features = F.normalize(features, dim=1)
     result, stats, labels = None, {}, None
     if distributed.is_main():
@@ -333,18 +345,18 @@ def model_is_finite(s: Session, probe_images: int = 16) -> bool:
 
 
 def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, progress=None):
-    """One pass of the loader; returns (step, [mean metric loss, rotation loss, rotation accuracy], bad step).
+    """One pass of the loader; returns (step, mean of each named loss term over the round, first bad step).
 
     Non-finite losses are tracked on the device (no host sync per step) and reported as the first bad step,
     or -1; on the CPU the round stops at the first one. ``progress(step)`` is called after every step."""
     label_dev = labels.to(s.device)
-    sums = torch.zeros(4, device=s.device)  # metric loss, rotation loss, rotation accuracy, steps
+    sums, steps = {}, torch.zeros((), device=s.device)
     bad_step = torch.full((), -1, dtype=torch.long, device=s.device)
     s.model.train()
     for x, idx in loader:
         x = x.to(s.device, non_blocking=True)
         y = label_dev[idx.to(s.device, non_blocking=True)]
-        loss, parts = training_step(s.train_model, s.metric_loss, x, y, s.cfg, s.use_amp, distributed.world_size())
+        loss, terms = training_step(s.train_model, s.metric_loss, x, y, s.cfg, s.use_amp, distributed.world_size())
         step += 1
         finite = torch.isfinite(loss)
         bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
@@ -353,165 +365,230 @@ def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, p
         s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         s.optimizer.step()
-        sums += torch.stack(parts + [torch.ones((), device=s.device)])
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0) + value
+        steps += 1
         if bar is not None:
             bar.update(1)
         if progress is not None:
             progress(step)
-    sums = distributed.sum_over_ranks(sums)  # the processes' rotation losses differ; their metric losses do not
-    means = (sums[:3] / sums[3].clamp_min(1)).tolist()  # the one host sync of the round
+    names = sorted(sums)
+    # the processes' rotation terms differ; their metric losses do not. One host sync for the round.
+    totals = distributed.sum_over_ranks(torch.stack([sums[n] for n in names] + [steps])) if names else None
+    means = {} if totals is None else dict(zip(names, (totals[:-1] / totals[-1].clamp_min(1)).tolist()))
     return step, means, int(distributed.max_over_ranks(bad_step))
 
 
+@dataclass
+class Progress:
+    """Where a run stands; what a checkpoint restores."""
+    rounds_done: int = 0
+    step: int = 0
+    labels: torch.Tensor | None = None      # the pseudo-labels of the last clustering
+    start_metrics: dict = dataclasses.field(default_factory=dict)
+    saved_round: int | None = None          # the round the checkpoint on disk holds
+
+
+@dataclass
+class Loop:
+    """What the rounds share: the run folder, the metrics file, the sampler and its loader, the clock, the bar."""
+    run: RunDir | None                      # None on the non-main processes of a torchrun job
+    metrics: MetricsFile
+    clock: ScheduleClock
+    bar: tqdm
+    sampler: ClusterBatchSampler | None = None
+    loader: torch.utils.data.DataLoader | None = None
+
+
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
-    """Train by UDML-SS; returns {"start": metrics, "final": metrics, "run_dir": path, "step": steps}."""
+    """Train by UDML-SS; returns {"start": metrics, "final": metrics, "run_dir": path, "step": steps}.
+
+    The loop of DeepCluster's main: start or resume, then per round cluster, train, evaluate and checkpoint,
+    then finish (final evaluation, model file, summary, pictures)."""
     validate(cfg)
-    distributed.init(resolve_device(cfg.device))
+    cfg = resolve_num_clusters(cfg)
+    s = prepare(cfg)
+    run, state = open_run(cfg, run_dir, resume)
+    progress = start_or_resume(s, run, state)
+    loop = Loop(run, MetricsFile(run.metrics if run else None), ScheduleClock(
+        cfg.num_rounds(), cfg.iterations_per_round(), evaluations_between(s)), tqdm(
+        total=cfg.num_rounds() * cfg.iterations_per_round(), initial=progress.step, desc="train", unit="it",
+        dynamic_ncols=True, disable=None if run else True, mininterval=2.0))
+    _console.bar_drawn = not loop.bar.disable
+    if state is None:
+        loop.metrics.truncate_after(-1)
+        evaluate_start(s, loop, progress)
+    else:
+        loop.metrics.truncate_after(progress.rounds_done)
+    for rnd in range(progress.rounds_done + 1, cfg.num_rounds() + 1):
+        run_round(s, loop, progress, rnd)
+    loop.bar.close()
+    return finish(s, loop, progress)
+
+
+def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[RunDir | None, dict | None]:
+    """The run folder (made by the main process and shared with the others; None for them), its logging, its
+    config.yaml, and with ``resume`` the checkpoint's state (checked against ``cfg``)."""
     main = distributed.is_main()  # under torchrun only the main process writes files and logs
+    path = None
     if main:
-        run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(distributed.broadcast_object(str(run_dir) if main else None))
-    setup_logging(run_dir if main else None, quiet=not main, resume=resume)
+        path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+        path.mkdir(parents=True, exist_ok=True)
+    run = RunDir(distributed.broadcast_object(str(path) if main else None))
+    setup_logging(run.path if main else None, quiet=not main, resume=resume)
     if main:
-        remove_temporaries(run_dir / CHECKPOINT)  # left by a process killed while writing a checkpoint
-    ckpt.seed_all(cfg.seed)
+        remove_temporaries(run.checkpoint)  # left by a process killed while writing a checkpoint
     state = None
     if resume:
-        state = ckpt.load(run_dir / CHECKPOINT)
-        check_resumable(cfg, state["config"], run_dir / CHECKPOINT)
+        state = ckpt.load(run.checkpoint)
+        check_resumable(cfg, state["config"], run.checkpoint)
     if main:
-        save_config(cfg, run_dir / "config.yaml")
-    metrics = MetricsFile(run_dir / METRICS if main else None)
+        save_config(cfg, run.config)
+    return (run if main else None), state
 
-    s = prepare(cfg)
-    if s.cfg != cfg:  # num_clusters: null, now resolved
-        cfg = s.cfg
-        if main:
-            save_config(cfg, run_dir / "config.yaml")
-    model, optimizer = s.model, s.optimizer
-    rounds, iters = cfg.num_rounds(), cfg.iterations_per_round()
+
+def start_or_resume(s: Session, run: RunDir | None, state: dict | None) -> Progress:
+    """A fresh start, or the model, optimiser and progress of the checkpoint."""
+    cfg = s.cfg
     log.info("run folder %s | device %s%s | %d train / %d test images | K=%d | %d rounds x %d iterations",
-             run_dir, s.device, f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else "",
-             len(s.aug), 0 if s.test_labels is None else len(s.test_labels), cfg.num_clusters, rounds, iters)
-
-    rounds_done, step, labels = 0, 0, None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        rounds_done, step, labels = state["rounds_done"], state["step"], state["labels"]
-        start_metrics = state["start_metrics"]
-        metrics.truncate_after(rounds_done)
-        log.info("resumed from %s after round %d (step %d)", run_dir / CHECKPOINT, rounds_done, step)
-        threads = state.get("cpu_threads")
-        if s.device.type == "cpu" and threads not in (None, torch.get_num_threads()):
-            # CPU convolution gradients are summed in a thread-count dependent order.
-            log.warning("the checkpoint was written with %d CPU threads and this process uses %d: the resumed "
-                        "run will differ from an uninterrupted one by rounding; set OMP_NUM_THREADS=%d for an "
-                        "exact replay", threads, torch.get_num_threads(), threads)
-    evaluations = 0 if s.test_labels is None or not cfg.eval_every else (rounds - 1) // cfg.eval_every
-    clock = ScheduleClock(rounds, iters, evaluations)
+             run, s.device, f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else "",
+             len(s.aug), 0 if s.test_labels is None else len(s.test_labels), cfg.num_clusters, cfg.num_rounds(),
+             cfg.iterations_per_round())
+    ckpt.seed_all(cfg.seed)
     if state is None:
-        metrics.truncate_after(-1)
-        t = time.time()
-        start_metrics = evaluate_model(s, with_pooled=True)
-        clock.eval_seconds = time.time() - t
-        for kind, m in start_metrics.items():
-            metrics.append(kind="eval", round=0, step=0, features=kind, seconds=time.time() - t, **m)
-            log.info("start  (%-9s) %s", kind, format_metrics(m))
+        return Progress()
+    s.model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    progress = Progress(state["rounds_done"], state["step"], state["labels"], state["start_metrics"],
+                        saved_round=state["rounds_done"])
+    log.info("resumed from %s after round %d (step %d)", run.checkpoint if run else "", progress.rounds_done,
+             progress.step)
+    threads = state.get("cpu_threads")
+    if s.device.type == "cpu" and threads not in (None, torch.get_num_threads()):
+        # CPU convolution gradients are summed in a thread-count dependent order.
+        log.warning("the checkpoint was written with %d CPU threads and this process uses %d: the resumed "
+                    "run will differ from an uninterrupted one by rounding; set OMP_NUM_THREADS=%d for an "
+                    "exact replay", threads, torch.get_num_threads(), threads)
+    return progress
 
-    sampler = loader = None
-    saved_round = rounds_done if state is not None else None  # the round the checkpoint on disk holds
-    bar = tqdm(total=rounds * iters, initial=step, desc="train", unit="it", dynamic_ncols=True,
-               disable=None if main else True, mininterval=2.0)
-    _console.bar_drawn = not bar.disable
 
-    def stop(what: str) -> NonFiniteLoss:
-        kept = ("no checkpoint was written yet" if saved_round is None else
-                f"the last good checkpoint {run_dir / CHECKPOINT} (after round {saved_round}) is intact")
-        return NonFiniteLoss(f"{what}; training stopped and {kept}. Lower lr (or head_lr), raise weight_decay or "
-                             "check the data, then start a new run: resuming with the same settings repeats the "
-                             "same steps")
+def evaluations_between(s: Session) -> int:
+    """Evaluations between the start and the final one."""
+    if s.test_labels is None or not s.cfg.eval_every:
+        return 0
+    return (s.cfg.num_rounds() - 1) // s.cfg.eval_every
 
-    for rnd in range(rounds_done + 1, rounds + 1):
-        round_seed = cfg.seed * 1_000_003 + rnd
-        ckpt.seed_all(round_seed)
-        t = time.time()
-        if cfg.supervised:  # a benchmark ceiling, not the method: true training labels instead of clusters
-            if s.aug.labels is None:
-                raise ValueError("supervised=true needs a labelled training split; this one has no labels")
-            labels, result = torch.as_tensor(s.aug.labels), None
-        else:
-            try:
-                labels, result, stats = cluster(s, labels, seed=cfg.seed + rnd)
-            except NonFiniteLoss as e:  # weights blown up by the last steps, loss still finite
-                raise stop(f"{e} after step {step} (at the clustering of round {rnd})") from None
-            metrics.append(kind="cluster", round=rnd, step=step, seconds=time.time() - t, **stats)
-            clock.cluster_seconds = clock.cluster_seconds or time.time() - t
+
+def evaluate_start(s: Session, loop: Loop, progress: Progress) -> None:
+    t = time.time()
+    progress.start_metrics = evaluate_model(s, with_pooled=True)
+    loop.clock.eval_seconds = time.time() - t
+    for kind, m in progress.start_metrics.items():
+        loop.metrics.append(kind="eval", round=0, step=0, features=kind, seconds=loop.clock.eval_seconds, **m)
+        log.info("start  (%-9s) %s", kind, format_metrics(m))
+
+
+def non_finite(progress: Progress, run: RunDir | None, what: str) -> NonFiniteError:
+    kept = ("no checkpoint was written yet" if progress.saved_round is None else
+            f"the last good checkpoint {run.checkpoint if run else CHECKPOINT} (after round {progress.saved_round}) "
+            "is intact")
+    return NonFiniteError(f"{what}; training stopped and {kept}. Lower lr (or head_lr), raise weight_decay or "
+                          "check the data, then start a new run: resuming with the same settings repeats the "
+                          "same steps")
+
+
+def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
+    """Round ``rnd``: cluster (or, for the supervised ceiling, take the true labels), train, evaluate when due,
+    checkpoint when due."""
+    cfg = s.cfg
+    rounds = cfg.num_rounds()
+    round_seed = cfg.seed * 1_000_003 + rnd
+    ckpt.seed_all(round_seed)
+    t = time.time()
+    if cfg.supervised:  # a benchmark ceiling, not the method: true training labels instead of clusters
+        if s.aug.labels is None:
+            raise ValueError("supervised=true needs a labelled training split; this one has no labels")
+        progress.labels = torch.as_tensor(s.aug.labels)
+    else:
+        try:
+            progress.labels, result, stats = cluster(s, progress.labels, seed=cfg.seed + rnd)
+        except NonFiniteError as e:  # weights blown up by the last steps, loss still finite
+            raise non_finite(progress, loop.run, f"{e} after step {progress.step} (at the clustering of round "
+                                                 f"{rnd})") from None
+        loop.metrics.append(kind="cluster", round=rnd, step=progress.step, seconds=time.time() - t, **stats)
+        loop.clock.cluster_seconds = loop.clock.cluster_seconds or time.time() - t
         if result is not None and (rnd == 1 or rnd == rounds or rnd % max(1, rounds // 10) == 0):
-            log.info(f"round {rnd}/{rounds} clustering: sizes min {stats['min']} / median {stats['median']:g} / "
-                     f"max {stats['max']}, {stats['smaller_than_m']} smaller than M, {stats['n_reseeded']} "
-                     "re-seeded, NMI to previous "
-                     + ("-" if stats["nmi_previous"] is None else f"{stats['nmi_previous']:.3f}")
-                     + ("" if stats["diagnostic_nmi_true_classes"] is None else
-                        f", to the true classes {stats['diagnostic_nmi_true_classes']:.3f} (diagnostic)")
-                     + f" ({time.time() - t:.1f}s)")
+            log.info("round %d/%d clustering: %s (%.1fs)", rnd, rounds, describe_clusters(stats), time.time() - t)
 
-        if sampler is None:
-            sampler = ClusterBatchSampler(labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster, iters,
-                                          seed=round_seed, rank=distributed.rank(),
-                                          world_size=distributed.world_size())
-            loader = make_loader(s.aug, batch_sampler=sampler, num_workers=s.workers, device=s.device,
-                                 persistent=True)
-        sampler.reset(labels.numpy(), seed=round_seed)
+    if loop.sampler is None:
+        loop.sampler = ClusterBatchSampler(progress.labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster,
+                                           cfg.iterations_per_round(), seed=round_seed, rank=distributed.rank(),
+                                           world_size=distributed.world_size())
+        loop.loader = make_loader(s.aug, batch_sampler=loop.sampler, num_workers=s.workers, device=s.device,
+                                  persistent=True)
+    loop.sampler.reset(progress.labels.numpy(), seed=round_seed)
+    t = time.time()
+    loop.clock.round_started(progress.step)
+    progress.step, means, bad = train_round(s, loop.loader, progress.labels, progress.step, loop.bar,
+                                            progress=functools.partial(report_progress, s, loop.clock, rnd))
+    if bad >= 0:
+        raise non_finite(progress, loop.run, f"the loss became NaN or infinite at step {bad} (round {rnd})")
+    loop.metrics.append(kind="train", round=rnd, step=progress.step, seconds=time.time() - t,
+                        iterations=cfg.iterations_per_round(), **means)
+    loop.bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k.endswith("loss")}, refresh=False)
+
+    if cfg.eval_every and rnd % cfg.eval_every == 0 and rnd != rounds and s.test_labels is not None:
         t = time.time()
-        clock.round_started(step)
-        step, means, bad = train_round(s, loader, labels, step, bar,
-                                       progress=functools.partial(report_progress, s, clock, rnd))
-        if bad >= 0:
-            raise stop(f"the loss became NaN or infinite at step {bad} (round {rnd})")
-        metrics.append(kind="train", round=rnd, step=step, seconds=time.time() - t, iterations=iters,
-                       metric_loss=means[0], rotation_loss=means[1], rotation_accuracy=means[2])
-        bar.set_postfix(metric=f"{means[0]:.3f}", rot=f"{means[1]:.3f}", refresh=False)
+        m = evaluate_model(s, with_pooled=False).get("embedding")
+        if m is not None:
+            loop.metrics.append(kind="eval", round=rnd, step=progress.step, features="embedding",
+                                seconds=time.time() - t, **m)
+            log.info("step %6d (embedding) %s", progress.step, format_metrics(m))
 
-        if cfg.eval_every and rnd % cfg.eval_every == 0 and rnd != rounds and s.test_labels is not None:
-            t = time.time()
-            m = evaluate_model(s, with_pooled=False).get("embedding")
-            if m is not None:
-                metrics.append(kind="eval", round=rnd, step=step, features="embedding", seconds=time.time() - t, **m)
-                log.info(f"step {step:6d} (embedding) {format_metrics(m)}")
-
-        if rnd % max(1, cfg.checkpoint_every) and rnd != rounds:
-            continue
+    if rnd % max(1, cfg.checkpoint_every) == 0 or rnd == rounds:
         if not model_is_finite(s):  # a checkpoint that only yields NaN would not be a good one
-            raise stop(f"the weights or the network's outputs became NaN or infinite by step {step} (round {rnd})")
-        if main:
-                ckpt.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rounds_done": rnd,
-                              "step": step, "labels": labels,
-                              "config": cfg.to_dict(), "start_metrics": start_metrics,
-                              "cpu_threads": torch.get_num_threads()},
-                             run_dir / CHECKPOINT)
-        saved_round = rnd
-    bar.close()
+            raise non_finite(progress, loop.run, f"the weights or the network's outputs became NaN or infinite by "
+                                                 f"step {progress.step} (round {rnd})")
+        if loop.run is not None:
+            ckpt.atomic_save({"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+                              "rounds_done": rnd, "step": progress.step, "labels": progress.labels,
+                              "config": cfg.to_dict(), "start_metrics": progress.start_metrics,
+                              "cpu_threads": torch.get_num_threads()}, loop.run.checkpoint)
+        progress.saved_round = rnd
+    progress.rounds_done = rnd
 
+
+def describe_clusters(stats: dict) -> str:
+    nmi_true = stats["diagnostic_nmi_true_classes"]
+    return (f"sizes min {stats['min']} / median {stats['median']:g} / max {stats['max']}, {stats['smaller_than_m']} "
+            f"smaller than M, {stats['n_reseeded']} re-seeded, NMI to previous "
+            + ("-" if stats["nmi_previous"] is None else f"{stats['nmi_previous']:.3f}")
+            + ("" if nmi_true is None else f", to the true classes {nmi_true:.3f} (diagnostic)"))
+
+
+def finish(s: Session, loop: Loop, progress: Progress) -> dict:
+    """Final evaluation, the model file, the summary and the pictures."""
     t = time.time()
     final = evaluate_model(s, with_pooled=False)
-    if not main:
-        return {"start": {}, "final": {}, "run_dir": str(run_dir), "step": step}
+    result = {"start": progress.start_metrics, "final": final, "step": progress.step,
+              "run_dir": str(loop.run) if loop.run else None}
+    if loop.run is None:
+        return {**result, "start": {}, "final": {}}
     if final:
-        metrics.append(kind="eval", round=rounds, step=step, features="embedding", final=True,
-                       seconds=time.time() - t, **final["embedding"])
-    save_model(model, cfg, run_dir / MODEL)
-    table, worse = summary(start_metrics, final.get("embedding"))
+        loop.metrics.append(kind="eval", round=s.cfg.num_rounds(), step=progress.step, features="embedding",
+                            final=True, seconds=time.time() - t, **final["embedding"])
+    save_model(s.model, s.cfg, loop.run.model)
+    table, worse = summary(progress.start_metrics, final.get("embedding"))
     for line in table:
         log.info("%s", line)
     if worse:
         log.warning("%s", worse)
-    log.info("model written to %s; metrics in %s", run_dir / MODEL, run_dir / METRICS)
-    if cfg.pictures:
-        write_run_pictures(run_dir, model, s.train_plain if s.test_labels is None else s.test_plain, s.test_labels,
-                           class_names=s.test_classes, batch_size=cfg.eval_batch_size, num_workers=s.workers)
-    return {"start": start_metrics, "final": final, "run_dir": str(run_dir), "step": step}
+    log.info("model written to %s; metrics in %s", loop.run.model, loop.run.metrics)
+    if s.cfg.pictures:
+        write_run_pictures(loop.run.path, s.model, s.train_plain if s.test_labels is None else s.test_plain,
+                           s.test_labels, class_names=s.test_classes, batch_size=s.cfg.eval_batch_size,
+                           num_workers=s.workers)
+    return result
 
 
 def report_progress(s: Session, clock: ScheduleClock, rnd: int, step: int) -> None:
@@ -535,29 +612,30 @@ def report_progress(s: Session, clock: ScheduleClock, rnd: int, step: int) -> No
 
 
 def training_step(model, metric_loss, x, y, cfg: Config, use_amp: bool, world_size: int = 1):
-    """Forward both tasks in one pass over [batch; rotated images]; returns (loss, [metric, rotation, accuracy]).
+    """Forward both tasks in one pass over [batch; rotated images]; returns (total loss, named terms).
 
-    Under torchrun ``x`` is this process's share of the batch, ``model`` the DDP wrapper and ``metric_loss``
-    the loss over the batch gathered from all processes, scaled by ``world_size`` because DDP averages the
-    gradients while each process back-propagates only through its own share."""
+    The terms are detached, for logging: ``metric_loss``, and with the rotation task ``rotation_loss`` and
+    ``rotation_accuracy``; the total is ``metric_loss + rotation_weight * rotation_loss``. Under torchrun ``x``
+    is this process's share of the batch, ``model`` the DDP wrapper and ``metric_loss`` the loss over the batch
+    gathered from all processes, scaled by ``world_size`` because DDP averages the gradients while each process
+    back-propagates only through its own share."""
     if use_amp:
         x = x.contiguous(memory_format=torch.channels_last)
+    rotate = cfg.rotation_weight > 0
     with autocast(x.device, use_amp):
-        if cfg.rotation_weight > 0:
-            # One image per sampled cluster (the batch is grouped cluster by cluster), up to R of them.
-            xr, yr = rotation_batch(x[::cfg.images_per_cluster][:max(1, cfg.rotation_images // world_size)])
+        if rotate:  # one image of each of the first R clusters of the batch
+            xr, yr = rotation_batch(one_per_cluster(x, cfg.images_per_cluster)[:max(1, cfg.rotation_images // world_size)])
             emb, logits = model(x, xr, separate=cfg.rotation_pass == "separate")
         else:
             emb = model(x)
-    lm = metric_loss(emb.float(), y)
-    if cfg.rotation_weight > 0:
-        lr_ = rotation_loss(logits, yr)
-        acc = (logits.argmax(1) == yr).float().mean()
-        loss = lm + cfg.rotation_weight * lr_
-    else:
-        lr_ = acc = torch.zeros((), device=x.device)
-        loss = lm
-    return loss, [lm.detach() / world_size, lr_.detach(), acc.detach()]
+    metric = metric_loss(emb.float(), y)
+    terms = {"metric_loss": metric.detach() / world_size}
+    if not rotate:
+        return metric, terms
+    rotation = rotation_loss(logits, yr)
+    terms["rotation_loss"] = rotation.detach()
+    terms["rotation_accuracy"] = (logits.argmax(1) == yr).float().mean()
+    return metric + cfg.rotation_weight * rotation, terms
 
 
 def save_model(model, cfg: Config, path: Path) -> None:
