@@ -89,11 +89,12 @@ def main(argv=None) -> int:
 
     from udml.serve import create_app
 
-    load_before = os.getloadavg()
+    load_before, host = os.getloadavg(), machine()  # before the queries: they set this thread's faiss threads to 1
+    faiss_threads = faiss.omp_get_max_threads()
     with tempfile.TemporaryDirectory() as folder:
         collection, index_file, build_s = synthetic_collection(args.n, args.dim, args.kind, folder)
         print(f"{args.kind} index of {args.n} x {args.dim}-d synthetic vectors built in {build_s:.1f} s; "
-              f"faiss threads {faiss.omp_get_max_threads()} (one per query in udml serve)")
+              f"faiss threads {faiss_threads} (one per query in udml serve)")
         rng = np.random.default_rng(1)
         warm, ids = rng.integers(0, args.n, args.warmup), rng.integers(0, args.n, args.queries)
         client = TestClient(create_app(collection))
@@ -124,8 +125,8 @@ def main(argv=None) -> int:
             server.wait(timeout=30)
 
     out = {"benchmark": "serve_latency", "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-           "args": vars(args), **machine(), "faiss": {"version": faiss.__version__,
-                                                      "threads": faiss.omp_get_max_threads()},
+           "args": {**vars(args), "results": os.path.relpath(args.results, Path(__file__).resolve().parents[1])},
+           **host, "faiss": {"version": faiss.__version__, "threads": faiss_threads, "threads_per_query": 1},
            "load_average_1_5_15_min": {"before": [round(v, 2) for v in load_before],
                                        "after": [round(v, 2) for v in os.getloadavg()]},
            "index_build_s": round(build_s, 2),
