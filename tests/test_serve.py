@@ -19,8 +19,7 @@ from conftest import shared_data
 from udml.cli import main
 from udml.config import make_config
 from udml.models import build_model
-from udml.retrieval import (Embedder, Embeddings, build_index, embed_folder, load_embeddings, save_embeddings,
-                            save_index)
+from udml.retrieval import Embedder, Embeddings, build_index, embed_folder, save_embeddings, save_index
 from udml.serve import LOOPBACK_HOSTS, Collection, bind, create_app, map_2d, open_collection
 from udml.training import save_model
 

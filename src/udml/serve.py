@@ -13,6 +13,7 @@ in a folder beside the index (``<index>.serve-cache/``, or ``--cache-dir``).
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -349,8 +350,6 @@ def open_collection(path: str | Path, *, model: str | Path | None = None, device
         disabled = "the index records no model; start udml serve with --model MODEL to search by uploaded images"
     if embedder is not None:
         check_model_matches(embedder, meta, str(path))
-    if disabled:
-        log.warning("udml serve: uploads disabled: %s", disabled)
     return Collection(index, paths, meta, cache_dir=_writable_cache_dir(cache_dir, path), source=path,
                       embedder=embedder, upload_disabled=disabled, **options)
 
@@ -564,9 +563,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(collection: Collection, *, host: str = "127.0.0.1", port: int = 8000,
-          max_upload_bytes: int = MAX_UPLOAD_BYTES, announce=print) -> None:
+          max_upload_bytes: int = MAX_UPLOAD_BYTES, announce=None) -> None:
     """Run the web server until Ctrl+C."""
     import uvicorn
+
+    if announce is None:  # flushed: the address must show up at once, also through a pipe
+        announce = functools.partial(print, flush=True)
 
     allowed = LOOPBACK_HOSTS if is_loopback(host) else None
     app = create_app(collection, max_upload_bytes=max_upload_bytes, allowed_hosts=allowed)
