@@ -1,4 +1,4 @@
-"""Command line: ``udml train``, ``evaluate``, ``embed``, ``index``, ``search`` and ``export``."""
+"""Command line: ``udml train``, ``evaluate``, ``embed``, ``index``, ``search``, ``serve`` and ``export``."""
 from __future__ import annotations
 
 import argparse
@@ -158,6 +158,18 @@ def _where(path: str, width: int = 24) -> str:
     return f"{folder}/{name}"
 
 
+def _serve(args) -> int:
+    from .serve import open_collection, serve
+
+    if args.max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    collection = open_collection(args.index, model=args.model, device=args.device or "auto",
+                                 cache_dir=args.cache_dir, thumb_size=args.thumb_size, map_fit_points=args.map_points,
+                                 default_k=args.k)
+    serve(collection, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    return 0
+
+
 def _export(args) -> int:
     from .export import export_onnx
     from .inference import load_model
@@ -236,6 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "error: the neighbours would be meaningless)")
     s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     s.set_defaults(func=_search)
+
+    v = sub.add_parser("serve", help="browse an index in a web browser: a grid, a 2-D map, nearest neighbours",
+                       description="Start a local web server over an index: a paged grid of the images, a click "
+                                   "shows an image's nearest neighbours, an uploaded image searches the collection, "
+                                   "a 2-D map (t-SNE) shows the whole. JSON API under /api/ (see README).")
+    v.add_argument("index", help="an index from udml index, or an .npz from udml embed (exact search)")
+    v.add_argument("--model", help="the model that embedded the collection, for uploaded queries (default: the one "
+                   "recorded in the index; without one, uploads are off and browsing still works)")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every machine)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    v.add_argument("-k", type=int, default=10, help="neighbours shown per query (default 10; the page can change it)")
+    v.add_argument("--max-upload-mb", type=float, default=10, help="largest uploaded image in MB (default 10)")
+    v.add_argument("--cache-dir", help="where thumbnails and the 2-D map are cached (default <index>.serve-cache/)")
+    v.add_argument("--thumb-size", type=int, default=192, help="thumbnail size in pixels (default 192)")
+    v.add_argument("--map-points", type=int, default=5000, help="t-SNE is fitted on at most this many embeddings; "
+                   "the others are placed by their nearest fitted neighbours (default 5000)")
+    v.add_argument("--device", help="for embedding uploads: auto (default), cpu, cuda or cuda:N")
+    v.set_defaults(func=_serve)
 
     x = sub.add_parser("export", help="export a model to ONNX (images in, L2-normalised embeddings out)")
     x.add_argument("model", help="model.pt, checkpoint.pt or a run folder")
