@@ -15,9 +15,10 @@ import time
 import torch
 
 from common import machine, sync
+from udml import distributed
 from udml.config import make_config
 from udml.data import make_loader
-from udml.inference import autocast
+from udml.inference import autocast, resolve_device
 from udml.samplers import ClusterBatchSampler
 from udml.training import cluster, prepare, resolve_num_clusters, train_round
 
@@ -76,7 +77,7 @@ def main() -> None:
     cfg = resolve_num_clusters(make_config(args.config, overrides))
 
     t0 = time.perf_counter()
-    s = prepare(cfg)
+    s = prepare(cfg, distributed.init(resolve_device(cfg.device)))
     setup_s = time.perf_counter() - t0
     iters = cfg.iterations_per_round()
     images = cfg.clusters_per_batch * cfg.images_per_cluster

@@ -21,7 +21,7 @@ def main(out: str) -> None:
     # rotation_images = P: every cluster of the batch gives one rotated image, on whichever process holds it.
     cfg = make_config("digits", ["device=cpu", "freeze_bn=true", "num_workers=0", "clusters_per_batch=8",
                                  "images_per_cluster=4", "rotation_images=8", "num_clusters=20", "kmeans_iters=10"])
-    s = prepare(cfg)
+    s = prepare(cfg, distributed.init(torch.device("cpu")))
     _, emb = extract_all(s, s.train_plain, pooled=False)
     labels, _, _ = cluster(s, None, seed=3)
     sampler = ClusterBatchSampler(labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster, 1, seed=5,

@@ -18,10 +18,9 @@ from udml.training import save_model
 
 def make_model(tmp_path, backbone="smallconv", size=32, resize=None):
     cfg = make_config(None, {"backbone": backbone, "pretrained": backbone != "smallconv", "embedding_dim": 24,
-                             "resize_size": resize})
+                             "image_size": size, "resize_size": resize})
     torch.manual_seed(0)
     model = build_model(cfg)
-    model.image_size = size
     if backbone == "smallconv":  # non-trivial BatchNorm statistics, so that eval mode matters
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -47,7 +46,7 @@ def test_import_udml_does_not_import_torch():
 def test_load_embeds_pil_images_and_paths_like_the_model(tmp_path):
     path, model = make_model(tmp_path, resize=40)
     embedder = udml.load(path)
-    assert (embedder.dim, embedder.image_size, embedder.resize_size) == (24, 32, 40)
+    assert (embedder.dim, embedder.image.crop_size, embedder.image.resize_size) == (24, 32, 40)
     ims = photos(5)
     ims[1].save(tmp_path / "one.png")
     ims[2].convert("L").save(tmp_path / "grey.png")

@@ -38,7 +38,6 @@ def model_file(tmp_path_factory) -> Path:
     cfg = make_config("digits", ["embedding_dim=32"])
     torch.manual_seed(0)
     model = build_model(cfg)
-    model.image_size = 32
     path = tmp_path_factory.mktemp("model") / "model.pt"
     save_model(model, cfg, path)
     return path
@@ -203,11 +202,9 @@ def test_search_with_another_network_is_an_error(tmp_path, cub3, model_file, cap
     cfg = make_config("digits", ["embedding_dim=32"])
     torch.manual_seed(0)
     same = build_model(cfg)
-    same.image_size = 32
     save_model(same, cfg, run / "model.pt")
     torch.manual_seed(1)
     other = build_model(cfg)
-    other.image_size = 32
     save_model(other, cfg, tmp_path / "other.pt")
     few = tmp_path / "few"
     (few / CLASSES[0]).mkdir(parents=True)
@@ -270,3 +267,23 @@ def test_train_on_an_unlabelled_folder(tmp_path, cub3, capsys):
     records = [json.loads(line) for line in (tmp_path / "runs" / "r2" / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r.get("final")]
     assert len(final) == 1 and 0 < final[0]["recall@1"] <= 1
+
+
+def test_embed_and_search_with_the_pretrained_backbone_alone(tmp_path, cub3, capsys):
+    """No training: the L2-normalised pooled features of EfficientNet-Lite0's ImageNet weights."""
+    few = tmp_path / "few"
+    for c in CLASSES:
+        (few / c).mkdir(parents=True)
+        for p in sorted((cub3 / c).iterdir())[:4]:
+            (few / c / p.name).symlink_to(p)
+    emb = tmp_path / "emb.npz"
+    assert main(["embed", "pretrained:efficientnet_lite0", str(few), "-o", str(emb)]) == 0
+    stored = load_embeddings(emb)
+    assert stored.embeddings.shape == (12, 1280) and stored.meta["model"] == "pretrained:efficientnet_lite0"
+    np.testing.assert_allclose(np.linalg.norm(stored.embeddings, axis=1), 1, atol=1e-5)
+    query = stored.paths[0]
+    capsys.readouterr()
+    assert main(["search", str(emb), query, "-k", "3", "--keep-self"]) == 0  # the model comes from the file
+    out = capsys.readouterr().out
+    top = json.loads(out[out.index("["):])[0]["results"][0]
+    assert top["path"] == query and top["score"] == pytest.approx(1, abs=1e-4)  # the query embeds as stored

@@ -48,7 +48,6 @@ def model_file(tmp_path_factory) -> Path:
     cfg = make_config("digits", ["embedding_dim=32"])
     torch.manual_seed(0)
     model = build_model(cfg)
-    model.image_size = 32
     path = tmp_path_factory.mktemp("model") / "model.pt"
     save_model(model, cfg, path)
     return path

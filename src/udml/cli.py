@@ -109,11 +109,11 @@ def _index(args) -> int:
 def _search(args) -> int:
     import os
 
-    from .retrieval import Embedder, check_model_matches, list_images, load_index, search
+    from .retrieval import PRETRAINED, Embedder, check_model_matches, list_images, load_index, search
 
     index, paths, meta = load_index(args.index)
     model = args.model or meta.get("model")
-    if not model or not os.path.exists(model):
+    if not model or not (os.path.exists(model) or model.startswith(PRETRAINED)):
         raise FileNotFoundError(f"no model to embed the queries: pass --model (the model that embedded {args.index}"
                                 + (f"; {model} is gone)" if model else ")"))
     embedder = Embedder.from_file(model, args.device or "auto")
@@ -179,7 +179,7 @@ def _export(args) -> int:
     check = "" if diff is None else f"; onnxruntime matches PyTorch to {diff:.1e}"
     print(f"{args.output}: input 'images' {args.input} [B, 3, {model.image_size}, {model.image_size}] "
           f"(RGB 0-255, shorter side resized to {model.resize_size} then centre-cropped), output 'embeddings' "
-          f"[B, {model.embedding.out_features}]{check}")
+          f"[B, {model.embedding_dim}]{check}")
     return 0
 
 
@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_evaluate)
 
     m = sub.add_parser("embed", help="embed every image under a folder into an .npz file (embeddings + paths)")
-    m.add_argument("model", help="model.pt, checkpoint.pt or a run folder")
+    m.add_argument("model", help="model.pt, checkpoint.pt or a run folder; or pretrained:NAME (e.g. "
+                   "pretrained:efficientnet_lite0) to embed with a pretrained backbone alone, without training")
     m.add_argument("folder", help="folder of images (any nesting); unreadable files are reported and skipped")
     m.add_argument("--output", "-o", required=True, help="embeddings file to write (.npz)")
     m.add_argument("--batch-size", type=int, default=64)

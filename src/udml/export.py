@@ -54,8 +54,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_kind: str = "uint8"
         torch.onnx.export(graph, (example,), str(path), dynamo=False, input_names=["images"],
                           output_names=["embeddings"], opset_version=opset,
                           dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}})
-    _add_metadata(path, {"udml_image_size": str(size), "udml_resize_size": str(getattr(model, "resize_size", None)),
-                         "udml_input": input_kind, "udml_embedding_dim": str(model.embedding.out_features)})
+    _add_metadata(path, {"udml_image_size": str(size), "udml_resize_size": str(model.image.resize_size),
+                         "udml_input": input_kind, "udml_embedding_dim": str(model.embedding_dim)})
     if not check:
         return None
     x = torch.randint(0, 256, (batch + 1, 3, size, size), dtype=torch.uint8)

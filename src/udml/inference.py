@@ -76,7 +76,7 @@ def load_model(path, device: str | torch.device = "cpu"):
 
     from . import checkpoint as ckpt
     from .config import Config
-    from .models import UDMLNet, create_backbone
+    from .models import ImageConfig, UDMLNet, create_backbone
 
     path = Path(path)
     if path.is_dir():
@@ -91,9 +91,11 @@ def load_model(path, device: str | torch.device = "cpu"):
         weights = state["model"]
     else:
         raise ValueError(f"{path} is neither a udml model file nor a udml training checkpoint")
-    model = UDMLNet(create_backbone(arch["backbone"], pretrained=False), arch["embedding_dim"],
-                    arch["rotation_hidden"])
+    backbone = create_backbone(arch["backbone"], pretrained=False)
+    if "image" in arch:
+        image = ImageConfig.from_dict(arch["image"])
+    else:  # a model file or checkpoint from before ImageConfig: crop and resize sizes only
+        image = ImageConfig.for_backbone(backbone, arch.get("image_size"), arch.get("resize_size"))
+    model = UDMLNet(backbone, arch["embedding_dim"], arch["rotation_hidden"], image=image)
     model.load_state_dict(weights)
-    model.image_size = arch["image_size"] or model.image_size
-    model.resize_size = arch.get("resize_size")
     return model.to(device).eval()

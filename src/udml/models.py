@@ -23,6 +23,34 @@ class Backbone:
     std: tuple
 
 
+@dataclass(frozen=True)
+class ImageConfig:
+    """How a network takes its images, as timm's ``pretrained_cfg``: the test transform resizes the shorter side
+    to ``resize_size`` and centre-crops ``crop_size``; pixels are normalised with ``mean`` and ``std`` (0-1 scale).
+    It travels with the network: model.pt stores it, and inference, retrieval and export read it from there."""
+
+    crop_size: int
+    resize_size: int
+    mean: tuple
+    std: tuple
+
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, crop_size: int | None = None, resize_size: int | None = None):
+        """The backbone's defaults, with the crop and resize sizes of a configuration where it sets them."""
+        from .data import resize_for
+
+        crop = crop_size or backbone.image_size
+        return cls(crop, resize_for(crop, resize_size), tuple(backbone.mean), tuple(backbone.std))
+
+    def to_dict(self) -> dict:
+        return {"crop_size": self.crop_size, "resize_size": self.resize_size, "mean": list(self.mean),
+                "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageConfig":
+        return cls(int(d["crop_size"]), int(d["resize_size"]), tuple(d["mean"]), tuple(d["std"]))
+
+
 class PretrainedWeightsUnavailable(RuntimeError):
     pass
 
@@ -151,17 +179,29 @@ def create_backbone(name: str, pretrained: bool = True) -> Backbone:
 class UDMLNet(nn.Module):
     """Backbone with two heads on its pooled features: a linear, L2-normalised embedding and a rotation MLP."""
 
-    def __init__(self, backbone: Backbone, embedding_dim: int = 512, rotation_hidden: int = 256,
-                 freeze_bn: bool = False):
+    def __init__(self, backbone: Backbone, embedding_dim: int | None = 512, rotation_hidden: int = 256,
+                 freeze_bn: bool = False, image: ImageConfig | None = None):
+        """``embedding_dim=None``: no embedding layer, the L2-normalised pooled features are the embedding (the
+        pretrained backbone alone, for embedding without training)."""
         super().__init__()
         self.backbone = backbone.module
-        self.embedding = nn.Linear(backbone.feature_dim, embedding_dim)
+        self.embedding = nn.Linear(backbone.feature_dim, embedding_dim) if embedding_dim else nn.Identity()
+        self.embedding_dim = embedding_dim or backbone.feature_dim
         self.rotation = nn.Sequential(nn.Linear(backbone.feature_dim, rotation_hidden), nn.ReLU(inplace=True),
                                       nn.Linear(rotation_hidden, 4))
         self.freeze_bn = freeze_bn
-        self.image_size = backbone.image_size
-        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1) * 255)
+        self.image = image or ImageConfig.for_backbone(backbone)
+        self.register_buffer("mean", torch.tensor(self.image.mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(self.image.std).view(1, 3, 1, 1) * 255)
+
+    @property
+    def image_size(self) -> int:
+        """The crop size (``image.crop_size``)."""
+        return self.image.crop_size
+
+    @property
+    def resize_size(self) -> int:
+        return self.image.resize_size
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -200,4 +240,5 @@ def build_model(cfg) -> UDMLNet:
             raise ValueError(f"backbone {cfg.backbone!r} does not support gradient checkpointing; it is available "
                              "for timm backbones (efficientnet_lite0, timm:<name>); set grad_checkpointing=false")
         backbone.module.set_grad_checkpointing(True)
-    return UDMLNet(backbone, cfg.embedding_dim, cfg.rotation_hidden, cfg.freeze_bn)
+    return UDMLNet(backbone, cfg.embedding_dim, cfg.rotation_hidden, cfg.freeze_bn,
+                   ImageConfig.for_backbone(backbone, cfg.image_size, cfg.resize_size))

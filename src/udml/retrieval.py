@@ -32,6 +32,17 @@ INDEX_FORMAT = "udml-index-1"
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 
 
+PRETRAINED = "pretrained:"
+
+
+def pretrained_backbone(name: str) -> torch.nn.Module:
+    """A backbone's pretrained pooled features, L2-normalised, as the embedding: no training at all. What a CPU
+    user gets when training does not beat the start (``udml embed pretrained:efficientnet_lite0 DIR``)."""
+    from .models import UDMLNet, create_backbone
+
+    return UDMLNet(create_backbone(name, pretrained=True), embedding_dim=None).eval()
+
+
 class Embedder:
     """A trained network with its test transform: embeds PIL images or image paths.
 
@@ -42,9 +53,9 @@ class Embedder:
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", source: str | None = None):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.image_size = int(model.image_size)
-        self.resize_size = getattr(model, "resize_size", None)
-        self.transform = test_transform(self.image_size, resize_size=self.resize_size)
+        self.image = model.image  # crop and resize sizes, normalisation: the model's own
+        self.image_size = model.image.crop_size
+        self.transform = test_transform(model.image.crop_size, resize_size=model.image.resize_size)
         self.source = source
         self._fingerprint = None
 
@@ -57,9 +68,12 @@ class Embedder:
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> "Embedder":
-        """From model.pt, checkpoint.pt or a run folder (see :func:`udml.inference.load_model`)."""
+        """From model.pt, checkpoint.pt or a run folder (see :func:`udml.inference.load_model`), or
+        ``pretrained:NAME``: the pretrained backbone NAME alone (see :func:`pretrained_backbone`)."""
         from .inference import load_model
 
+        if str(path).startswith(PRETRAINED):
+            return cls(pretrained_backbone(str(path)[len(PRETRAINED):]), device, source=str(path))
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no model at {path}; give a model.pt, a checkpoint.pt or a run folder")
@@ -68,7 +82,7 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.embedding.out_features)
+        return int(self.model.embedding_dim)
 
     def _tensor(self, item) -> torch.Tensor:
         try:
@@ -107,8 +121,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(f"image_size={getattr(model, 'image_size', None)}|resize_size={getattr(model, 'resize_size', None)}"
-             .encode())
+    h.update(json.dumps(model.image.to_dict(), sort_keys=True).encode())
     return h.hexdigest()
 
 

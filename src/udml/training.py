@@ -234,10 +234,9 @@ def resolve_num_clusters(cfg: Config) -> Config:
     return cfg
 
 
-def prepare(cfg: Config) -> Session:
-    """Model, optimiser, loss and data for ``cfg`` (its num_clusters resolved), on the device of this process:
-    joins the torchrun process group first when there is one."""
-    device = distributed.init(resolve_device(cfg.device))
+def prepare(cfg: Config, device: torch.device) -> Session:
+    """Model, optimiser, loss and data for ``cfg`` (its num_clusters resolved) on ``device``, the one that
+    ``distributed.init`` gave this process."""
     world = distributed.world_size()
     check_world_size(cfg.clusters_per_batch, world)
     workers = max(1, default_workers() // distributed.local_world_size()) if cfg.num_workers < 0 else cfg.num_workers
@@ -247,7 +246,6 @@ def prepare(cfg: Config) -> Session:
     model = build_model(cfg).to(device)
     if use_amp:
         model = model.to(memory_format=torch.channels_last)
-    model.image_size = cfg.image_size or model.image_size
     metric_loss = create_loss(cfg.loss, cfg.loss_params).to(device)  # a bad loss name fails before decoding
     aug, plain, test = build_datasets(cfg, model.image_size)
     if cfg.num_clusters is None:
@@ -406,9 +404,13 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     The loop of DeepCluster's main: start or resume, then per round cluster, train, evaluate and checkpoint,
     then finish (final evaluation, model file, summary, pictures)."""
     validate(cfg)
-    cfg = resolve_num_clusters(cfg)
-    s = prepare(cfg)
+    device = distributed.init(resolve_device(cfg.device))  # joins the torchrun process group, if any
     run, state = open_run(cfg, run_dir, resume)
+    cfg = resolve_num_clusters(cfg)
+    if run is not None:
+        save_config(cfg, run.config)
+    ckpt.seed_all(cfg.seed)  # the network's initial weights
+    s = prepare(cfg, device)
     progress = start_or_resume(s, run, state)
     loop = Loop(run, MetricsFile(run.metrics if run else None), ScheduleClock(
         cfg.num_rounds(), cfg.iterations_per_round(), evaluations_between(s)), tqdm(
@@ -427,8 +429,8 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
 
 
 def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[RunDir | None, dict | None]:
-    """The run folder (made by the main process and shared with the others; None for them), its logging, its
-    config.yaml, and with ``resume`` the checkpoint's state (checked against ``cfg``)."""
+    """The run folder (made by the main process and shared with the others; None for them), its logging, and
+    with ``resume`` the checkpoint's state (checked against ``cfg``)."""
     main = distributed.is_main()  # under torchrun only the main process writes files and logs
     path = None
     if main:
@@ -442,8 +444,6 @@ def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[RunDir | 
     if resume:
         state = ckpt.load(run.checkpoint)
         check_resumable(cfg, state["config"], run.checkpoint)
-    if main:
-        save_config(cfg, run.config)
     return (run if main else None), state
 
 
@@ -454,7 +454,6 @@ def start_or_resume(s: Session, run: RunDir | None, state: dict | None) -> Progr
              run, s.device, f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else "",
              len(s.aug), 0 if s.test_labels is None else len(s.test_labels), cfg.num_clusters, cfg.num_rounds(),
              cfg.iterations_per_round())
-    ckpt.seed_all(cfg.seed)
     if state is None:
         return Progress()
     s.model.load_state_dict(state["model"])
@@ -642,5 +641,4 @@ def save_model(model, cfg: Config, path: Path) -> None:
     """The inference file: weights plus what is needed to rebuild the network, without the training setup."""
     ckpt.atomic_save({"format": "udml-model-1", "state_dict": model.state_dict(),
                       "arch": {"backbone": cfg.backbone, "embedding_dim": cfg.embedding_dim,
-                               "rotation_hidden": cfg.rotation_hidden, "image_size": model.image_size,
-                               "resize_size": resize_for(model.image_size, cfg.resize_size)}}, path)
+                               "rotation_hidden": cfg.rotation_hidden, "image": model.image.to_dict()}}, path)
