@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import KMEANS_BACKENDS
+
 __all__ = ["KMeansResult", "assignment_nmi", "faiss_available", "kmeans"]
 
 KMEANS_PLUS_PLUS_MAX_K = 1024
@@ -184,7 +186,7 @@ def _as_label_array(a: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
 
 
 def _resolve_backend(backend: str, x: torch.Tensor, device: str | torch.device | None) -> str:
-    if backend not in ("auto", "faiss", "torch"):
+    if backend not in KMEANS_BACKENDS:
         raise ValueError(f"kmeans: backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
     on_cpu = (torch.device(device) if device is not None else x.device).type == "cpu"
     if backend == "auto":

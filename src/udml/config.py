@@ -11,6 +11,9 @@ from typing import Any
 import yaml
 
 
+KMEANS_BACKENDS = ("auto", "faiss", "torch")
+
+
 @dataclass
 class Config:
     # data
@@ -243,8 +246,8 @@ def validate(cfg: Config) -> None:
     need(cfg.crop_rule in ("torchvision", "clamped"),
          f"crop_rule must be 'torchvision' or 'clamped', got {cfg.crop_rule!r}")
     need(cfg.recluster_init in ("warm", "fresh"), f"recluster_init must be 'warm' or 'fresh', got {cfg.recluster_init!r}")
-    need(cfg.kmeans_backend in ("auto", "faiss", "torch"),
-         f"kmeans_backend must be auto, faiss or torch, got {cfg.kmeans_backend!r}")
+    need(cfg.kmeans_backend in KMEANS_BACKENDS,
+         f"kmeans_backend must be one of {', '.join(KMEANS_BACKENDS)}, got {cfg.kmeans_backend!r}")
 
 
 def save_config(cfg: Config, path: Path) -> None:

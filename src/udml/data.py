@@ -126,6 +126,15 @@ def check_headers(images: list, workers: int | None = None) -> list:
         return [r for r in pool.map(check, range(len(images))) if r is not None]
 
 
+def report_unreadable(where, bad: list[tuple[str, str]]) -> None:
+    """One warning for the (file, error) pairs of images that could not be read and were skipped."""
+    if not bad:
+        return
+    shown = "\n  ".join(f"{item}: {err}" for item, err in bad[:10])
+    more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+    log.warning("%s: skipped %d unreadable image(s):\n  %s%s", where, len(bad), shown, more)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Items are (uint8 image tensor, index). Unreadable images are reported and left out.
 
@@ -163,9 +172,7 @@ class ImageDataset(torch.utils.data.Dataset):
                              f"{first}; replace the damaged files or point data_root at an intact copy")
 
     def _report(self, bad) -> None:
-        shown = "\n  ".join(f"{item}: {err}" for _, item, err in bad[:10])
-        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        log.warning("%s: skipped %d unreadable image(s):\n  %s%s", self.image_set.name, len(bad), shown, more)
+        report_unreadable(self.image_set.name, [(item, err) for _, item, err in bad])
 
     def __len__(self) -> int:
         return len(self.items)

@@ -75,10 +75,8 @@ def _check_split(dataset: str, split: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{dataset}: unknown split {split!r}; valid splits: {', '.join(valid)}")
 
 
-def _resolve_root(root: str | Path | None, dataset: str, marker: str, folder: str,
-                  layout: str) -> Path:
-    """Return the data-set root: ``root`` itself, or ``root/folder`` when ``root`` is the
-    parent the archive was extracted into. ``marker`` is a file or folder the root must hold."""
+def _existing_folder(root: str | Path | None, dataset: str, layout: str) -> Path:
+    """``root`` as a Path, which must be an existing folder (``layout`` says what it should hold)."""
     if root is None:
         raise ValueError(f"{dataset}: root is required; pass the folder holding {layout}")
     root = Path(root).expanduser()
@@ -86,6 +84,14 @@ def _resolve_root(root: str | Path | None, dataset: str, marker: str, folder: st
         raise FileNotFoundError(
             f"{dataset}: data-set folder {root} does not exist; expected a folder holding {layout}"
         )
+    return root
+
+
+def _resolve_root(root: str | Path | None, dataset: str, marker: str, folder: str,
+                  layout: str) -> Path:
+    """Return the data-set root: ``root`` itself, or ``root/folder`` when ``root`` is the
+    parent the archive was extracted into. ``marker`` is a file or folder the root must hold."""
+    root = _existing_folder(root, dataset, layout)
     if not (root / marker).exists() and (root / folder / marker).exists():
         return root / folder
     return root
@@ -359,14 +365,7 @@ def load_inshop(root: str | Path | None, split: str, *, strict: bool = True) -> 
     its gallery matches carry the same label.
     """
     _check_split("inshop", split, ("train", "query", "gallery"))
-    if root is None:
-        raise ValueError(f"inshop: root is required; pass the folder holding {INSHOP_LAYOUT}")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"inshop: data-set folder {root} does not exist; expected a folder holding "
-            f"{INSHOP_LAYOUT}"
-        )
+    root = _existing_folder(root, "inshop", INSHOP_LAYOUT)
     list_path = root / "list_eval_partition.txt"
     if not list_path.exists() and (root / "Eval" / "list_eval_partition.txt").exists():
         list_path = root / "Eval" / "list_eval_partition.txt"

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import open_rgb, test_transform
+from .data import open_rgb, report_unreadable, test_transform
 from .inference import resolve_device
 
 log = logging.getLogger("udml")
@@ -173,10 +173,7 @@ def embed_folder(embedder: Embedder, root: str | Path, *, batch_size: int = 64, 
     emb = np.concatenate(rows)
     ok = np.array([e == "" for e in errors])
     skipped = [(p, e) for p, e in zip(paths, errors) if e]
-    if skipped:
-        shown = "\n  ".join(f"{p}: {e}" for p, e in skipped[:10])
-        more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        log.warning("%s: skipped %d unreadable image(s):\n  %s%s", root, len(skipped), shown, more)
+    report_unreadable(root, skipped)
     if not ok.any():
         raise ValueError(f"none of the {len(paths)} images under {root} could be read")
     meta = {"format": EMBEDDINGS_FORMAT, "root": os.path.abspath(root), "dim": int(emb.shape[1]),
