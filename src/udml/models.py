@@ -55,7 +55,7 @@ class PretrainedWeightsUnavailable(RuntimeError):
     pass
 
 
-def _download(name: str, fn: Callable[[], nn.Module]) -> nn.Module:
+def _build_fetching_weights(name: str, fn: Callable[[], nn.Module]) -> nn.Module:
     """Run a constructor that may download weights; turn network failures into an actionable error."""
     try:
         return fn()
@@ -98,7 +98,7 @@ def googlenet(pretrained: bool) -> Backbone:
     weights = GoogLeNet_Weights.IMAGENET1K_V1 if pretrained else None
     # With weights torchvision builds the auxiliary heads itself and drops them after loading.
     kwargs = {} if pretrained else {"aux_logits": False, "init_weights": True}
-    net = _download("googlenet", lambda: tv_googlenet(weights=weights, **kwargs))
+    net = _build_fetching_weights("googlenet", lambda: tv_googlenet(weights=weights, **kwargs))
     net.dropout, net.fc = nn.Identity(), nn.Identity()
     return Backbone(net, 1024, 224, IMAGENET_MEAN, IMAGENET_STD)
 
@@ -107,7 +107,7 @@ def resnet50(pretrained: bool) -> Backbone:
     from torchvision.models import ResNet50_Weights, resnet50 as tv_resnet50
 
     weights = ResNet50_Weights.IMAGENET1K_V1 if pretrained else None
-    net = _download("resnet50", lambda: tv_resnet50(weights=weights))
+    net = _build_fetching_weights("resnet50", lambda: tv_resnet50(weights=weights))
     net.fc = nn.Identity()
     return Backbone(net, 2048, 224, IMAGENET_MEAN, IMAGENET_STD)
 
@@ -153,7 +153,7 @@ def timm_backbone(model_name: str, pretrained: bool) -> Backbone:
 
     if model_name not in timm.list_models(pretrained=False) and not timm.is_model(model_name):
         raise ValueError(f"timm has no model named {model_name!r}; see timm.list_models() for the valid names")
-    net = _download(f"timm:{model_name}", lambda: timm.create_model(model_name, pretrained=pretrained, num_classes=0))
+    net = _build_fetching_weights(f"timm:{model_name}", lambda: timm.create_model(model_name, pretrained=pretrained, num_classes=0))
     cfg = net.pretrained_cfg
     size = cfg.get("input_size", (3, 224, 224))[-1]
     return Backbone(net, net.num_features, size, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
