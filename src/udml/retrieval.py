@@ -115,9 +115,12 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 of a network's weights (names, dtypes, shapes and values, in order) and input settings.
 
     It identifies the network, not the file: a run folder, its model.pt and its last checkpoint.pt give the same
-    fingerprint, and any other network a different one."""
+    fingerprint, and any other network a different one. The rotation head is left out: it takes no part in
+    the embeddings."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
+        if name.startswith("rotation."):
+            continue
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
