@@ -88,15 +88,17 @@ def _shrink(img: Image.Image, short_side: int | None) -> Image.Image:
     return img
 
 
-def decode_all(images: list, short_side: int | None = None, workers: int | None = None):
+def decode_all(images: list, short_side: int | None = None, workers: int | None = None, transform=None):
     """Decode every image once (threads: Pillow releases the GIL while decoding).
 
     Returns (arrays, bad) where bad lists (index, item, error) for images that could not be read.
-    Images larger than needed are shrunk to ``short_side`` so that the cache stays small.
+    Images larger than needed are shrunk to ``short_side`` so that the cache stays small. With ``transform``
+    the items are ``transform(image)`` instead of the decoded images' arrays.
     """
     def load(i):
         try:
-            return np.asarray(_shrink(open_rgb(images[i]), short_side)), None
+            img = _shrink(open_rgb(images[i]), short_side)
+            return (np.asarray(img) if transform is None else transform(img)), None
         except Exception as e:  # noqa: BLE001 - any decoder failure means: skip and report this file
             return None, (i, images[i], f"{type(e).__name__}: {e}")
 
@@ -104,6 +106,26 @@ def decode_all(images: list, short_side: int | None = None, workers: int | None 
     with ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(load, range(len(images))))
     return [r[0] for r in results], [r[1] for r in results if r[1] is not None]
+
+
+def decode_stacked(images: list, transform, short_side: int | None = None, chunk: int = 512):
+    """``transform`` (deterministic, uint8 tensors of one shape) of every readable image, in one tensor.
+
+    Decodes ``chunk`` images at a time into a tensor allocated once, so that neither the decoded images nor a
+    list of the results are ever all held: memory is the stacked results and a chunk. Returns (tensor or None
+    when no image could be read, bad) like decode_all.
+    """
+    out, bad, n = None, [], 0
+    for start in range(0, len(images), chunk):
+        items, errors = decode_all(images[start:start + chunk], short_side, transform=transform)
+        bad += [(start + i, item, error) for i, item, error in errors]
+        for x in items:
+            if x is not None:
+                if out is None:
+                    out = torch.empty((len(images),) + tuple(x.shape), dtype=x.dtype)
+                out[n] = x
+                n += 1
+    return (None if out is None else out[:n]), bad
 
 
 def check_headers(images: list, workers: int | None = None) -> list:
@@ -140,29 +162,31 @@ class ImageDataset(torch.utils.data.Dataset):
 
     A key may be an index or (index, seed): with a seed the random transform is seeded per image, so
     augmentations do not depend on the number of loader workers or processes, and a run replays exactly.
+
+    ``cache``: True keeps the decoded images (shrunk to ``short_side``), for a random transform; "transformed"
+    keeps only the outputs of a deterministic transform (the test transform), all in one uint8 tensor
+    ``stacked`` (what inference.stack returns, without a copy), never all the decoded images; False decodes
+    every image when it is read.
     """
 
-    def __init__(self, image_set: ImageSet, transform, cache: bool = True, short_side: int | None = None):
+    def __init__(self, image_set: ImageSet, transform, cache: bool | str = True, short_side: int | None = None):
         self.image_set, self.transform = image_set, transform
         if len(image_set) == 0:
             raise ValueError(f"data set {image_set.name!r} has no images; check data_root and that the files "
                              "follow the data set's layout (or, for a folder, have an image extension)")
         items = list(image_set.images)
         keep = np.arange(len(items))
-        self.arrays, bad = None, []
-        if cache:
-            arrays, bad = decode_all(items, short_side)
-            if bad:
-                self._report(bad)
-                ok = np.array([a is not None for a in arrays])
-                keep = keep[ok]
-                arrays = [a for a in arrays if a is not None]
-            self.arrays = arrays
+        self.arrays = self.stacked = None
+        if cache == "transformed":
+            self.stacked, bad = decode_stacked(items, transform, short_side)
+        elif cache:
+            self.arrays, bad = decode_all(items, short_side)
+            self.arrays = [a for a in self.arrays if a is not None]
         else:
             bad = check_headers(items)
-            if bad:
-                self._report(bad)
-                keep = np.setdiff1d(keep, [i for i, _, _ in bad])
+        if bad:
+            self._report(bad)
+            keep = np.setdiff1d(keep, [i for i, _, _ in bad])
         self.items = [items[i] for i in keep]
         self.labels = None if image_set.labels is None else np.asarray(image_set.labels)[keep]
         self.kept = keep
@@ -187,6 +211,8 @@ class ImageDataset(torch.utils.data.Dataset):
                           "cache_images so that unreadable files are skipped up front") from e
 
     def with_transform(self, transform) -> "ImageDataset":
+        if self.stacked is not None:
+            raise ValueError("a data set cached as transformed images holds no images to transform otherwise")
         view = copy.copy(self)
         view.transform = transform
         return view
@@ -199,6 +225,8 @@ class ImageDataset(torch.utils.data.Dataset):
             torch.random.default_generator.manual_seed(seed)
         else:
             i = key
+        if self.stacked is not None:
+            return self.stacked[i], i
         return self.transform(self.image(i)), i
 
 

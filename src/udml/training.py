@@ -135,7 +135,7 @@ def build_datasets(cfg: Config, image_size: int):
     else:
         test_set = load_split(cfg.dataset, cfg.test_root or cfg.data_root, cfg.test_split)
         test = ImageDataset(test_set, test_transform(image_size, resize_size=cfg.resize_size),
-                            cache=cfg.cache_images, short_side=short)
+                            cache="transformed" if cfg.cache_images else False, short_side=short)
     if test is not None and test.labels is None:
         raise ValueError(f"the test split {test_set.name!r} has no labels; evaluation needs class labels "
                          "(for a folder: one sub-folder per class)")
