@@ -18,7 +18,7 @@ from common import machine, sync
 from udml import distributed
 from udml.config import make_config
 from udml.data import make_loader
-from udml.inference import autocast, resolve_device
+from udml.devices import autocast, resolve_device
 from udml.samplers import ClusterBatchSampler
 from udml.training import cluster, prepare, resolve_num_clusters, train_round
 

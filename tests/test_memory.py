@@ -12,7 +12,8 @@ from udml import data
 from udml.config import make_config
 from udml.data import ImageDataset, decode_stacked
 from udml.datasets import ImageSet
-from udml.inference import CPU_CHUNK, extract, stack
+from udml.data import stack
+from udml.inference import CPU_CHUNK, extract
 from udml.models import build_model
 from udml.training import build_datasets, prepare
 

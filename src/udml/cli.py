@@ -63,8 +63,8 @@ def _evaluate(args) -> int:
     from .data import ImageDataset, test_transform
     from .datasets import load_split
     from .evaluation import evaluate
+    from .devices import resolve_device
     from .inference import extract, load_model
-    from .inference import resolve_device
     from .report import format_metrics
 
     device = resolve_device(args.device or "auto")

@@ -240,3 +240,20 @@ def make_loader(dataset, *, batch_size: int = 1, batch_sampler=None, num_workers
 
 def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
+
+
+def stack(dataset, *, num_workers: int = 0, budget_gb: float = 4.0, batch_size: int = 256):
+    """All items of a deterministic (test-transform) dataset as one uint8 tensor, when it fits ``budget_gb``;
+    else the dataset itself. Re-embedding then costs no decoding or resizing. A dataset cached as transformed
+    images (ImageDataset(cache="transformed")) already holds that tensor: it is returned, not copied."""
+    x0, _ = dataset[0]
+    if len(dataset) * x0.numel() * x0.element_size() > budget_gb * 2**30:
+        return dataset
+    if getattr(dataset, "stacked", None) is not None:
+        return dataset.stacked
+    out = torch.empty((len(dataset),) + tuple(x0.shape), dtype=x0.dtype)
+    i = 0
+    for x, _ in make_loader(dataset, batch_size=batch_size, num_workers=num_workers):
+        out[i:i + len(x)] = x
+        i += len(x)
+    return out

@@ -1,22 +1,10 @@
-"""Embedding images with a trained network."""
+"""Embedding images with a trained network, and loading one from a model file or checkpoint."""
 from __future__ import annotations
 
 import torch
 
 from .data import make_loader
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use device=cpu or auto")
-    return device
-
-
-def autocast(device: torch.device, enabled: bool = True):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+from .devices import autocast
 
 
 # On the CPU the model embeds a batch in parts of at most this many images: a forward pass holds about 16 MB of
@@ -25,23 +13,6 @@ def autocast(device: torch.device, enabled: bool = True):
 # CPU convolutions of one image take another path and round differently, parts of 2 or more give the same
 # numbers as the whole batch.
 CPU_CHUNK = 32
-
-
-def stack(dataset, *, num_workers: int = 0, budget_gb: float = 4.0, batch_size: int = 256):
-    """All items of a deterministic (test-transform) dataset as one uint8 tensor, when it fits ``budget_gb``;
-    else the dataset itself. Re-embedding then costs no decoding or resizing. A dataset cached as transformed
-    images (ImageDataset(cache="transformed")) already holds that tensor: it is returned, not copied."""
-    x0, _ = dataset[0]
-    if len(dataset) * x0.numel() * x0.element_size() > budget_gb * 2**30:
-        return dataset
-    if getattr(dataset, "stacked", None) is not None:
-        return dataset.stacked
-    out = torch.empty((len(dataset),) + tuple(x0.shape), dtype=x0.dtype)
-    i = 0
-    for x, _ in make_loader(dataset, batch_size=batch_size, num_workers=num_workers):
-        out[i:i + len(x)] = x
-        i += len(x)
-    return out
 
 
 def _batches(data, batch_size, num_workers, device):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .data import open_rgb, report_unreadable, test_transform
-from .inference import resolve_device
+from .devices import resolve_device
 
 log = logging.getLogger("udml")
 

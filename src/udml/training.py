@@ -21,10 +21,11 @@ from . import checkpoint as ckpt
 from . import distributed
 from .clustering import assignment_nmi, kmeans
 from .config import RUNTIME_FIELDS, Config, default_num_clusters, save_config, validate
-from .data import ImageDataset, default_workers, make_loader, resize_for, test_transform, train_transform
+from .data import ImageDataset, default_workers, make_loader, resize_for, stack, test_transform, train_transform
 from .datasets import load_split
 from .evaluation import evaluate
-from .inference import autocast, extract, resolve_device, stack
+from .devices import autocast, resolve_device
+from .inference import extract
 from .losses import create_loss, rotation_batch, rotation_loss
 from .models import build_model
 from .plots import write_run_pictures
