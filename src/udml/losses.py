@@ -1,4 +1,4 @@
-"""Metric losses by name (pytorch-metric-learning) and the rotation-prediction task."""
+"""Metric losses by name (udml's multi-similarity, pytorch-metric-learning's others) and the rotation task."""
 from __future__ import annotations
 
 import inspect
@@ -9,10 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 
+from . import ms_loss
+
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A pytorch-metric-learning loss with udml's defaults, and the miner that goes with it (or None)."""
+    """A loss with udml's defaults, and the miner that goes with it (or None): pytorch-metric-learning's, or
+    udml's mask-based multi-similarity pair (udml.ms_loss)."""
 
     loss: type
     defaults: dict = field(default_factory=dict)
@@ -22,10 +25,14 @@ class LossSpec:
 
 # name -> loss and miner. Defaults follow METHOD.md for multi-similarity and the usual settings for L2-normalised
 # embeddings elsewhere. ``loss_params`` changes any keyword parameter of the loss (``alpha``) and, prefixed with
-# ``miner_``, of the miner (``miner_epsilon``).
+# ``miner_``, of the miner (``miner_epsilon``). ``multi_similarity`` is udml.ms_loss: the numbers of
+# pytorch-metric-learning's miner and loss (``multi_similarity_pml``, kept for comparison) without their host-device
+# synchronisations.
 LOSSES: dict[str, LossSpec] = {
-    "multi_similarity": LossSpec(losses.MultiSimilarityLoss, {"alpha": 2.0, "beta": 40.0, "base": 0.5},
-                                 miners.MultiSimilarityMiner, {"epsilon": 0.1}),
+    "multi_similarity": LossSpec(ms_loss.MultiSimilarityLoss, {"alpha": 2.0, "beta": 40.0, "base": 0.5},
+                                 ms_loss.MultiSimilarityMiner, {"epsilon": 0.1}),
+    "multi_similarity_pml": LossSpec(losses.MultiSimilarityLoss, {"alpha": 2.0, "beta": 40.0, "base": 0.5},
+                                     miners.MultiSimilarityMiner, {"epsilon": 0.1}),
     "contrastive": LossSpec(losses.ContrastiveLoss, {"pos_margin": 0.0, "neg_margin": 0.5}),
     "triplet": LossSpec(losses.TripletMarginLoss, {"margin": 0.1},
                         miners.TripletMarginMiner, {"margin": 0.1, "type_of_triplets": "semihard"}),
@@ -51,7 +58,7 @@ def loss_parameters(name: str) -> list[str]:
 
 
 class MetricLoss(nn.Module):
-    """A pytorch-metric-learning loss with its optional miner, called as ``loss(embeddings, labels)``."""
+    """A metric loss with its optional miner, called as ``loss(embeddings, labels)``."""
 
     def __init__(self, loss: nn.Module, miner=None):
         super().__init__()
@@ -61,13 +68,35 @@ class MetricLoss(nn.Module):
         pairs = self.miner(embeddings, labels) if self.miner is not None else None
         return self.loss(embeddings, labels, pairs)
 
-    def across_processes(self) -> "MetricLoss":
+    def across_processes(self) -> nn.Module:
         """The same loss and miner over the batch gathered from every torchrun process (pytorch-metric-learning's
-        distributed wrappers); the value is multiplied by the number of processes."""
+        distributed wrappers, or AcrossProcesses for udml's own loss); the value is multiplied by the number of
+        processes."""
         from pytorch_metric_learning.utils import distributed as pml_distributed
 
+        if not isinstance(self.loss, losses.BaseMetricLossFunction):
+            return AcrossProcesses(self)
         miner = pml_distributed.DistributedMinerWrapper(self.miner) if self.miner is not None else None
         return MetricLoss(pml_distributed.DistributedLossWrapper(self.loss), miner)
+
+
+class AcrossProcesses(nn.Module):
+    """``loss`` over the embeddings and labels gathered from every torchrun process, this process's first, times
+    the number of processes: what pytorch-metric-learning's DistributedLossWrapper and DistributedMinerWrapper
+    compute (with its gather: the gradient flows into this process's embeddings only), gathering once."""
+
+    def __init__(self, loss: MetricLoss):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from pytorch_metric_learning.utils import distributed as pml_distributed
+
+        if not pml_distributed.is_distributed() or torch.distributed.get_world_size() <= 1:
+            return self.loss(embeddings, labels)
+        world_size = torch.distributed.get_world_size()
+        all_embeddings, all_labels, _ = pml_distributed.gather(embeddings, labels)
+        return self.loss(all_embeddings, all_labels) * world_size
 
 
 def create_loss(name: str, params: dict | None = None) -> MetricLoss:
