@@ -87,7 +87,7 @@ def test_a_session_holds_the_training_images_twice_and_the_test_images_once():
     test = build_datasets(cfg, 32)[2]
     assert test.arrays is None and len(test.stacked) == len(test)
     del test
-    s = prepare(cfg)
+    s = prepare(cfg, torch.device("cpu"))
     gc.collect()
     held = [o for o in gc.get_objects() if type(o) is ImageDataset]
     decoded = {id(o.arrays) for o in held if o.arrays is not None}
