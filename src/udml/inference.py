@@ -5,6 +5,7 @@ import torch
 
 from .data import make_loader
 from .devices import autocast
+from .rundir import RunDir
 
 
 # On the CPU the model embeds a batch in parts of at most this many images: a forward pass holds about 16 MB of
@@ -64,7 +65,8 @@ def load_model(path, device: str | torch.device = "cpu"):
 
     path = Path(path)
     if path.is_dir():
-        path = path / "model.pt" if (path / "model.pt").exists() else path / "checkpoint.pt"
+        run = RunDir(path)
+        path = run.model if run.model.exists() else run.checkpoint
     state = ckpt.load(path)
     if state.get("format") == "udml-model-1":
         arch, weights = state["arch"], state["state_dict"]
