@@ -31,7 +31,7 @@ def tiny_image(path: Path, value: int = 0) -> None:
 
 
 def test_registry_and_unknown_names(tmp_path):
-    assert set(DATASETS) == {"cub", "cars196", "sop", "inshop", "omniglot", "folder", "digits"}
+    assert set(DATASETS) == {"cub", "cars196", "sop", "inshop", "omniglot", "folder", "digits", "omniglot_mini"}
     with pytest.raises(ValueError, match="valid names: .*cub.*digits"):
         load_split("imagenet", tmp_path, "train")
     with pytest.raises(ValueError, match="valid splits: train, test"):

@@ -543,6 +543,46 @@ def load_digits(root: str | Path | None, split: str, *, strict: bool = True) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+# a small Omniglot subset shipped inside the package
+
+OMNIGLOT_MINI_COUNTS = {"train": (4820, 241), "val": (4720, 236), "test": (2960, 148)}
+
+
+def load_omniglot_mini(root: str | Path | None, split: str, *, strict: bool = True) -> ImageSet:
+    """A small subset of Omniglot (Lake, Salakhutdinov and Tenenbaum, 2015; MIT licence) shipped inside
+    the package as ``udml/packs/omniglot_mini.npz`` (about 300 kB, no download): the default job.
+
+    Every fourth alphabet by sorted name, all characters and all 20 drawings each: ``train`` 8 background
+    alphabets (241 characters, 4,820 images), ``val`` 7 other background alphabets (236 characters, for
+    choosing settings), ``test`` 5 evaluation alphabets (148 characters, 2,960 images); classes (characters)
+    are disjoint between splits. 28 x 28 'L' images, black ink on white, 1 bit per pixel (shrunk with a
+    bilinear filter, then rounded). ``root`` may name another pack file of the same format; ``strict``
+    compares the counts with those of the shipped pack. Rebuilt by benchmarks/make_omniglot_mini.py, which
+    lists the alphabets; see also udml/packs/README.md."""
+    _check_split("omniglot_mini", split, ("train", "val", "test"))
+    if root is None:
+        from importlib import resources
+
+        source = resources.files("udml") / "packs" / "omniglot_mini.npz"
+    else:
+        source = Path(root).expanduser()
+        if not source.is_file():
+            raise FileNotFoundError(f"omniglot_mini: {source} is not a file; give an .npz pack written by "
+                                    "benchmarks/make_omniglot_mini.py, or no root for the shipped one")
+    with source.open("rb") as f, np.load(f, allow_pickle=False) as pack:
+        size = int(pack["size"])
+        bits = pack[f"{split}_images"]
+        labels = pack[f"{split}_labels"].astype(np.int64)
+        class_names = [str(c) for c in pack[f"{split}_classes"]]
+    ink = np.unpackbits(bits, axis=-1, count=size).astype(bool)
+    pixels = np.where(ink, 0, 255).astype(np.uint8)
+    images = [Image.fromarray(p) for p in pixels]
+    name = f"omniglot_mini/{split}"
+    _check_counts(name, strict, Path(str(source)), OMNIGLOT_MINI_COUNTS[split], (len(images), len(class_names)))
+    return ImageSet(images, labels, name, class_names)
+
+
+# ---------------------------------------------------------------------------------------------
 
 DATASETS: dict[str, Callable[..., ImageSet]] = {
     "cub": load_cub,
@@ -552,6 +592,7 @@ DATASETS: dict[str, Callable[..., ImageSet]] = {
     "omniglot": load_omniglot,
     "folder": load_folder,
     "digits": load_digits,
+    "omniglot_mini": load_omniglot_mini,
 }
 
 
