@@ -20,7 +20,7 @@ def records(run_dir, kind):
 
 
 def test_default_job_writes_a_run_folder(tmp_path, capsys):
-    assert cli(["train", "--out", str(tmp_path), "run_name=r", *QUICK, "pictures=true"]) == 0
+    assert cli(["train", "--config", "digits", "--out", str(tmp_path), "run_name=r", *QUICK, "pictures=true"]) == 0
     out = capsys.readouterr().out
     assert "start  (embedding) R@1" in out and "NMI" in out
     assert "estimated duration of the whole schedule" in out
