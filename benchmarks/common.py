@@ -1,4 +1,5 @@
 """What every benchmark records beside its numbers: machine, card, commit, date."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,13 @@ import torch
 
 
 def machine() -> dict:
-    info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "host_cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "commit": commit()}
+    info = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "commit": commit(),
+    }
     if torch.cuda.is_available():
         info["card"] = torch.cuda.get_device_name(0)
     else:
@@ -25,8 +31,13 @@ def commit() -> str:
     if os.environ.get("UDML_COMMIT"):
         return os.environ["UDML_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=os.path.dirname(__file__)).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=os.path.dirname(__file__),
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

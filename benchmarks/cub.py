@@ -10,6 +10,7 @@ Each row is one `udml train` run (config cub_lite0 unless --config); the numbers
 model (no choosing on the test classes). The pretrained start is the untrained network of the UDML-SS run:
 its pooled backbone features and its randomly initialised 512-d embedding head.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,15 +36,19 @@ def main() -> None:
     for j in jobs:
         r = suite.collect(j)
         if j["row"] == suite.start_row(rows):
-            records += [{"row": f"pretrained start ({kind})", "seed": j["seed"], "step": 0, **m}
-                        for kind, m in r["start"].items()]
+            records += [
+                {"row": f"pretrained start ({kind})", "seed": j["seed"], "step": 0, **m}
+                for kind, m in r["start"].items()
+            ]
         records.append(r)
     info = machine()
     result = {"config": args.config, "overrides": args.overrides, "parallel": args.parallel, **info, "rows": records}
     if args.sweep == "val":  # the rule written in suite.VAL_ROWS, applied to the validation numbers only
         winner = suite.choose([r for r in records if not r["row"].startswith("pretrained")])
-        result["choice"] = {"row": winner["row"], "overrides": [o for o in rows[winner["row"]]
-                                                                if o not in suite.VAL_SPLITS]}
+        result["choice"] = {
+            "row": winner["row"],
+            "overrides": [o for o in rows[winner["row"]] if o not in suite.VAL_SPLITS],
+        }
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(result, indent=2))
 
@@ -51,12 +56,16 @@ def main() -> None:
     print("| row | seed | R@1 | R@2 | R@4 | R@8 | NMI | MAP@R | steps | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
-        cells = [f"{100 * r[k]:.1f}" if k in r else "-" for k in
-                 ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")]
+        cells = [
+            f"{100 * r[k]:.1f}" if k in r else "-"
+            for k in ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")
+        ]
         note = "" if r.get("finished", True) else " (unfinished: last evaluation)"
         print(f"| {r['row']}{note} | {r['seed']} | " + " | ".join(cells) + f" | {r['step']} | {r.get('wall_s', '-')} |")
     if "choice" in result:
-        print(f"chosen on the validation classes: {result['choice']['row']} -> {' '.join(result['choice']['overrides'])}")
+        print(
+            f"chosen on the validation classes: {result['choice']['row']} -> {' '.join(result['choice']['overrides'])}"
+        )
 
 
 if __name__ == "__main__":

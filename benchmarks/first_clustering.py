@@ -8,6 +8,7 @@ benchmarks/results/first_clustering_<label>.json.
 
     python benchmarks/first_clustering.py --data ../shared/data/CUB_200_2011 --seeds 0 1 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,11 @@ def pooled_features(cfg, cache: Path) -> tuple[np.ndarray, np.ndarray]:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     size = cfg.image_size or model.image_size
-    data = ImageDataset(load_split(cfg.dataset, cfg.data_root, cfg.train_split),
-                        test_transform(size, resize_size=cfg.resize_size), short_side=resize_for(size, cfg.resize_size))
+    data = ImageDataset(
+        load_split(cfg.dataset, cfg.data_root, cfg.train_split),
+        test_transform(size, resize_size=cfg.resize_size),
+        short_side=resize_for(size, cfg.resize_size),
+    )
     t = time.time()
     features, _ = extract(model, data, batch_size=64, num_workers=0)
     print(f"embedded {len(data)} images in {time.time() - t:.0f} s")
@@ -65,22 +69,45 @@ def main() -> None:
     print(f"pooled features {tuple(x.shape)}, norms {norms.min():.1f}-{norms.max():.1f}; K = {cfg.num_clusters}")
     rows = []
     for seed in args.seeds:
-        for geometry, features, spherical in (("raw, Euclidean", x, False),
-                                              ("L2-normalised, spherical", F.normalize(x, dim=1), True)):
-            r = kmeans(features, cfg.num_clusters, niter=cfg.kmeans_iters, seed=seed, backend=args.backend,
-                       spherical=spherical)
+        for geometry, features, spherical in (
+            ("raw, Euclidean", x, False),
+            ("L2-normalised, spherical", F.normalize(x, dim=1), True),
+        ):
+            r = kmeans(
+                features, cfg.num_clusters, niter=cfg.kmeans_iters, seed=seed, backend=args.backend, spherical=spherical
+            )
             sizes = r.sizes()
-            rows.append({"seed": seed, "geometry": geometry, "backend": r.backend,
-                         "diagnostic_nmi_true_classes": assignment_nmi(y, r.labels),
-                         "clusters_under_5": int((sizes < 5).sum()), "min_size": int(sizes.min()),
-                         "max_size": int(sizes.max())})
+            rows.append(
+                {
+                    "seed": seed,
+                    "geometry": geometry,
+                    "backend": r.backend,
+                    "diagnostic_nmi_true_classes": assignment_nmi(y, r.labels),
+                    "clusters_under_5": int((sizes < 5).sum()),
+                    "min_size": int(sizes.min()),
+                    "max_size": int(sizes.max()),
+                }
+            )
             row = rows[-1]
-            print(f"seed {seed}  {geometry:<26} {r.backend:5}  NMI to true classes "
-                  f"{100 * row['diagnostic_nmi_true_classes']:.1f}  clusters < 5 images: {row['clusters_under_5']:2d}"
-                  f"  sizes {row['min_size']}-{row['max_size']}")
+            print(
+                f"seed {seed}  {geometry:<26} {r.backend:5}  NMI to true classes "
+                f"{100 * row['diagnostic_nmi_true_classes']:.1f}  clusters < 5 images: {row['clusters_under_5']:2d}"
+                f"  sizes {row['min_size']}-{row['max_size']}"
+            )
     out = Path(__file__).parent / "results" / f"first_clustering_{args.label}.json"
-    out.write_text(json.dumps({"machine": machine(), "config": args.config, "k": cfg.num_clusters,
-                               "command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "machine": machine(),
+                "config": args.config,
+                "k": cfg.num_clusters,
+                "command": " ".join(sys.argv),
+                "rows": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"-> {out}")
 
 

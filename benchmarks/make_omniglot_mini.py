@@ -16,6 +16,7 @@ the `omniglot` preset's loader does at resize_size 28), then rounded to 1 bit (i
 darker than 128) and stored with np.packbits: 98 bytes per drawing before compression. The file is written
 byte for byte the same on every run (sorted order, fixed zip timestamps); the script prints its SHA-256.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,11 @@ def build_split(root: Path, folder: str, first: int) -> dict[str, np.ndarray]:
             ink += [shrink(str(root / folder / alphabet / char / f)) for f in pngs]
             labels += [len(classes)] * len(pngs)
             classes.append(f"{alphabet}/{char}")
-    return {"images": np.packbits(np.stack(ink), axis=-1), "labels": np.asarray(labels, dtype=np.uint16),
-            "classes": np.asarray(classes)}
+    return {
+        "images": np.packbits(np.stack(ink), axis=-1),
+        "labels": np.asarray(labels, dtype=np.uint16),
+        "classes": np.asarray(classes),
+    }
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -77,8 +81,9 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/omniglot", help="folder holding images_background/ and "
-                   "images_evaluation/")
+    p.add_argument(
+        "--data", default="../shared/data/omniglot", help="folder holding images_background/ and images_evaluation/"
+    )
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
     root = Path(args.data)
@@ -87,8 +92,10 @@ def main() -> None:
         part = build_split(root, folder, first)
         arrays.update({f"{split}_{k}": v for k, v in part.items()})
         alphabets = sorted({c.split("/")[0] for c in part["classes"]})
-        print(f"{split}: {len(part['labels'])} images, {len(part['classes'])} characters, "
-              f"{len(alphabets)} alphabets ({', '.join(alphabets)})")
+        print(
+            f"{split}: {len(part['labels'])} images, {len(part['classes'])} characters, "
+            f"{len(alphabets)} alphabets ({', '.join(alphabets)})"
+        )
     out = Path(args.out)
     write_npz(out, arrays)
     digest = hashlib.sha256(out.read_bytes()).hexdigest()

@@ -37,6 +37,7 @@ What is recorded, per run:
 
 Writes ``benchmarks/results/memory_cpu_<label>.json`` and prints a table. Linux only (/proc).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,7 @@ SHORT_SCHEDULE = ["pseudo_epochs=1", "recluster_every=1", "epoch_images_per_clus
 
 # ---------------------------------------------------------------------------------------------------------------
 # /proc readings
+
 
 def status_kb(field: str, pid: str | int = "self") -> int | None:
     try:
@@ -104,6 +106,7 @@ def mb(kb: int | None) -> float | None:
 # ---------------------------------------------------------------------------------------------------------------
 # the child: udml train with probes
 
+
 def nbytes(obj) -> int:
     """Bytes of image data held by a tensor, an array, a list of them, or a data set's cache."""
     import numpy as np
@@ -145,8 +148,14 @@ class Probes:
         self.file.write(json.dumps(record) + "\n")
 
     def _between(self, until: str) -> None:
-        self._write(phase="(between)", after=self.last, before=until, t=time.time(),
-                    peak_mb=mb(status_kb("VmHWM")), rss_mb=mb(status_kb("VmRSS")))
+        self._write(
+            phase="(between)",
+            after=self.last,
+            before=until,
+            t=time.time(),
+            peak_mb=mb(status_kb("VmHWM")),
+            rss_mb=mb(status_kb("VmRSS")),
+        )
 
     def wrap(self, owner, attr: str, phase: str, produced=None) -> None:
         fn = getattr(owner, attr, None)
@@ -171,8 +180,15 @@ class Probes:
             finally:
                 self.depth -= 1
             made = produced(args, result) if produced else None
-            self._write(phase=name, t0=t0, t=time.time(), rss_before_mb=mb(rss0), rss_mb=mb(status_kb("VmRSS")),
-                        peak_mb=mb(status_kb("VmHWM")), produced_mb=None if made is None else round(made / 2**20, 1))
+            self._write(
+                phase=name,
+                t0=t0,
+                t=time.time(),
+                rss_before_mb=mb(rss0),
+                rss_mb=mb(status_kb("VmRSS")),
+                peak_mb=mb(status_kb("VmHWM")),
+                produced_mb=None if made is None else round(made / 2**20, 1),
+            )
             self.last = name
             self._reset()
             return result
@@ -198,6 +214,7 @@ def child(marks: str, argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 # the parent: runs, sampling, tables
+
 
 def link_folder(cub_root: Path, split: str, n: int | None, where: Path) -> Path:
     """A folder of symlinks to CUB images: ``n`` of the training images (classes 1-100), evenly spaced in CUB's
@@ -238,8 +255,15 @@ def run(argv: list[str], interval: float, work: Path) -> dict:
             pids = descendants(proc.pid)
             rss = [status_kb("VmRSS", p) for p in pids]
             pss = [pss_kb(p) for p in pids]
-            samples.append((round(time.time() - t_start, 2), mb(rss[0]), mb(sum(r or 0 for r in rss)),
-                            mb(sum(p or 0 for p in pss)), len(pids)))
+            samples.append(
+                (
+                    round(time.time() - t_start, 2),
+                    mb(rss[0]),
+                    mb(sum(r or 0 for r in rss)),
+                    mb(sum(p or 0 for p in pss)),
+                    len(pids),
+                )
+            )
             done.wait(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -268,15 +292,22 @@ def run(argv: list[str], interval: float, work: Path) -> dict:
     main_phases = [p for p in phases if p["phase"] != "(between)"]
     decoded = sum(p["produced_mb"] or 0 for p in main_phases if p["phase"] == "decode")
     stacked = sum(p["produced_mb"] or 0 for p in main_phases if p["phase"] == "stack")
-    return {"argv": argv, "wall_s": round(wall, 1),
-            "peak_rss_mb": max(p["peak_mb"] or 0 for p in phases),
-            "ru_maxrss_mb": round(usage.ru_maxrss / 1024, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-            "user_s": round(usage.ru_utime, 1), "sys_s": round(usage.ru_stime, 1),
-            "peak_tree_pss_mb": max(s[3] for s in samples), "peak_tree_rss_mb": max(s[2] for s in samples),
-            "decoded_mb": round(decoded, 1), "stacked_mb": round(stacked, 1),
-            "log_tail": log.splitlines()[-12:], "phases": phases,
-            "samples": {"columns": ["t_s", "main_rss_mb", "tree_rss_mb", "tree_pss_mb", "processes"],
-                        "rows": samples}}
+    return {
+        "argv": argv,
+        "wall_s": round(wall, 1),
+        "peak_rss_mb": max(p["peak_mb"] or 0 for p in phases),
+        "ru_maxrss_mb": round(usage.ru_maxrss / 1024, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "user_s": round(usage.ru_utime, 1),
+        "sys_s": round(usage.ru_stime, 1),
+        "peak_tree_pss_mb": max(s[3] for s in samples),
+        "peak_tree_rss_mb": max(s[2] for s in samples),
+        "decoded_mb": round(decoded, 1),
+        "stacked_mb": round(stacked, 1),
+        "log_tail": log.splitlines()[-12:],
+        "phases": phases,
+        "samples": {"columns": ["t_s", "main_rss_mb", "tree_rss_mb", "tree_pss_mb", "processes"], "rows": samples},
+    }
 
 
 def phase_peaks(result: dict) -> dict:
@@ -290,23 +321,39 @@ def phase_peaks(result: dict) -> dict:
 
 def print_row(name: str, r: dict) -> None:
     peaks = phase_peaks(r)
-    order = ["decode", "stack", "model", "start evaluation", "clustering", "training steps", "evaluation",
-             "pictures", "between"]
-    print(f"{name:>10} | peak RSS {r['peak_rss_mb']:7.0f} MB | tree PSS {r['peak_tree_pss_mb']:7.0f} MB | "
-          f"decoded {r['decoded_mb']:6.0f} MB | stacked {r['stacked_mb']:6.0f} MB | {r['wall_s']:5.0f} s")
+    order = [
+        "decode",
+        "stack",
+        "model",
+        "start evaluation",
+        "clustering",
+        "training steps",
+        "evaluation",
+        "pictures",
+        "between",
+    ]
+    print(
+        f"{name:>10} | peak RSS {r['peak_rss_mb']:7.0f} MB | tree PSS {r['peak_tree_pss_mb']:7.0f} MB | "
+        f"decoded {r['decoded_mb']:6.0f} MB | stacked {r['stacked_mb']:6.0f} MB | {r['wall_s']:5.0f} s"
+    )
     print("           | " + "  ".join(f"{k} {peaks[k]:.0f}" for k in order if k in peaks))
 
 
 def main() -> int:
     if "--child" in sys.argv:
         i = sys.argv.index("--child")
-        rest = sys.argv[i + 2:]
+        rest = sys.argv[i + 2 :]
         return child(sys.argv[i + 1], rest[1:] if rest[:1] == ["--"] else rest)
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--label", required=True, help="results go to results/memory_cpu_<label>.json")
-    ap.add_argument("--sizes", type=int, nargs="*", default=[500, 1500, 3000, 5864],
-                    help="numbers of CUB training images for the folder preset runs")
+    ap.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=[500, 1500, 3000, 5864],
+        help="numbers of CUB training images for the folder preset runs",
+    )
     ap.add_argument("--cub", action="store_true", help="also run on all of CUB, with its test split")
     ap.add_argument("--cub-root", type=Path, default=Path(os.environ.get("UDML_CUB", DEFAULT_CUB)))
     ap.add_argument("--overrides", nargs="*", default=[], help="key=value, after the short schedule")
@@ -321,22 +368,45 @@ def main() -> int:
     runs = []
     with tempfile.TemporaryDirectory(prefix="udml-memory-") as tmp:
         work = Path(tmp)
-        jobs = [(f"folder N={n}", n, lambda n=n: ["--data", str(link_folder(args.cub_root, "train", n, work))],
-                 lambda: ["pictures=false"]) for n in args.sizes]
+        jobs = [
+            (
+                f"folder N={n}",
+                n,
+                lambda n=n: ["--data", str(link_folder(args.cub_root, "train", n, work))],
+                lambda: ["pictures=false"],
+            )
+            for n in args.sizes
+        ]
         if args.cub:
-            jobs.append(("CUB 5864+5924", 5864, lambda: ["--data", str(link_folder(args.cub_root, "train", None, work))],
-                         lambda: [f"test_root={link_folder(args.cub_root, 'test', None, work)}", "pictures=true"]))
+            jobs.append(
+                (
+                    "CUB 5864+5924",
+                    5864,
+                    lambda: ["--data", str(link_folder(args.cub_root, "train", None, work))],
+                    lambda: [f"test_root={link_folder(args.cub_root, 'test', None, work)}", "pictures=true"],
+                )
+            )
         for name, n, options, overrides in jobs:
-            argv = (options() + ["--out", str(work / "runs")] + overrides() + [f"run_name=run{len(runs)}"]
-                    + SHORT_SCHEDULE + args.overrides)
+            argv = (
+                options()
+                + ["--out", str(work / "runs")]
+                + overrides()
+                + [f"run_name=run{len(runs)}"]
+                + SHORT_SCHEDULE
+                + args.overrides
+            )
             print(f"{name}: udml train {' '.join(argv)}", flush=True)
             r = run(argv, args.interval, work)
             r.update(name=name, n_train=n)
             runs.append(r)
             print_row(name, r)
-            doc = {"label": args.label, "machine": machine(),
-                   "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
-                   "notes": __doc__.split("What is recorded, per run:")[1].strip(), "runs": runs}
+            doc = {
+                "label": args.label,
+                "machine": machine(),
+                "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
+                "notes": __doc__.split("What is recorded, per run:")[1].strip(),
+                "runs": runs,
+            }
             results_path.parent.mkdir(parents=True, exist_ok=True)
             results_path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"-> {results_path}")

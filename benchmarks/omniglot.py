@@ -12,6 +12,7 @@ the unseen alphabets of images_evaluation. "supervised" trains the same network 
 labels in place of the clusters: a ceiling for the unsupervised rows, not a method of udml. The random start
 is the untrained network of each UDML-SS run. Final models only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,25 +28,30 @@ ROWS = {"udml": ["rotation_weight=0"], "udml_ss": [], "supervised": ["supervised
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="omniglot")
-    suite.add_arguments(p, ROWS, out="runs/bench_omniglot", results="benchmarks/results/omniglot.json",
-                        seeds=[0, 1, 2])
+    suite.add_arguments(p, ROWS, out="runs/bench_omniglot", results="benchmarks/results/omniglot.json", seeds=[0, 1, 2])
     args = p.parse_args()
     rows, jobs = suite.jobs_from(args, ROWS)
     suite.run(jobs)
     records = [suite.collect(j) for j in jobs]
-    starts = [{"row": "random start", "seed": r["seed"], **r["start"]["embedding"]}
-              for r in records if r["row"] == suite.start_row(rows) and "embedding" in r["start"]]
+    starts = [
+        {"row": "random start", "seed": r["seed"], **r["start"]["embedding"]}
+        for r in records
+        if r["row"] == suite.start_row(rows) and "embedding" in r["start"]
+    ]
     info = machine()
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps({"config": args.config, "overrides": args.overrides, **info,
-                                              "rows": starts + records}, indent=2))
+    Path(args.results).write_text(
+        json.dumps({"config": args.config, "overrides": args.overrides, **info, "rows": starts + records}, indent=2)
+    )
 
-    print(f"\nOmniglot, {args.config} {' '.join(args.overrides)} {args.sweep or ''} | seeds {args.seeds} | {info['card']} | "
-          f"commit {info['commit']}")
+    print(
+        f"\nOmniglot, {args.config} {' '.join(args.overrides)} {args.sweep or ''} | seeds {args.seeds} | "
+        f"{info['card']} | "
+        f"commit {info['commit']}"
+    )
     print("| row | runs | R@1 | R@2 | R@4 | R@8 | NMI | MAP@R | wall s (mean) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, group in [("random start", starts)] + [(row, [r for r in records if r["row"] == row])
-                                                     for row in rows]:
+    for name, group in [("random start", starts)] + [(row, [r for r in records if r["row"] == row]) for row in rows]:
         done = [r for r in group if r.get("finished", True)]
         cells = []
         for k in ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r"):

@@ -10,6 +10,7 @@ Inputs: results JSON files of benchmarks/omniglot.py or cub.py (rows "udml_ss" a
 ROW=metrics.jsonl of single runs. Several seeds: the mean line with the seeds' range shaded. The curves are
 evaluations on the test classes during training, for the picture only: nothing is chosen from them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,11 @@ COLOURS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
 
 def curve_from_metrics(path: Path) -> list[dict]:
     lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [{"step": m["step"], "recall@1": m["recall@1"], "nmi": m["nmi"]} for m in lines
-            if m["kind"] == "eval" and m.get("features") == "embedding"]
+    return [
+        {"step": m["step"], "recall@1": m["recall@1"], "nmi": m["nmi"]}
+        for m in lines
+        if m["kind"] == "eval" and m.get("features") == "embedding"
+    ]
 
 
 def load(inputs: list[str], rows: list[str]) -> dict[str, list[tuple[list[dict], bool]]]:

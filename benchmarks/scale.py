@@ -39,6 +39,7 @@ For each N, in a fresh subprocess so that peak memory is per size:
 Rows marked EXTRAPOLATED in the table (``"extrapolated": true`` in the JSON) were not measured.
 Writes ``--results`` (default benchmarks/results/scale_<cpu|cuda>.json) with the machine information.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import machine, sync
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,8 +133,9 @@ def make_data(n: int, dim: int, points_per_class: float, noise: float, seed: int
     scale = noise / math.sqrt(dim)
     for s in range(0, n, 65536):  # in blocks: no float64 or N-sized temporaries beyond x itself
         e = min(n, s + 65536)
-        x[s:e] = torch.nn.functional.normalize(centres[labels[s:e]] + scale * torch.randn(e - s, dim, generator=g),
-                                               dim=1)
+        x[s:e] = torch.nn.functional.normalize(
+            centres[labels[s:e]] + scale * torch.randn(e - s, dim, generator=g), dim=1
+        )
     return x, labels, classes
 
 
@@ -146,10 +147,23 @@ class Rows:
     def __init__(self, n: int):
         self.n, self.rows = n, []
 
-    def add(self, step: str, m: dict | None = None, *, seconds: float | None = None, notes: str = "",
-            extrapolated: bool = False, **extra) -> dict:
-        row = {"n": self.n, "step": step, "seconds": seconds if m is None else m["seconds"],
-               "extrapolated": extrapolated, "notes": notes}
+    def add(
+        self,
+        step: str,
+        m: dict | None = None,
+        *,
+        seconds: float | None = None,
+        notes: str = "",
+        extrapolated: bool = False,
+        **extra,
+    ) -> dict:
+        row = {
+            "n": self.n,
+            "step": step,
+            "seconds": seconds if m is None else m["seconds"],
+            "extrapolated": extrapolated,
+            "notes": notes,
+        }
         if m is not None:
             row.update({k: v for k, v in m.items() if k != "seconds"})
         row.update(extra)
@@ -169,17 +183,28 @@ def default_iters() -> tuple[int, int]:
     return int(cfg), int(inspect.signature(kmeans).parameters["niter"].default)
 
 
-def timed_kmeans(rows: "Rows", step: str, src, k: int, iters: int, default: int, backend: str,
-                 device: torch.device, seed: int, *, nmi_of=None, short: str | None = None,
-                 return_default_seconds: bool = False):
+def timed_kmeans(
+    rows: "Rows",
+    step: str,
+    src,
+    k: int,
+    iters: int,
+    default: int,
+    backend: str,
+    device: torch.device,
+    seed: int,
+    *,
+    nmi_of=None,
+    short: str | None = None,
+    return_default_seconds: bool = False,
+):
     """Run and time udml.clustering.kmeans (plus assignment_nmi when nmi_of is given); add its rows: the
     measured one and, when iters is not the default count, the extrapolated one."""
     from udml.clustering import KMEANS_PLUS_PLUS_MAX_K, assignment_nmi, kmeans
 
     with measure(device) as m, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = kmeans(src, k, niter=iters, seed=seed, backend=backend,
-                     device=device if backend == "torch" else None)
+        res = kmeans(src, k, niter=iters, seed=seed, backend=backend, device=device if backend == "torch" else None)
         res.nmi = None if nmi_of is None else assignment_nmi(res.labels, nmi_of)
     ran = res.iterations  # both backends stop once nothing changes
     converged = ran < iters
@@ -187,15 +212,28 @@ def timed_kmeans(rows: "Rows", step: str, src, k: int, iters: int, default: int,
     per = m["seconds"] / passes
     st = res.stats()
     where = "cpu" if res.backend == "faiss" else device.type
-    note = (f"K={k}, {res.backend} on {where}, {ran} of {iters} iters"
-            f"{' (converged)' if converged else ''}, {per:.3f} s/iter; cluster sizes {st['min']}-{st['max']}, "
-            f"{st['empty']} empty")
+    note = (
+        f"K={k}, {res.backend} on {where}, {ran} of {iters} iters"
+        f"{' (converged)' if converged else ''}, {per:.3f} s/iter; cluster sizes {st['min']}-{st['max']}, "
+        f"{st['empty']} empty"
+    )
     if res.nmi is not None:
         note += f"; NMI {100 * res.nmi:.1f}"
     if iters != default and k <= KMEANS_PLUS_PLUS_MAX_K and not converged:
         note += "; includes k-means++ init, so the extrapolation is an upper bound"
-    rows.add(step, m, notes=note, k=k, iters=iters, iters_run=ran, converged=converged, backend=res.backend,
-             seconds_per_iter=per, stats=st, nmi=res.nmi)
+    rows.add(
+        step,
+        m,
+        notes=note,
+        k=k,
+        iters=iters,
+        iters_run=ran,
+        converged=converged,
+        backend=res.backend,
+        seconds_per_iter=per,
+        stats=st,
+        nmi=res.nmi,
+    )
     full = m["seconds"]
     if iters != default or converged:
         # The synthetic data converge in a few iterations; real embeddings usually run all of them, so the
@@ -203,16 +241,24 @@ def timed_kmeans(rows: "Rows", step: str, src, k: int, iters: int, default: int,
         full = per * (default + 1)
         why = f"stopped (converged) after {ran} of {iters} iters on this synthetic data; " if converged else ""
         how = f"{why}{per:.3f} s per assignment pass x ({default}+1) passes"
-        rows.add(f"{short or step}, {default} iters", seconds=full, extrapolated=True, k=k, iters=default,
-                 backend=res.backend, notes=f"K={k}: {how}")
+        rows.add(
+            f"{short or step}, {default} iters",
+            seconds=full,
+            extrapolated=True,
+            k=k,
+            iters=default,
+            backend=res.backend,
+            notes=f"K={k}: {how}",
+        )
     return (res, full) if return_default_seconds else res
 
 
 def run_size(n: int, args) -> dict:
+    import sklearn.metrics  # noqa: F401 - imported here, not inside a measured step (assignment_nmi)
+
     from udml.clustering import faiss_available
     from udml.evaluation import evaluate, knn, map_at_r, recall_at_k
 
-    import sklearn.metrics  # noqa: F401 - imported here, not inside a measured step (assignment_nmi)
     if "approx" in args.steps and faiss_available():
         import udml.retrieval  # noqa: F401 - idem (it imports torchvision)
 
@@ -228,10 +274,18 @@ def run_size(n: int, args) -> dict:
     with measure(device) as m:
         x, labels, classes = make_data(n, args.dim, args.points_per_class, args.noise, args.seed)
     counts = torch.bincount(labels, minlength=classes)
-    info.update(classes=classes, class_size_min=int(counts.min()), class_size_max=int(counts.max()),
-                data_mb=x.numel() * 4 / 2**20)
-    rows.add("synthetic data", m, notes=f"{classes} classes, {n / classes:.2f} per class "
-                                        f"({int(counts.min())}-{int(counts.max())}), dim {args.dim}")
+    info.update(
+        classes=classes,
+        class_size_min=int(counts.min()),
+        class_size_max=int(counts.max()),
+        data_mb=x.numel() * 4 / 2**20,
+    )
+    rows.add(
+        "synthetic data",
+        m,
+        notes=f"{classes} classes, {n / classes:.2f} per class "
+        f"({int(counts.min())}-{int(counts.max())}), dim {args.dim}",
+    )
     x_dev, labels_dev = x.to(device), labels.to(device)
 
     # --- k-means for pseudo-labels -------------------------------------------------------------------
@@ -256,13 +310,19 @@ def run_size(n: int, args) -> dict:
     subset = n > args.exact_query_limit
     if subset:
         g = torch.Generator().manual_seed(args.seed + 1)
-        qidx = torch.randperm(n, generator=g)[:args.exact_query_limit].sort().values
+        qidx = torch.randperm(n, generator=g)[: args.exact_query_limit].sort().values
     else:
         qidx = torch.arange(n)
     nq = int(qidx.numel())
     scale = n / nq
-    info.update(queries=nq, exact_query_subset=subset, recall_ks=ks, knn_k=k_max, chunk_size=args.chunk_size,
-                largest_similarity_block_mb=min(args.chunk_size, nq) * n * 4 / 2**20)
+    info.update(
+        queries=nq,
+        exact_query_subset=subset,
+        recall_ks=ks,
+        knn_k=k_max,
+        chunk_size=args.chunk_size,
+        largest_similarity_block_mb=min(args.chunk_size, nq) * n * 4 / 2**20,
+    )
     q_note = f"{nq} of {n} queries" if subset else f"all {n} queries"
     metrics, exact_nn = {}, None
     knn_steps = {"knn", "evaluate", "approx"} & set(args.steps)
@@ -297,40 +357,80 @@ def run_size(n: int, args) -> dict:
         metrics["map@r"] = ap_sum / ap_count
         shown = ", ".join(f"R@{kk} {100 * metrics[f'recall@{kk}']:.1f}" for kk in ks)
         mem = {kk: v for kk, v in m.items() if kk != "seconds"}
-        rows.add("exact kNN (evaluation.knn)", {**mem, "seconds": t_knn}, queries=nq,
-                 notes=f"k={k_max}, {q_note}, chunks of {args.chunk_size} queries; peak RSS of kNN + metrics")
-        rows.add("Recall@K + MAP@R from the kNN", seconds=t_metrics, queries=nq,
-                 notes=f"{shown}, MAP@R {100 * metrics['map@r']:.1f} ({q_note})", metrics=metrics)
+        rows.add(
+            "exact kNN (evaluation.knn)",
+            {**mem, "seconds": t_knn},
+            queries=nq,
+            notes=f"k={k_max}, {q_note}, chunks of {args.chunk_size} queries; peak RSS of kNN + metrics",
+        )
+        rows.add(
+            "Recall@K + MAP@R from the kNN",
+            seconds=t_metrics,
+            queries=nq,
+            notes=f"{shown}, MAP@R {100 * metrics['map@r']:.1f} ({q_note})",
+            metrics=metrics,
+        )
         if subset:
-            rows.add("exact kNN, all queries", seconds=t_knn * scale, extrapolated=True, queries=n,
-                     notes=f"{nq}-query time x {scale:.1f}")
-            rows.add("exact evaluation w/o NMI, all queries", seconds=(t_knn + t_metrics) * scale,
-                     extrapolated=True, queries=n, notes=f"kNN + Recall + MAP@R, {nq}-query time x {scale:.1f}")
+            rows.add(
+                "exact kNN, all queries",
+                seconds=t_knn * scale,
+                extrapolated=True,
+                queries=n,
+                notes=f"{nq}-query time x {scale:.1f}",
+            )
+            rows.add(
+                "exact evaluation w/o NMI, all queries",
+                seconds=(t_knn + t_metrics) * scale,
+                extrapolated=True,
+                queries=n,
+                notes=f"kNN + Recall + MAP@R, {nq}-query time x {scale:.1f}",
+            )
 
     eval_seconds = None
     if "evaluate" in args.steps and not subset:
         with measure(device) as m:
-            out = evaluate(x_dev, labels_dev, recall_ks=ks, compute_nmi=False, chunk_size=args.chunk_size,
-                           seed=args.seed)
+            out = evaluate(
+                x_dev, labels_dev, recall_ks=ks, compute_nmi=False, chunk_size=args.chunk_size, seed=args.seed
+            )
         agree = all(abs(out[key] - metrics[key]) < 1e-6 for key in out) if metrics else None
         eval_seconds = m["seconds"]
-        rows.add("evaluate(compute_nmi=False)", m, metrics=out, agrees_with_parts=agree,
-                 notes=f"whole call: kNN + Recall@{ks} + MAP@R; agrees with the parts: {agree}")
+        rows.add(
+            "evaluate(compute_nmi=False)",
+            m,
+            metrics=out,
+            agrees_with_parts=agree,
+            notes=f"whole call: kNN + Recall@{ks} + MAP@R; agrees with the parts: {agree}",
+        )
     elif knn_steps:
         eval_seconds = (t_knn + t_metrics) * scale
 
     nmi_seconds = None
     if "nmi" in args.steps:
         nmi_iters = args.kmeans_iters or nmi_default_iters
-        res, nmi_seconds = timed_kmeans(rows, "NMI (k-means K=classes + assignment_nmi)", x_dev, classes, nmi_iters,
-                                        nmi_default_iters, args.nmi_backend, device, args.seed,
-                                        nmi_of=labels, short="NMI", return_default_seconds=True)
+        res, nmi_seconds = timed_kmeans(
+            rows,
+            "NMI (k-means K=classes + assignment_nmi)",
+            x_dev,
+            classes,
+            nmi_iters,
+            nmi_default_iters,
+            args.nmi_backend,
+            device,
+            args.seed,
+            nmi_of=labels,
+            short="NMI",
+            return_default_seconds=True,
+        )
         metrics["nmi"] = res.nmi
         del res
     if eval_seconds is not None and nmi_seconds is not None:
         extra = subset or (args.kmeans_iters not in (None, nmi_default_iters))
-        rows.add("exact evaluation total (kNN + metrics + NMI)", seconds=eval_seconds + nmi_seconds,
-                 extrapolated=extra, notes="sum of the rows above" + (", partly extrapolated" if extra else ""))
+        rows.add(
+            "exact evaluation total (kNN + metrics + NMI)",
+            seconds=eval_seconds + nmi_seconds,
+            extrapolated=extra,
+            notes="sum of the rows above" + (", partly extrapolated" if extra else ""),
+        )
 
     # --- approximate search (faiss) ------------------------------------------------------------------
     if "approx" in args.steps:
@@ -360,11 +460,20 @@ def approx_search(x, labels, qidx, exact_nn, exact_r1, args, rows: Rows, info: d
         same = float(np.mean(top == ex))
         loss = 100 * (exact_r1 - r1)
         extra = f"; all {n} queries ~{m['seconds'] * n / nq:.1f} s (extrapolated)" if nq < n else ""
-        rows.add(f"{name} search {setting}".strip(), m, queries=nq, recall_at_1=r1, recall_at_1_exact=exact_r1,
-                 recall_at_1_loss_points=loss, same_nn_as_exact=same, index=name, setting=setting,
-                 search_seconds_all_queries_extrapolated=m["seconds"] * n / nq if nq < n else None,
-                 notes=f"{nq} queries, k=2: R@1 {100 * r1:.2f} vs exact {100 * exact_r1:.2f} "
-                       f"(loss {loss:.2f} pts), same NN as exact {100 * same:.1f}%{extra}")
+        rows.add(
+            f"{name} search {setting}".strip(),
+            m,
+            queries=nq,
+            recall_at_1=r1,
+            recall_at_1_exact=exact_r1,
+            recall_at_1_loss_points=loss,
+            same_nn_as_exact=same,
+            index=name,
+            setting=setting,
+            search_seconds_all_queries_extrapolated=m["seconds"] * n / nq if nq < n else None,
+            notes=f"{nq} queries, k=2: R@1 {100 * r1:.2f} vs exact {100 * exact_r1:.2f} "
+            f"(loss {loss:.2f} pts), same NN as exact {100 * same:.1f}%{extra}",
+        )
 
     with measure(cpu) as m:
         index = build_index(xn, "flat")
@@ -420,25 +529,42 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[6000, 60000, 600000])
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--points-per-class", type=float, default=5.3,
-                   help="N / number of classes (SOP test: 60502 / 11316 = 5.35)")
+    p.add_argument(
+        "--points-per-class", type=float, default=5.3, help="N / number of classes (SOP test: 60502 / 11316 = 5.35)"
+    )
     p.add_argument("--noise", type=float, default=2.2, help="norm of the noise added to a unit class centre")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kmeans-k", type=int, default=10000, help="K of the pseudo-label k-means (at most N // 5)")
-    p.add_argument("--kmeans-iters", type=int, default=None,
-                   help="cap the k-means iterations (both k-means runs) and extrapolate to the default count")
+    p.add_argument(
+        "--kmeans-iters",
+        type=int,
+        default=None,
+        help="cap the k-means iterations (both k-means runs) and extrapolate to the default count",
+    )
     p.add_argument("--backends", nargs="+", default=["faiss", "torch"], choices=["faiss", "torch"])
-    p.add_argument("--nmi-backend", default="auto", choices=["auto", "faiss", "torch"],
-                   help="k-means backend of the NMI step (evaluation.nmi's default: auto)")
-    p.add_argument("--exact-query-limit", type=int, default=20000,
-                   help="above this N, exact search runs for this many random queries and is extrapolated")
+    p.add_argument(
+        "--nmi-backend",
+        default="auto",
+        choices=["auto", "faiss", "torch"],
+        help="k-means backend of the NMI step (evaluation.nmi's default: auto)",
+    )
+    p.add_argument(
+        "--exact-query-limit",
+        type=int,
+        default=20000,
+        help="above this N, exact search runs for this many random queries and is extrapolated",
+    )
     p.add_argument("--recall-ks", type=int, nargs="+", default=[1, 10, 100, 1000])
     p.add_argument("--chunk-size", type=int, default=1024, help="queries per kNN block (evaluate's default)")
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 64])
     p.add_argument("--ef-search", type=int, nargs="+", default=[64, 256])
     p.add_argument("--hnsw-m", type=int, default=32)
-    p.add_argument("--steps", nargs="+", default=["kmeans", "knn", "evaluate", "nmi", "approx"],
-                   choices=["kmeans", "knn", "evaluate", "nmi", "approx"])
+    p.add_argument(
+        "--steps",
+        nargs="+",
+        default=["kmeans", "knn", "evaluate", "nmi", "approx"],
+        choices=["kmeans", "knn", "evaluate", "nmi", "approx"],
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch and faiss threads; default: as given")
     p.add_argument("--results", default=None, help="default benchmarks/results/scale_<cpu|cuda>.json")
@@ -470,22 +596,41 @@ def main() -> None:
 
         faiss_info = {"version": faiss.__version__, "threads": faiss.omp_get_max_threads()}
     info = machine()
-    print(f"scale benchmark | synthetic clustered data (not SOP images): dim {args.dim}, "
-          f"{args.points_per_class} points per class, noise {args.noise}, seed {args.seed}")
-    print(f"device {args.device} ({info['card']}) | torch {torch.__version__}, torch.get_num_threads() = "
-          f"{torch.get_num_threads()} | faiss {faiss_info or 'not installed'} | commit {info['commit']}")
-    print(f"k-means: K = min({args.kmeans_k}, N // 5), iterations {args.kmeans_iters or cfg_iters} "
-          f"(config.kmeans_iters = {cfg_iters}, nmi's kmeans default = {nmi_iters}) | exact query limit "
-          f"{args.exact_query_limit} | recall_ks {args.recall_ks}", flush=True)
+    print(
+        f"scale benchmark | synthetic clustered data (not SOP images): dim {args.dim}, "
+        f"{args.points_per_class} points per class, noise {args.noise}, seed {args.seed}"
+    )
+    print(
+        f"device {args.device} ({info['card']}) | torch {torch.__version__}, torch.get_num_threads() = "
+        f"{torch.get_num_threads()} | faiss {faiss_info or 'not installed'} | commit {info['commit']}"
+    )
+    print(
+        f"k-means: K = min({args.kmeans_k}, N // 5), iterations {args.kmeans_iters or cfg_iters} "
+        f"(config.kmeans_iters = {cfg_iters}, nmi's kmeans default = {nmi_iters}) | exact query limit "
+        f"{args.exact_query_limit} | recall_ks {args.recall_ks}",
+        flush=True,
+    )
 
     results = []
     for n in args.sizes:
-        print(f"N = {n}: K = {min(args.kmeans_k, n // 5)}, classes = "
-              f"{max(2, min(n // 2, round(n / args.points_per_class)))}", flush=True)
+        print(
+            f"N = {n}: K = {min(args.kmeans_k, n // 5)}, classes = "
+            f"{max(2, min(n // 2, round(n / args.points_per_class)))}",
+            flush=True,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "size.json"
-            cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--device", args.device,
-                   "--child", str(n), "--child-out", str(out)]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                *sys.argv[1:],
+                "--device",
+                args.device,
+                "--child",
+                str(n),
+                "--child-out",
+                str(out),
+            ]
             proc = subprocess.run(cmd)
             if proc.returncode != 0 or not out.is_file():
                 print(f"N = {n}: the run failed (exit code {proc.returncode})", flush=True)
@@ -496,26 +641,42 @@ def main() -> None:
     results_path = Path(args.results or f"benchmarks/results/scale_{args.device}.json")
     results_path.parent.mkdir(parents=True, exist_ok=True)
     child_args = {k: v for k, v in vars(args).items() if not k.startswith("child")}
-    doc = {"benchmark": "scale", "command": " ".join(["python", *sys.argv]), "args": child_args, **info,
-           "device": args.device, "faiss": faiss_info,
-           "data": {"kind": "synthetic", "description": "L2-normalised float32 points drawn around random unit "
-                    "class centres: normalise(centre + noise * N(0, I) / sqrt(dim)); every class >= 2 points",
-                    "dim": args.dim, "points_per_class": args.points_per_class, "noise": args.noise,
-                    "seed": args.seed},
-           "defaults": {"config_kmeans_iters": cfg_iters, "nmi_kmeans_niter": nmi_iters},
-           "memory": "peak_rss_mb: VmHWM (= ru_maxrss) after resetting it through /proc/self/clear_refs before "
-                     "the step (peak_reset true); else the high-water mark of the size's process so far. "
-                     "rss_before_mb: resident set when the step began. Each size runs in its own process.",
-           "extrapolated": "rows with extrapolated=true were not measured: linear in queries (N / Q) or in "
-                           "k-means assignment passes ((default iters + 1) / (iters + 1))",
-           "sizes": [r["info"] for r in results], "rows": [row for r in results for row in r["rows"]]}
+    doc = {
+        "benchmark": "scale",
+        "command": " ".join(["python", *sys.argv]),
+        "args": child_args,
+        **info,
+        "device": args.device,
+        "faiss": faiss_info,
+        "data": {
+            "kind": "synthetic",
+            "description": "L2-normalised float32 points drawn around random unit "
+            "class centres: normalise(centre + noise * N(0, I) / sqrt(dim)); every class >= 2 points",
+            "dim": args.dim,
+            "points_per_class": args.points_per_class,
+            "noise": args.noise,
+            "seed": args.seed,
+        },
+        "defaults": {"config_kmeans_iters": cfg_iters, "nmi_kmeans_niter": nmi_iters},
+        "memory": "peak_rss_mb: VmHWM (= ru_maxrss) after resetting it through /proc/self/clear_refs before "
+        "the step (peak_reset true); else the high-water mark of the size's process so far. "
+        "rss_before_mb: resident set when the step began. Each size runs in its own process.",
+        "extrapolated": "rows with extrapolated=true were not measured: linear in queries (N / Q) or in "
+        "k-means assignment passes ((default iters + 1) / (iters + 1))",
+        "sizes": [r["info"] for r in results],
+        "rows": [row for r in results for row in r["rows"]],
+    }
     results_path.write_text(json.dumps(doc, indent=2))
 
-    print(f"\nScale benchmark, synthetic data | {args.device} ({info['card']}), torch threads "
-          f"{torch.get_num_threads()} | commit {info['commit']}")
+    print(
+        f"\nScale benchmark, synthetic data | {args.device} ({info['card']}), torch threads "
+        f"{torch.get_num_threads()} | commit {info['commit']}"
+    )
     print_table(results)
-    print(f"\nkNN is chunked: the largest block is {args.chunk_size} queries x N similarities, never N x N. "
-          f"Rows marked EXTRAPOLATED were not measured.\nwrote {results_path}")
+    print(
+        f"\nkNN is chunked: the largest block is {args.chunk_size} queries x N similarities, never N x N. "
+        f"Rows marked EXTRAPOLATED were not measured.\nwrote {results_path}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Prints median, p95 and max in milliseconds and writes ``--results``
 (default benchmarks/results/serve_latency_cpu.json) with the machine information and the load average
 (other jobs on a shared machine slow every number down).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ def synthetic_collection(n: int, dim: int, kind: str, folder: str, seed: int = 0
 
 def start_udml_serve(index_file: Path) -> tuple[subprocess.Popen, str]:
     """``udml serve INDEX --port 0`` in its own process; returns it and the address it printed."""
-    proc = subprocess.Popen([sys.executable, "-m", "udml", "serve", str(index_file), "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "udml", "serve", str(index_file), "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
     line = proc.stdout.readline()
     if " at http://" not in line:
         proc.kill()
@@ -68,8 +70,13 @@ def timed(call, ids) -> dict:
         call(int(i))
         times.append((time.perf_counter() - t0) * 1000)
     t = np.array(times)
-    return {"median_ms": round(float(np.median(t)), 2), "p95_ms": round(float(np.percentile(t, 95)), 2),
-            "max_ms": round(float(t.max()), 2), "mean_ms": round(float(t.mean()), 2), "queries": len(t)}
+    return {
+        "median_ms": round(float(np.median(t)), 2),
+        "p95_ms": round(float(np.percentile(t, 95)), 2),
+        "max_ms": round(float(t.max()), 2),
+        "mean_ms": round(float(t.mean()), 2),
+        "queries": len(t),
+    }
 
 
 def main(argv=None) -> int:
@@ -93,8 +100,10 @@ def main(argv=None) -> int:
     faiss_threads = faiss.omp_get_max_threads()
     with tempfile.TemporaryDirectory() as folder:
         collection, index_file, build_s = synthetic_collection(args.n, args.dim, args.kind, folder)
-        print(f"{args.kind} index of {args.n} x {args.dim}-d synthetic vectors built in {build_s:.1f} s; "
-              f"faiss threads {faiss_threads} (one per query in udml serve)")
+        print(
+            f"{args.kind} index of {args.n} x {args.dim}-d synthetic vectors built in {build_s:.1f} s; "
+            f"faiss threads {faiss_threads} (one per query in udml serve)"
+        )
         rng = np.random.default_rng(1)
         warm, ids = rng.integers(0, args.n, args.warmup), rng.integers(0, args.n, args.queries)
         client = TestClient(create_app(collection))
@@ -108,6 +117,7 @@ def main(argv=None) -> int:
             def call(i):
                 r = client_.get(f"/api/neighbours/{i}", params={"k": args.k})
                 assert r.status_code == 200 and len(r.json()["results"]) == args.k, r.text
+
             return call
 
         results = {}
@@ -117,21 +127,29 @@ def main(argv=None) -> int:
                     call(int(i))
                 results[name] = timed(call, ids)
                 r = results[name]
-                print(f"{name:12s} median {r['median_ms']:7.2f} ms   p95 {r['p95_ms']:7.2f} ms   "
-                      f"max {r['max_ms']:7.2f} ms   ({r['queries']} queries, k = {args.k})")
+                print(
+                    f"{name:12s} median {r['median_ms']:7.2f} ms   p95 {r['p95_ms']:7.2f} ms   "
+                    f"max {r['max_ms']:7.2f} ms   ({r['queries']} queries, k = {args.k})"
+                )
         finally:
             http.close()
             server.terminate()
             server.wait(timeout=30)
 
-    out = {"benchmark": "serve_latency", "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-           "args": {**vars(args), "results": os.path.relpath(args.results, Path(__file__).resolve().parents[1])},
-           **host, "faiss": {"version": faiss.__version__, "threads": faiss_threads, "threads_per_query": 1},
-           "load_average_1_5_15_min": {"before": [round(v, 2) for v in load_before],
-                                       "after": [round(v, 2) for v in os.getloadavg()]},
-           "index_build_s": round(build_s, 2),
-           "data": "synthetic L2-normalised Gaussian vectors, seed 0; made-up paths (no image is read)",
-           "latency": results}
+    out = {
+        "benchmark": "serve_latency",
+        "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+        "args": {**vars(args), "results": os.path.relpath(args.results, Path(__file__).resolve().parents[1])},
+        **host,
+        "faiss": {"version": faiss.__version__, "threads": faiss_threads, "threads_per_query": 1},
+        "load_average_1_5_15_min": {
+            "before": [round(v, 2) for v in load_before],
+            "after": [round(v, 2) for v in os.getloadavg()],
+        },
+        "index_build_s": round(build_s, 2),
+        "data": "synthetic L2-normalised Gaussian vectors, seed 0; made-up paths (no image is read)",
+        "latency": results,
+    }
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(out, indent=2) + "\n")
     print(f"-> {args.results}")

@@ -1,4 +1,5 @@
 """Run rows of `udml train` (one subprocess each) and collect their final metrics from metrics.jsonl."""
+
 from __future__ import annotations
 
 import json
@@ -9,14 +10,24 @@ import sys
 import time
 from pathlib import Path
 
-METRIC_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "recall@10", "recall@100", "recall@1000",
-               "nmi", "map@r")
+METRIC_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "recall@10", "recall@100", "recall@1000", "nmi", "map@r")
 
 
 def job(row: str, seed: int, config: str, out: str, overrides: list[str]) -> dict:
     name = f"{row}_seed{seed}"
-    cmd = [sys.executable, "-m", "udml", "train", "--config", config, "--out", out, f"run_name={name}",
-           f"seed={seed}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "udml",
+        "train",
+        "--config",
+        config,
+        "--out",
+        out,
+        f"run_name={name}",
+        f"seed={seed}",
+        *overrides,
+    ]
     return {"row": row, "seed": seed, "run_dir": Path(out) / name, "cmd": cmd}
 
 
@@ -34,8 +45,9 @@ def run(jobs: list[dict], parallel: bool = False, timeout: float | None = None) 
         for j in group:
             j["log"] = open(log_path(j), "w")
             j["start"] = time.time()
-            j["proc"] = subprocess.Popen(j["cmd"], stdout=j["log"], stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            j["proc"] = subprocess.Popen(
+                j["cmd"], stdout=j["log"], stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
         running = list(group)
         while running:
             for j in list(running):
@@ -50,7 +62,7 @@ def run(jobs: list[dict], parallel: bool = False, timeout: float | None = None) 
                     running.remove(j)
             time.sleep(0.5)
 
-    for group in ([jobs] if parallel else [[j] for j in jobs]):
+    for group in [jobs] if parallel else [[j] for j in jobs]:
         batch(group)
         for j in group:
             if j["returncode"] != 0:  # say so at once; the table marks the row unfinished
@@ -64,12 +76,12 @@ LAMBDAS = (0, 0.05, 0.1, 0.5, 1)
 # are not seen). Rule, fixed before any of these ran: the row with the highest final Recall@1 on val wins; rows
 # within 0.5 points of it are decided by NMI. UDML (lambda = 0) then runs with the winner's other settings.
 VAL_ROWS = {
-    "paper": [],                                               # METHOD.md: heads at the backbone's lr
-    "head_lr": ["head_lr=1e-3"],                               # the random heads at 100x
+    "paper": [],  # METHOD.md: heads at the backbone's lr
+    "head_lr": ["head_lr=1e-3"],  # the random heads at 100x
     "head_lr_lambda0.5": ["head_lr=1e-3", "rotation_weight=0.5"],
     "head_lr_clamped": ["head_lr=1e-3", "crop_rule=clamped"],  # crops clamped to the image, not redrawn
     "head_lr_fresh": ["head_lr=1e-3", "recluster_init=fresh"],  # k-means++ at every clustering, no warm start
-    "head_lr_2k": ["head_lr=1e-3", "num_clusters=150"],         # twice as many clusters as val-free classes
+    "head_lr_2k": ["head_lr=1e-3", "num_clusters=150"],  # twice as many clusters as val-free classes
 }
 VAL_SPLITS = ["train_split=train_val", "test_split=val"]
 
@@ -81,6 +93,7 @@ def sweep(kind: str) -> dict[str, list[str]]:
         return {f"lambda_{v:g}": [f"rotation_weight={v}"] for v in LAMBDAS}
     if kind == "loss":
         from udml.losses import LOSSES
+
         return {f"loss_{name}": [f"loss={name}"] for name in LOSSES}
     if kind == "val":
         return {name: VAL_SPLITS + overrides for name, overrides in VAL_ROWS.items()}
@@ -112,11 +125,17 @@ def collect(j: dict) -> dict:
     evals = [m for m in ms if m["kind"] == "eval" and m.get("features") == "embedding"]
     final = next((m for m in evals if m.get("final")), None)
     last = final or (evals[-1] if evals else {})
-    return {"row": j["row"], "seed": j["seed"], "returncode": j.get("returncode"), "wall_s": j.get("wall_s"),
-            "finished": final is not None, "step": last.get("step", 0), **pick(last),
-            "start": {kind: pick(m) for m in ms if m["kind"] == "eval" and m["round"] == 0
-                      for kind in [m["features"]]},
-            "curve": [{"step": m["step"], **pick(m)} for m in evals]}
+    return {
+        "row": j["row"],
+        "seed": j["seed"],
+        "returncode": j.get("returncode"),
+        "wall_s": j.get("wall_s"),
+        "finished": final is not None,
+        "step": last.get("step", 0),
+        **pick(last),
+        "start": {kind: pick(m) for m in ms if m["kind"] == "eval" and m["round"] == 0 for kind in [m["features"]]},
+        "curve": [{"step": m["step"], **pick(m)} for m in evals],
+    }
 
 
 def mean_spread(records: list[dict], key: str) -> tuple[float, float]:
@@ -139,10 +158,14 @@ def add_arguments(p, rows: dict[str, list[str]], *, out: str, results: str, seed
     p.add_argument("--out", default=out, help="folder for the run folders")
     p.add_argument("--seeds", type=int, nargs="+", default=seeds)
     p.add_argument("--rows", nargs="+", help=f"a subset of the rows ({', '.join(rows)}) or of the sweep's rows")
-    p.add_argument("--sweep", choices=["lambda", "loss", "val"], help="instead of the rows: UDML-SS at each "
-                   f"lambda ({', '.join(f'{v:g}' for v in LAMBDAS)}) or with each metric loss (ablations on the test "
-                   "classes, not a way to choose settings), or the candidate settings of VAL_ROWS on the "
-                   "validation split (train_val / val), which is where settings are chosen")
+    p.add_argument(
+        "--sweep",
+        choices=["lambda", "loss", "val"],
+        help="instead of the rows: UDML-SS at each "
+        f"lambda ({', '.join(f'{v:g}' for v in LAMBDAS)}) or with each metric loss (ablations on the test "
+        "classes, not a way to choose settings), or the candidate settings of VAL_ROWS on the "
+        "validation split (train_val / val), which is where settings are chosen",
+    )
     p.add_argument("--results", default=results)
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every row")
 
@@ -151,8 +174,11 @@ def jobs_from(args, rows: dict[str, list[str]]) -> tuple[dict[str, list[str]], l
     """(the rows to run, one job per seed and row) from options added by add_arguments."""
     rows = select(sweep(args.sweep) if args.sweep else rows, args.rows)
     # a row's own settings come last, so that they win over the overrides given for every row
-    jobs = [job(row, seed, args.config, args.out, [f"data_root={args.data}", *args.overrides, *rows[row]])
-            for seed in args.seeds for row in rows]
+    jobs = [
+        job(row, seed, args.config, args.out, [f"data_root={args.data}", *args.overrides, *rows[row]])
+        for seed in args.seeds
+        for row in rows
+    ]
     return rows, jobs
 
 

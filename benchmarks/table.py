@@ -6,6 +6,7 @@ Rows with the same name (e.g. "udml" of seeds 0, 1 and 2 from different files) a
 appears twice for a row (a re-run) counts once, the later file winning. Unfinished runs are left out and
 counted. The spread is the sample standard deviation over seeds (0 with one seed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,11 @@ def main() -> None:
             by_row.setdefault(r["row"], {})[r["seed"]] = r
     names = args.rows or list(by_row)
     print(f"commits: {', '.join(sorted(commits))}")
-    print("| row | seeds | " + " | ".join(k.replace("recall@", "R@").replace("nmi", "NMI").replace("map@r", "MAP@R")
-                                        for k in KEYS) + " | R@1 per seed |")
+    print(
+        "| row | seeds | "
+        + " | ".join(k.replace("recall@", "R@").replace("nmi", "NMI").replace("map@r", "MAP@R") for k in KEYS)
+        + " | R@1 per seed |"
+    )
     print("|---|---|" + "---|" * len(KEYS) + "---|")
     for name in names:
         runs = by_row.get(name, {})

@@ -6,6 +6,7 @@
 
     python benchmarks/throughput.py --config cub_lite0 --data ../shared/data/CUB_200_2011
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,8 @@ import json
 import time
 
 import torch
-
 from common import machine, sync
+
 from udml import distributed
 from udml.config import make_config
 from udml.data import make_loader
@@ -55,8 +56,11 @@ def profile_steps(s, loader, sampler, labels, steps: int) -> None:
         sync()
     key = "self_cuda_time_total" if s.device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25))
-    syncs = [e for e in prof.key_averages() if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
-                                                         "cudaMemcpyAsync", "aten::item", "aten::nonzero")]
+    syncs = [
+        e
+        for e in prof.key_averages()
+        if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::item", "aten::nonzero")
+    ]
     for e in syncs:
         print(f"{e.key}: {e.count} calls in {steps} steps")
 
@@ -68,9 +72,14 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=60, help="timed iterations for (a); (b) times whole rounds")
     p.add_argument("--rounds", type=int, default=3, help="timed training rounds for (b), after one warm-up round")
     p.add_argument("--output", help="write the results as JSON here")
-    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="also profile STEPS training steps (torch.profiler) and print where the time goes, "
-                        "including the host-device synchronisations inside the step")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also profile STEPS training steps (torch.profiler) and print where the time goes, "
+        "including the host-device synchronisations inside the step",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     overrides = list(args.overrides) + ([f"data_root={args.data}"] if args.data else [])
@@ -81,8 +90,10 @@ def main() -> None:
     setup_s = time.perf_counter() - t0
     iters = cfg.iterations_per_round()
     images = cfg.clusters_per_batch * cfg.images_per_cluster
-    print(f"{cfg.backbone} at {s.model.image_size} px, batch {images} + {4 * cfg.rotation_images} rotated, "
-          f"device {s.device}, {s.workers} loader workers; data and model ready in {setup_s:.1f}s")
+    print(
+        f"{cfg.backbone} at {s.model.image_size} px, batch {images} + {4 * cfg.rotation_images} rotated, "
+        f"device {s.device}, {s.workers} loader workers; data and model ready in {setup_s:.1f}s"
+    )
 
     a = ceiling(s, args.iters)
     print(f"(a) ceiling, bare forward+backward: {a:.2f} it/s")
@@ -108,19 +119,36 @@ def main() -> None:
         sync()
         times.append(time.perf_counter() - t)
     c = sorted(times)[1]
-    print(f"(c) re-clustering pass ({len(s.aug)} images, K={cfg.num_clusters}): {c:.2f}s "
-          f"(first clustering on pooled features, k-means++: {first_cluster_s:.2f}s)")
+    print(
+        f"(c) re-clustering pass ({len(s.aug)} images, K={cfg.num_clusters}): {c:.2f}s "
+        f"(first clustering on pooled features, k-means++: {first_cluster_s:.2f}s)"
+    )
 
     rounds = cfg.num_rounds()
     estimate = rounds * (iters / b + c)
-    print(f"full schedule estimate: {rounds} rounds x ({iters} iterations + a re-clustering) = {estimate:.0f}s "
-          "plus data loading and evaluations")
+    print(
+        f"full schedule estimate: {rounds} rounds x ({iters} iterations + a re-clustering) = {estimate:.0f}s "
+        "plus data loading and evaluations"
+    )
     if args.profile:
         profile_steps(s, loader, sampler, labels, args.profile)
-    record = {"config": args.config, "overrides": overrides, "backbone": cfg.backbone, "image_size": s.model.image_size,
-              "batch": images, "rotation_images": cfg.rotation_images, "ceiling_it_s": a, "udml_it_s": b,
-              "ratio": b / a, "recluster_s": c, "first_cluster_s": first_cluster_s, "setup_s": setup_s,
-              "workers": s.workers, "schedule_estimate_s": estimate, **machine()}
+    record = {
+        "config": args.config,
+        "overrides": overrides,
+        "backbone": cfg.backbone,
+        "image_size": s.model.image_size,
+        "batch": images,
+        "rotation_images": cfg.rotation_images,
+        "ceiling_it_s": a,
+        "udml_it_s": b,
+        "ratio": b / a,
+        "recluster_s": c,
+        "first_cluster_s": first_cluster_s,
+        "setup_s": setup_s,
+        "workers": s.workers,
+        "schedule_estimate_s": estimate,
+        **machine(),
+    }
     if args.output:
         with open(args.output, "w") as f:
             json.dump(record, f, indent=2)

@@ -4,6 +4,7 @@ Builds a session on the digits data set, embeds the training images (sharded and
 clusters them (labels broadcast from the main process) and takes one training step; the main process saves
 the gathered embeddings, the pseudo-labels, the step's losses and the weights after the step to OUT.
 """
+
 import sys
 
 import torch
@@ -19,19 +20,46 @@ def main(out: str) -> None:
     torch.manual_seed(0)
     # freeze_bn: per-sample forward passes, so a split batch computes exactly what the whole batch does.
     # rotation_images = P: every cluster of the batch gives one rotated image, on whichever process holds it.
-    cfg = make_config("digits", ["device=cpu", "freeze_bn=true", "num_workers=0", "clusters_per_batch=8",
-                                 "images_per_cluster=4", "rotation_images=8", "num_clusters=20", "kmeans_iters=10"])
+    cfg = make_config(
+        "digits",
+        [
+            "device=cpu",
+            "freeze_bn=true",
+            "num_workers=0",
+            "clusters_per_batch=8",
+            "images_per_cluster=4",
+            "rotation_images=8",
+            "num_clusters=20",
+            "kmeans_iters=10",
+        ],
+    )
     s = prepare(cfg, distributed.init(torch.device("cpu")))
     _, emb = extract_all(s, s.train_plain, pooled=False)
     labels, _, _ = cluster(s, None, seed=3)
-    sampler = ClusterBatchSampler(labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster, 1, seed=5,
-                                  rank=distributed.rank(), world_size=distributed.world_size())
+    sampler = ClusterBatchSampler(
+        labels.numpy(),
+        cfg.clusters_per_batch,
+        cfg.images_per_cluster,
+        1,
+        seed=5,
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
+    )
     loader = make_loader(s.aug, batch_sampler=sampler)
     _, means, bad = train_round(s, loader, labels, 0)
     if distributed.is_main():
-        torch.save({"world_size": distributed.world_size(), "embeddings": emb, "labels": labels, "means": means,
-                    "bad": bad, "weights": {k: v.clone() for k, v in s.model.state_dict().items()},
-                    "grads": {k: p.grad.clone() for k, p in s.model.named_parameters() if p.grad is not None}}, out)
+        torch.save(
+            {
+                "world_size": distributed.world_size(),
+                "embeddings": emb,
+                "labels": labels,
+                "means": means,
+                "bad": bad,
+                "weights": {k: v.clone() for k, v in s.model.state_dict().items()},
+                "grads": {k: p.grad.clone() for k, p in s.model.named_parameters() if p.grad is not None},
+            },
+            out,
+        )
     distributed.close()
 
 

@@ -7,9 +7,7 @@ from udml.clustering import KMeansResult, assignment_nmi, faiss_available, kmean
 
 BACKENDS = [
     "torch",
-    pytest.param(
-        "faiss", marks=pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
-    ),
+    pytest.param("faiss", marks=pytest.mark.skipif(not faiss_available(), reason="faiss not installed")),
 ]
 
 

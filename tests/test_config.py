@@ -13,8 +13,9 @@ def test_presets_load_and_follow_the_recipe():
     assert cub.iterations_per_round() == 31 and cub.num_rounds() == 120
     lite = make_config("cub_lite0")
     assert lite.backbone == "efficientnet_lite0"
-    assert {k: v for k, v in lite.to_dict().items() if k != "backbone"} == \
-        {k: v for k, v in cub.to_dict().items() if k != "backbone"}
+    assert {k: v for k, v in lite.to_dict().items() if k != "backbone"} == {
+        k: v for k, v in cub.to_dict().items() if k != "backbone"
+    }
 
 
 def test_overrides_are_parsed_as_yaml():
@@ -33,8 +34,14 @@ def test_unknown_preset_lists_presets():
         make_config("imagenet")
 
 
-@pytest.mark.parametrize("override,match", [("num_clusters=1", "at least 2"), ("lr=abc", "not a valid float"),
-                                             ("clusters_per_batch=200", "cannot exceed num_clusters")])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("num_clusters=1", "at least 2"),
+        ("lr=abc", "not a valid float"),
+        ("clusters_per_batch=200", "cannot exceed num_clusters"),
+    ],
+)
 def test_bad_values_are_rejected(override, match):
     with pytest.raises(ValueError, match=match):
         make_config("cub", [override])

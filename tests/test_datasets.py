@@ -68,8 +68,11 @@ def test_cub_real_protocol_split():
     assert (len(test), test.num_classes) == (5924, 100)
     for s, offset in ((train, 1), (test, 101)):
         assert s.labels.dtype == np.int64 and s.labels.min() == 0 and s.labels.max() == 99
-        ref = sorted((int(k), str(root / "images" / p), cls[k] - offset)
-                     for k, p in paths.items() if offset <= cls[k] < offset + 100)
+        ref = sorted(
+            (int(k), str(root / "images" / p), cls[k] - offset)
+            for k, p in paths.items()
+            if offset <= cls[k] < offset + 100
+        )
         assert s.images == [r[1] for r in ref]
         assert s.labels.tolist() == [r[2] for r in ref]
     assert os.path.exists(train.images[0])
@@ -93,16 +96,18 @@ def make_cub(root: Path, classes=(1, 2, 101), per_class=2) -> list[str]:
     for i, rel in enumerate(rels):
         tiny_image(root / "images" / rel, value=i)
     (root / "images.txt").write_text("".join(f"{i} {r}\n" for i, r in enumerate(rels, 1)))
-    (root / "image_class_labels.txt").write_text(
-        "".join(f"{i} {int(r[:3])}\n" for i, r in enumerate(rels, 1)))
+    (root / "image_class_labels.txt").write_text("".join(f"{i} {int(r[:3])}\n" for i, r in enumerate(rels, 1)))
     (root / "classes.txt").write_text("".join(f"{c} {c:03d}.Bird_{c}\n" for c in classes))
     return rels
 
 
 def test_cub_fixture_loads_non_strict_and_strict_complains(tmp_path):
     rels = make_cub(tmp_path / "CUB_200_2011")
-    with pytest.raises(ValueError, match=r"expected 5,864 images in 100 classes.*found 4 images "
-                                         r"in 2 classes.*image_class_labels.txt"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected 5,864 images in 100 classes.*found 4 images "
+        r"in 2 classes.*image_class_labels.txt",
+    ):
         load_split("cub", tmp_path / "CUB_200_2011", "train")
     train = load_split("cub", tmp_path, "train", strict=False)  # parent folder accepted
     test = load_split("cub", tmp_path, "test", strict=False)
@@ -125,11 +130,14 @@ def test_cub_missing_images_dir(tmp_path):
         load_split("cub", tmp_path, "train", strict=False)
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ("3 a.jpg extra", r"images.txt:3: expected 2 whitespace-separated fields, got 3"),
-    ("x 001.Bird_1/Bird_1_0.jpg", r"images.txt:3: image id must be an integer"),
-    ("1 001.Bird_1/Bird_1_0.jpg", r"images.txt:3: duplicate image id 1"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ("3 a.jpg extra", r"images.txt:3: expected 2 whitespace-separated fields, got 3"),
+        ("x 001.Bird_1/Bird_1_0.jpg", r"images.txt:3: image id must be an integer"),
+        ("1 001.Bird_1/Bird_1_0.jpg", r"images.txt:3: duplicate image id 1"),
+    ],
+)
 def test_cub_malformed_images_txt(tmp_path, bad_line, message):
     make_cub(tmp_path)
     lines = (tmp_path / "images.txt").read_text().splitlines()
@@ -157,8 +165,11 @@ def test_cub_malformed_labels(tmp_path):
 def test_cub_missing_image_file(tmp_path):
     rels = make_cub(tmp_path)
     (tmp_path / "images" / rels[1]).unlink()
-    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) listed in .*images.txt are missing"
-                                                r".*Bird_1_1.jpg"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"1 image\(s\) listed in .*images.txt are missing"
+        r".*Bird_1_1.jpg",
+    ):
         load_split("cub", tmp_path, "train", strict=False)
     # the missing file belongs to a train class, so the test split still loads
     assert len(load_split("cub", tmp_path, "test", strict=False)) == 2
@@ -169,8 +180,7 @@ def test_cub_missing_image_file(tmp_path):
 
 def test_omniglot_real_counts():
     root = shared_data("omniglot")
-    for split, sub, n, k in (("train", "images_background", 19280, 964),
-                             ("test", "images_evaluation", 13180, 659)):
+    for split, sub, n, k in (("train", "images_background", 19280, 964), ("test", "images_evaluation", 13180, 659)):
         s = load_split("omniglot", root, split)
         assert (len(s), s.num_classes) == (n, k)
         ref = sorted(glob.glob(str(root / sub / "*" / "*" / "*.png")))
@@ -231,8 +241,7 @@ def test_omniglot_fixture(tmp_path):
 
 def write_cars(root: Path, classes: list[int]) -> list[str]:
     rels = [f"car_ims/{i:06d}.jpg" for i in range(1, len(classes) + 1)]
-    annos = np.zeros((1, len(classes)), dtype=[("relative_im_path", "O"), ("class", "O"),
-                                               ("test", "O")])
+    annos = np.zeros((1, len(classes)), dtype=[("relative_im_path", "O"), ("class", "O"), ("test", "O")])
     for k, (rel, c) in enumerate(zip(rels, classes)):
         annos[0, k] = (rel, np.array([[c]], dtype=np.uint8), np.array([[k % 2]], dtype=np.uint8))
     names = np.empty((1, 196), dtype="O")
@@ -252,11 +261,14 @@ def test_cars196_fixture(tmp_path):
     ref_train = [(str(tmp_path / r), c) for r, c in zip(rels, classes) if c <= 98]
     assert train.images == [r[0] for r in ref_train]
     assert train.class_names == ["Car model 1", "Car model 5", "Car model 98"]
-    assert [train.class_names[l] for l in train.labels] == [f"Car model {r[1]}" for r in ref_train]
+    assert [train.class_names[c] for c in train.labels] == [f"Car model {r[1]}" for r in ref_train]
     assert test.images == [str(tmp_path / rels[1]), str(tmp_path / rels[4])]
     assert test.labels.tolist() == [0, 1] and test.class_names == ["Car model 99", "Car model 196"]
-    with pytest.raises(ValueError, match=r"expected 8,054 images in 98 classes.*found 4 images in "
-                                         r"3 classes.*cars_annos.mat.*strict=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected 8,054 images in 98 classes.*found 4 images in "
+        r"3 classes.*cars_annos.mat.*strict=False",
+    ):
         load_split("cars196", tmp_path, "train")
     os.remove(tmp_path / rels[-1])  # the last train image
     with pytest.raises(FileNotFoundError, match="000006.jpg listed in .*cars_annos.mat"):
@@ -275,9 +287,15 @@ def test_cars196_bad_mat(tmp_path):
 
 
 def write_sop(root: Path) -> dict[str, list[tuple[str, int]]]:
-    rows = {"train": [("bicycle_final/1_0.JPG", 1), ("bicycle_final/1_1.JPG", 1),
-                      ("chair_final/7_0.JPG", 7), ("bicycle_final/3_0.JPG", 3)],
-            "test": [("sofa_final/20_0.JPG", 20), ("kettle_final/11_0.JPG", 11)]}
+    rows = {
+        "train": [
+            ("bicycle_final/1_0.JPG", 1),
+            ("bicycle_final/1_1.JPG", 1),
+            ("chair_final/7_0.JPG", 7),
+            ("bicycle_final/3_0.JPG", 3),
+        ],
+        "test": [("sofa_final/20_0.JPG", 20), ("kettle_final/11_0.JPG", 11)],
+    }
     for split, items in rows.items():
         lines = ["image_id class_id super_class_id path"]
         lines += [f"{i} {c} 1 {p}" for i, (p, c) in enumerate(items, 1)]
@@ -297,8 +315,11 @@ def test_sop_fixture(tmp_path):
         uniq = sorted({c for _, c in rows[split]})
         assert s.labels.tolist() == [uniq.index(c) for _, c in rows[split]]
         assert s.class_names == [str(c) for c in uniq]
-    with pytest.raises(ValueError, match=r"expected 59,551 images in 11,318 classes.*found 4 "
-                                         r"images in 3 classes.*Ebay_train.txt"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected 59,551 images in 11,318 classes.*found 4 "
+        r"images in 3 classes.*Ebay_train.txt",
+    ):
         load_split("sop", root, "train")
 
 
@@ -330,8 +351,7 @@ INSHOP_ROWS = [
 
 
 def write_inshop(root: Path, rows=INSHOP_ROWS, declared=None) -> None:
-    lines = [str(len(rows) if declared is None else declared),
-             "image_name item_id evaluation_status"]
+    lines = [str(len(rows) if declared is None else declared), "image_name item_id evaluation_status"]
     lines += [f"{p}   {i} {s}" for p, i, s in rows]
     (root / "Eval").mkdir(parents=True, exist_ok=True)
     (root / "Eval" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
@@ -349,14 +369,16 @@ def test_inshop_fixture_shared_query_gallery_labels(tmp_path):
     assert query.images == [str(tmp_path / INSHOP_ROWS[i][0]) for i in (3, 6)]
     assert gallery.images == [str(tmp_path / INSHOP_ROWS[i][0]) for i in (4, 5, 7)]
     # brute force: same item string <=> same label, across query and gallery
-    items = {"query": [INSHOP_ROWS[i][1] for i in (3, 6)],
-             "gallery": [INSHOP_ROWS[i][1] for i in (4, 5, 7)]}
+    items = {"query": [INSHOP_ROWS[i][1] for i in (3, 6)], "gallery": [INSHOP_ROWS[i][1] for i in (4, 5, 7)]}
     pairs = [(q, g) for q in range(2) for g in range(3)]
     for q, g in pairs:
         assert (query.labels[q] == gallery.labels[g]) == (items["query"][q] == items["gallery"][g])
     assert query.class_names == gallery.class_names == ["id_00000001", "id_00000005", "id_00000009"]
-    with pytest.raises(ValueError, match=r"expected 14,218 images in 3,985 items.*found 2 images "
-                                         r"in 3 items.*list_eval_partition.txt"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected 14,218 images in 3,985 items.*found 2 images "
+        r"in 3 items.*list_eval_partition.txt",
+    ):
         load_split("inshop", tmp_path, "query")
 
 
@@ -373,8 +395,15 @@ def test_inshop_malformed(tmp_path):
 
 
 def test_folder_recursive_mixed_case_and_labels(tmp_path):
-    files = ["cats/a.JPG", "cats/deep/nested/b.png", "dogs/c.jpeg", "dogs/d.WebP", "dogs/e.TIFF",
-             "birds/x/y/f.bmp", "birds/g.gif"]
+    files = [
+        "cats/a.JPG",
+        "cats/deep/nested/b.png",
+        "dogs/c.jpeg",
+        "dogs/d.WebP",
+        "dogs/e.TIFF",
+        "birds/x/y/f.bmp",
+        "birds/g.gif",
+    ]
     for f in files:
         tiny_image(tmp_path / f)
     (tmp_path / "cats" / "notes.txt").write_text("not an image")
@@ -388,8 +417,7 @@ def test_folder_recursive_mixed_case_and_labels(tmp_path):
     for split in ("test", "all"):
         s = load_split("folder", tmp_path, split)
         assert s.images == ref and s.class_names == ["birds", "cats", "dogs"]
-        assert [s.class_names[l] for l in s.labels] == \
-            [os.path.relpath(p, tmp_path).split(os.sep)[0] for p in ref]
+        assert [s.class_names[c] for c in s.labels] == [os.path.relpath(p, tmp_path).split(os.sep)[0] for p in ref]
 
 
 def test_folder_errors(tmp_path):

@@ -1,4 +1,5 @@
 """The default job: `udml train` with no arguments trains on the Omniglot subset shipped inside the package."""
+
 import json
 import zipfile
 from importlib import resources

@@ -1,4 +1,5 @@
 """torchrun with 2 CPU processes (gloo) against a single process: same embeddings, pseudo-labels and steps."""
+
 import json
 import os
 import subprocess
@@ -45,15 +46,29 @@ def test_two_processes_gather_cluster_and_step_like_one(tmp_path):
     # the step did something: the weights differ from a fresh network's
     from udml.config import make_config
     from udml.models import build_model
+
     torch.manual_seed(0)
     fresh = build_model(make_config("digits", ["freeze_bn=true"])).state_dict()
     assert any(not torch.allclose(fresh[k].float(), w.float()) for k, w in one["weights"].items())
 
 
 def test_torchrun_udml_train_writes_one_run_like_a_single_process(tmp_path):
-    common = ["--config", "digits", "--out", str(tmp_path), "device=cpu", "freeze_bn=true", "num_workers=0",
-              "pseudo_epochs=10", "recluster_every=5", "eval_every=1", "pictures=false", "clusters_per_batch=8",
-              "images_per_cluster=4", "rotation_images=8"]
+    common = [
+        "--config",
+        "digits",
+        "--out",
+        str(tmp_path),
+        "device=cpu",
+        "freeze_bn=true",
+        "num_workers=0",
+        "pseudo_epochs=10",
+        "recluster_every=5",
+        "eval_every=1",
+        "pictures=false",
+        "clusters_per_batch=8",
+        "images_per_cluster=4",
+        "rotation_images=8",
+    ]
     run([sys.executable, "-m", "udml", "train", *common, "run_name=one"], tmp_path)
     proc = run(torchrun("-m", "udml", "train", *common, "run_name=two"), tmp_path)
     assert "x 2 processes" in proc.stdout

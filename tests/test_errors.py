@@ -1,5 +1,6 @@
 """Every bad input named in the reliability issue raises a clear error: the right type, and a message that
 names the problem (what, where) and the fix."""
+
 import dataclasses
 import logging
 
@@ -18,7 +19,6 @@ from udml.losses import create_loss
 from udml.models import create_backbone
 from udml.samplers import ClusterBatchSampler
 from udml.training import check_resumable, train
-
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -39,12 +39,36 @@ def make_folder(root, n_classes=3, per_class=4, size=12, identical=False):
 
 def tiny_config(tmp_path, data_root, **overrides) -> Config:
     """A from-scratch run on a folder of a few 12 px images: seconds on a CPU."""
-    values = dict(dataset="folder", data_root=str(data_root), test_root=str(data_root), backbone="smallconv",
-                  pretrained=False, freeze_bn=False, image_size=12, resize_size=12, crop_scale_min=0.5, hflip=False,
-                  embedding_dim=8, rotation_hidden=8, num_clusters=3, clusters_per_batch=2,
-                  images_per_cluster=2, rotation_images=2, lr=1e-3, pseudo_epochs=1, recluster_every=1,
-                  epoch_images_per_cluster=2, recall_ks=[1, 2], kmeans_backend="torch", num_workers=0, pictures=False,
-                  device="cpu", out_dir=str(tmp_path / "runs"), run_name="run", eval_every=0)
+    values = dict(
+        dataset="folder",
+        data_root=str(data_root),
+        test_root=str(data_root),
+        backbone="smallconv",
+        pretrained=False,
+        freeze_bn=False,
+        image_size=12,
+        resize_size=12,
+        crop_scale_min=0.5,
+        hflip=False,
+        embedding_dim=8,
+        rotation_hidden=8,
+        num_clusters=3,
+        clusters_per_batch=2,
+        images_per_cluster=2,
+        rotation_images=2,
+        lr=1e-3,
+        pseudo_epochs=1,
+        recluster_every=1,
+        epoch_images_per_cluster=2,
+        recall_ks=[1, 2],
+        kmeans_backend="torch",
+        num_workers=0,
+        pictures=False,
+        device="cpu",
+        out_dir=str(tmp_path / "runs"),
+        run_name="run",
+        eval_every=0,
+    )
     values.update(overrides)
     return make_config(None, values)
 
@@ -86,12 +110,19 @@ def test_cub_missing_metadata_file(tmp_path, missing):
         load_split("cub", tmp_path, "train", strict=False)
 
 
-@pytest.mark.parametrize("file, line, message", [
-    ("images.txt", "2 a.jpg extra", r"images.txt:2: expected 2 whitespace-separated fields, got 3.*expected layout"),
-    ("images.txt", "two 001.Bird_1/Bird_1_1.jpg", r"images.txt:2: image id must be an integer, got 'two'"),
-    ("image_class_labels.txt", "2 999", r"image_class_labels.txt:2: class id must be in 1..200, got 999"),
-    ("image_class_labels.txt", "2", r"image_class_labels.txt:2: expected 2 whitespace-separated fields"),
-])
+@pytest.mark.parametrize(
+    "file, line, message",
+    [
+        (
+            "images.txt",
+            "2 a.jpg extra",
+            r"images.txt:2: expected 2 whitespace-separated fields, got 3.*expected layout",
+        ),
+        ("images.txt", "two 001.Bird_1/Bird_1_1.jpg", r"images.txt:2: image id must be an integer, got 'two'"),
+        ("image_class_labels.txt", "2 999", r"image_class_labels.txt:2: class id must be in 1..200, got 999"),
+        ("image_class_labels.txt", "2", r"image_class_labels.txt:2: expected 2 whitespace-separated fields"),
+    ],
+)
 def test_cub_malformed_metadata_file(tmp_path, file, line, message):
     make_cub(tmp_path)
     lines = (tmp_path / file).read_text().splitlines()
@@ -111,14 +142,16 @@ def test_other_official_layouts_with_malformed_metadata(tmp_path):
     sop = tmp_path / "sop"
     sop.mkdir()
     (sop / "Ebay_train.txt").write_text("id class super path\n1 1 1 bicycle_final/a.JPG\n")
-    with pytest.raises(ValueError, match=r"Ebay_train.txt:1: expected the header 'image_id class_id "
-                                         r"super_class_id path'.*expected layout"):
+    with pytest.raises(
+        ValueError,
+        match=r"Ebay_train.txt:1: expected the header 'image_id class_id "
+        r"super_class_id path'.*expected layout",
+    ):
         load_split("sop", sop, "train", strict=False)
 
     inshop = tmp_path / "inshop"
     inshop.mkdir()
-    (inshop / "list_eval_partition.txt").write_text(
-        "3\nimage_name item_id evaluation_status\nimg/a.jpg id_1 train\n")
+    (inshop / "list_eval_partition.txt").write_text("3\nimage_name item_id evaluation_status\nimg/a.jpg id_1 train\n")
     with pytest.raises(ValueError, match=r"declares 3 images but 1 rows follow; the file is truncated"):
         load_split("inshop", inshop, "train", strict=False)
 
@@ -198,8 +231,11 @@ def test_unreadable_images_without_cache(tmp_path):
 
 def test_no_readable_image_is_a_clear_error(tmp_path):
     _, bad = write_bad_files(tmp_path)
-    with pytest.raises(ValueError, match=r"none of its 3 images could be read \(first: .*truncated.jpg.*\); "
-                                         r"replace the damaged files"):
+    with pytest.raises(
+        ValueError,
+        match=r"none of its 3 images could be read \(first: .*truncated.jpg.*\); "
+        r"replace the damaged files",
+    ):
         ImageDataset(ImageSet([str(p) for p in bad], None, "broken"), None)
 
 
@@ -239,13 +275,20 @@ def test_cmyk_grayscale_palette_and_alpha_images_load_as_rgb(tmp_path):
 
 
 def test_unknown_configuration_key_lists_valid_keys():
-    with pytest.raises(KeyError, match=r"unknown configuration key\(s\) num_cluster \(num_cluster -> did you mean num_clusters\?\); valid keys are: .*num_clusters"):
+    with pytest.raises(
+        KeyError,
+        match=r"unknown configuration key\(s\) num_cluster \(num_cluster -> did you mean num_clusters\?\); "
+        r"valid keys are: .*num_clusters",
+    ):
         make_config("digits", ["num_cluster=10"])
 
 
 def test_unknown_backbone_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown backbone 'resnet5'; valid names are smallconv, googlenet, "
-                                         r"resnet50.*timm:<model name>"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown backbone 'resnet5'; valid names are smallconv, googlenet, "
+        r"resnet50.*timm:<model name>",
+    ):
         create_backbone("resnet5")
 
 
@@ -269,15 +312,21 @@ def test_k_below_two_through_train(tmp_path):
 def test_k_larger_than_the_number_of_images_through_train(tmp_path):
     data = make_folder(tmp_path / "data", n_classes=2, per_class=3)
     cfg = tiny_config(tmp_path, data, num_clusters=7)
-    with pytest.raises(ValueError, match=r"num_clusters \(K=7\) is larger than the number of training images "
-                                         r"\(6\); lower num_clusters"):
+    with pytest.raises(
+        ValueError,
+        match=r"num_clusters \(K=7\) is larger than the number of training images "
+        r"\(6\); lower num_clusters",
+    ):
         train(cfg, tmp_path / "run")
 
 
 def test_fewer_non_empty_clusters_than_p():
     labels = np.array([5, 5, 9, 9, 9, 2])
-    with pytest.raises(ValueError, match=r"only 3 non-empty clusters but clusters_per_batch \(P\) is 4; lower "
-                                         r"clusters_per_batch or raise num_clusters"):
+    with pytest.raises(
+        ValueError,
+        match=r"only 3 non-empty clusters but clusters_per_batch \(P\) is 4; lower "
+        r"clusters_per_batch or raise num_clusters",
+    ):
         ClusterBatchSampler(labels, 4, 2, 10)
     sampler = ClusterBatchSampler(labels, 3, 2, 10)
     with pytest.raises(ValueError, match=r"only 1 non-empty clusters"):
@@ -289,8 +338,11 @@ def test_fewer_non_empty_clusters_than_p_through_train(tmp_path):
     # Identical images: k-means can fill only one cluster, fewer than P = 2.
     data = make_folder(tmp_path / "data", n_classes=2, per_class=3, identical=True)
     cfg = tiny_config(tmp_path, data, num_clusters=3)
-    with pytest.raises(ValueError, match=r"only 1 non-empty clusters but clusters_per_batch \(P\) is 2.*remove "
-                                         r"duplicates"):
+    with pytest.raises(
+        ValueError,
+        match=r"only 1 non-empty clusters but clusters_per_batch \(P\) is 2.*remove "
+        r"duplicates",
+    ):
         train(cfg, tmp_path / "run")
 
 
@@ -304,14 +356,18 @@ def test_checkpoint_from_a_different_configuration(tmp_path):
     run.mkdir()
     other = dataclasses.replace(cfg, lr=0.5, num_clusters=4)
     ckpt.atomic_save({"config": other.to_dict()}, run / "checkpoint.pt")
-    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint.pt was written with a different configuration "
-                                         r"\(num_clusters: 4 in the checkpoint, 3 now; lr: 0.5 in the checkpoint, "
-                                         r"0.001 now\). Resume with the run folder's own config.yaml"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint .*checkpoint.pt was written with a different configuration "
+        r"\(num_clusters: 4 in the checkpoint, 3 now; lr: 0.5 in the checkpoint, "
+        r"0.001 now\). Resume with the run folder's own config.yaml",
+    ):
         train(cfg, run, resume=True)
     # runtime settings may differ
     (run / "checkpoint.pt").unlink()
-    ckpt.atomic_save({"config": dataclasses.replace(cfg, num_workers=3, device="auto").to_dict()},
-                     run / "checkpoint.pt")
+    ckpt.atomic_save(
+        {"config": dataclasses.replace(cfg, num_workers=3, device="auto").to_dict()}, run / "checkpoint.pt"
+    )
     check_resumable(cfg, ckpt.load(run / "checkpoint.pt")["config"], run / "checkpoint.pt")
 
 
@@ -339,8 +395,11 @@ def test_damaged_run_config_yaml(tmp_path):
 def test_evaluation_k_larger_than_the_gallery():
     emb = torch.nn.functional.normalize(torch.randn(5, 4), dim=1)
     labels = torch.tensor([0, 0, 1, 1, 2])
-    with pytest.raises(ValueError, match=r"Recall@8 but the gallery has 5 items minus the query itself, so at "
-                                         r"most 4 neighbours exist; use recall_ks with values <= 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"Recall@8 but the gallery has 5 items minus the query itself, so at "
+        r"most 4 neighbours exist; use recall_ks with values <= 4",
+    ):
         evaluate(emb, labels, recall_ks=[1, 8], compute_nmi=False)
     with pytest.raises(ValueError, match=r"Recall@6 but the gallery has 5 items.*<= 5"):
         evaluate(emb, labels, recall_ks=[6], query=emb[:2], query_labels=labels[:2], compute_nmi=False)
@@ -351,38 +410,53 @@ def test_evaluation_k_larger_than_the_gallery():
 def test_evaluation_k_larger_than_the_test_split_through_train(tmp_path):
     data = make_folder(tmp_path / "data", n_classes=2, per_class=3)
     cfg = tiny_config(tmp_path, data, recall_ks=[1, 8])
-    with pytest.raises(ValueError, match=r"recall_ks asks for Recall@8 but the test split has 6 images, so each "
-                                         r"query has 5 neighbours; use recall_ks values <= 5"):
+    with pytest.raises(
+        ValueError,
+        match=r"recall_ks asks for Recall@8 but the test split has 6 images, so each "
+        r"query has 5 neighbours; use recall_ks values <= 5",
+    ):
         train(cfg, tmp_path / "run")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "lrr=1"], "did you mean lr?"),
-    (["train", "--config", "cub_lite0", "rotaton_weight=0"], "did you mean rotation_weight?"),
-    (["train", "--data", "/no/such/folder"], "/no/such/folder does not exist"),
-    (["train", "--resume", "/no/such/run"], "the folder does not exist"),
-    (["train", "--config", "no_such_preset"], "no configuration file or preset"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "lrr=1"], "did you mean lr?"),
+        (["train", "--config", "cub_lite0", "rotaton_weight=0"], "did you mean rotation_weight?"),
+        (["train", "--data", "/no/such/folder"], "/no/such/folder does not exist"),
+        (["train", "--resume", "/no/such/run"], "the folder does not exist"),
+        (["train", "--config", "no_such_preset"], "no configuration file or preset"),
+    ],
+)
 def test_bad_train_arguments_are_reported_before_torch_is_imported(argv, message):
     """A mistyped key or a missing folder is answered at once: torch (tens of seconds to import on a busy
     machine) is not imported before the command line and the configuration are checked."""
     import subprocess
     import sys
 
-    code = ("import sys; from udml.cli import main; rc = main(sys.argv[1:]); "
-            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    code = (
+        "import sys; from udml.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("error, expected", [
-    (ValueError("bad value"), True), (FileNotFoundError("no file"), True), (OSError(28, "disk full"), True),
-    (RuntimeError("a bug deep inside"), False), (KeyError("a bug deep inside"), False),
-    (AttributeError("a bug deep inside"), False),
-])
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (ValueError("bad value"), True),
+        (FileNotFoundError("no file"), True),
+        (OSError(28, "disk full"), True),
+        (RuntimeError("a bug deep inside"), False),
+        (KeyError("a bug deep inside"), False),
+        (AttributeError("a bug deep inside"), False),
+    ],
+)
 def test_command_line_turns_user_errors_into_one_line_and_keeps_the_traceback_of_anything_else(
-        monkeypatch, capsys, error, expected):
+    monkeypatch, capsys, error, expected
+):
     from udml import cli
 
     def fail(args):

@@ -29,10 +29,7 @@ def naive_metrics(query, q_labels, gallery, g_labels, self_excluded, ks):
         ranked_labels = [g_labels[j] for j in ranking]
         for k in ks:
             hits[k] += q_labels[i] in ranked_labels[:k]
-        relevant = sum(
-            1 for j, lab in enumerate(g_labels)
-            if lab == q_labels[i] and not (self_excluded and j == i)
-        )
+        relevant = sum(1 for j, lab in enumerate(g_labels) if lab == q_labels[i] and not (self_excluded and j == i))
         if relevant == 0:
             continue
         ap, n_rel = 0.0, 0
@@ -106,8 +103,13 @@ def test_query_gallery_mode_matches_naive_loops():
     gallery, g_labels = random_embeddings(120, n_classes=8, seed=7)
     query, q_labels = random_embeddings(40, n_classes=10, seed=8)  # classes 8, 9 not in gallery
     got = evaluate(
-        gallery, g_labels, query=query, query_labels=q_labels, recall_ks=(1, 5, 10),
-        compute_nmi=False, chunk_size=16,
+        gallery,
+        g_labels,
+        query=query,
+        query_labels=q_labels,
+        recall_ks=(1, 5, 10),
+        compute_nmi=False,
+        chunk_size=16,
     )
     ref = naive_metrics(query, q_labels, gallery, g_labels, self_excluded=False, ks=(1, 5, 10))
     for key in ref:
@@ -145,12 +147,12 @@ def test_recall_k_larger_than_gallery_raises():
     x, labels = random_embeddings(20)
     with pytest.raises(ValueError, match=r"Recall@20.*20 items.*<= 19"):
         evaluate(x, labels, recall_ks=(1, 20), compute_nmi=False)
-    out = evaluate(x[:5], labels[:5], query=x, query_labels=labels, recall_ks=(5,),
-                   compute_nmi=False, compute_map_at_r=False)
+    out = evaluate(
+        x[:5], labels[:5], query=x, query_labels=labels, recall_ks=(5,), compute_nmi=False, compute_map_at_r=False
+    )
     assert set(out) == {"recall@5"}
     with pytest.raises(ValueError, match=r"Recall@6.*5 items"):
-        evaluate(x[:5], labels[:5], query=x, query_labels=labels, recall_ks=(6,),
-                 compute_nmi=False)
+        evaluate(x[:5], labels[:5], query=x, query_labels=labels, recall_ks=(6,), compute_nmi=False)
 
 
 def test_bad_evaluate_inputs_raise():

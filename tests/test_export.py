@@ -1,4 +1,5 @@
 """udml.load (inference without the training configuration) and the ONNX export."""
+
 import subprocess
 import sys
 
@@ -17,8 +18,16 @@ from udml.training import save_model
 
 
 def make_model(tmp_path, backbone="smallconv", size=32, resize=None):
-    cfg = make_config(None, {"backbone": backbone, "pretrained": backbone != "smallconv", "embedding_dim": 24,
-                             "image_size": size, "resize_size": resize})
+    cfg = make_config(
+        None,
+        {
+            "backbone": backbone,
+            "pretrained": backbone != "smallconv",
+            "embedding_dim": 24,
+            "image_size": size,
+            "resize_size": resize,
+        },
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     if backbone == "smallconv":  # non-trivial BatchNorm statistics, so that eval mode matters
@@ -33,8 +42,10 @@ def make_model(tmp_path, backbone="smallconv", size=32, resize=None):
 
 def photos(n, seed=0):
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (rng.integers(30, 60), rng.integers(30, 60), 3), dtype=np.uint8))
-            for _ in range(n)]
+    return [
+        Image.fromarray(rng.integers(0, 256, (rng.integers(30, 60), rng.integers(30, 60), 3), dtype=np.uint8))
+        for _ in range(n)
+    ]
 
 
 def test_import_udml_does_not_import_torch():

@@ -1,6 +1,7 @@
 """Faults during training lose nothing: a NaN loss stops the run with the last good checkpoint intact, a full
 disk or unwritable folder leaves the previous checkpoint intact, and a run killed with SIGKILL at random
 moments resumes to exactly the result of an uninterrupted run."""
+
 import errno
 import json
 import os
@@ -14,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_errors import make_folder, tiny_config
 
 from udml import checkpoint as ckpt
 from udml import training
 from udml.cli import main as cli_main
 from udml.training import NonFiniteError, train
-
-from test_errors import make_folder, tiny_config
 
 
 def metrics_of(run: Path) -> list[dict]:
@@ -35,18 +35,21 @@ def metrics_of(run: Path) -> list[dict]:
 
 def same_state(a: dict, b: dict, tol: float = 1e-6) -> bool:
     return a.keys() == b.keys() and all(
-        torch.equal(a[k], b[k]) if not a[k].is_floating_point() else (a[k] - b[k]).abs().max() <= tol for k in a)
+        torch.equal(a[k], b[k]) if not a[k].is_floating_point() else (a[k] - b[k]).abs().max() <= tol for k in a
+    )
 
 
 def same_records(a: list[dict], b: list[dict], tol: float = 1e-6) -> bool:
     """The same metrics.jsonl records in the same order, numbers within ``tol``; timings ignored."""
+
     def close(x, y):
         if isinstance(x, float) or isinstance(y, float):
             return isinstance(x, (int, float)) and isinstance(y, (int, float)) and abs(x - y) <= tol
         return x == y
 
     return len(a) == len(b) and all(
-        r.keys() == q.keys() and all(close(r[k], q[k]) for k in r if k != "seconds") for r, q in zip(a, b))
+        r.keys() == q.keys() and all(close(r[k], q[k]) for k in r if k != "seconds") for r, q in zip(a, b)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +69,7 @@ def reference(tmp_path_factory, data):
 
 
 @pytest.mark.parametrize("bad_step, poison", [(1, float("nan")), (3, float("inf"))])
-def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, data, bad_step,
-                                                                         poison):
+def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, data, bad_step, poison):
     cfg = tiny_config(tmp_path, data, pseudo_epochs=4)
     assert cfg.iterations_per_round() == 1  # round r = step r
     original, calls = training.training_step, []
@@ -87,10 +89,16 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_checkpoint(tmp_pat
     monkeypatch.setattr(training, "training_step", poisoned)
     monkeypatch.setattr(ckpt, "atomic_save", recording_save)
     run = tmp_path / "run"
-    kept = (r"no checkpoint was written yet" if bad_step == 1 else
-            rf"the last good checkpoint .*checkpoint.pt \(after round {bad_step - 1}\) is intact")
-    with pytest.raises(NonFiniteError, match=rf"NaN or infinite at step {bad_step} \(round {bad_step}\); training "
-                                            rf"stopped and {kept}\. Lower lr"):
+    kept = (
+        r"no checkpoint was written yet"
+        if bad_step == 1
+        else rf"the last good checkpoint .*checkpoint.pt \(after round {bad_step - 1}\) is intact"
+    )
+    with pytest.raises(
+        NonFiniteError,
+        match=rf"NaN or infinite at step {bad_step} \(round {bad_step}\); training "
+        rf"stopped and {kept}\. Lower lr",
+    ):
         train(cfg, run)
     assert len(calls) == bad_step  # stopped at once: no further step
     assert not (run / "model.pt").exists()
@@ -107,8 +115,11 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_checkpoint(tmp_pat
 def test_huge_learning_rate_is_caught_before_a_useless_checkpoint(tmp_path, data):
     # One Adam step of size 1e30 leaves finite weights whose outputs overflow: no checkpoint may hold them.
     cfg = tiny_config(tmp_path, data, lr=1e30, pseudo_epochs=3)
-    with pytest.raises(NonFiniteError, match=r"the weights or the network's outputs became NaN or infinite by step 1 "
-                                            r"\(round 1\); training stopped and no checkpoint was written yet"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"the weights or the network's outputs became NaN or infinite by step 1 "
+        r"\(round 1\); training stopped and no checkpoint was written yet",
+    ):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
@@ -125,8 +136,11 @@ def test_blown_up_weights_are_caught_at_the_next_clustering(tmp_path, monkeypatc
         return out
 
     monkeypatch.setattr(training, "train_round", blow_up)
-    with pytest.raises(NonFiniteError, match=r"outputs on the training images are NaN or infinite after step 1 "
-                                            r"\(at the clustering of round 2\); training stopped and no checkpoint"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"outputs on the training images are NaN or infinite after step 1 "
+        r"\(at the clustering of round 2\); training stopped and no checkpoint",
+    ):
         train(cfg, tmp_path / "run")
 
 
@@ -151,8 +165,11 @@ def test_full_disk_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeyp
     ckpt.atomic_save({"round": 1}, tmp_path / "checkpoint.pt")
     before = (tmp_path / "checkpoint.pt").read_bytes()
     monkeypatch.setattr(ckpt.torch, "save", half_then_enospc)
-    with pytest.raises(OSError, match=rf"could not write checkpoint .*checkpoint.pt \(No space left on device\); "
-                                      rf"{FIX}") as info:
+    with pytest.raises(
+        OSError,
+        match=rf"could not write checkpoint .*checkpoint.pt \(No space left on device\); "
+        rf"{FIX}",
+    ) as info:
         ckpt.atomic_save({"round": 2}, tmp_path / "checkpoint.pt")
     assert info.value.errno == errno.ENOSPC
     assert_previous_intact(tmp_path, before)
@@ -163,8 +180,9 @@ def test_real_enospc_from_dev_full(tmp_path, monkeypatch):
     # The temporary file is /dev/full, where every write fails with ENOSPC from the kernel.
     ckpt.atomic_save({"round": 1}, tmp_path / "checkpoint.pt")
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    monkeypatch.setattr(tempfile, "mkstemp",
-                        lambda **kw: (os.open("/dev/full", os.O_WRONLY), str(tmp_path / ".checkpoint.pt.x.tmp")))
+    monkeypatch.setattr(
+        tempfile, "mkstemp", lambda **kw: (os.open("/dev/full", os.O_WRONLY), str(tmp_path / ".checkpoint.pt.x.tmp"))
+    )
     with pytest.raises(OSError, match=rf"\(No space left on device\); {FIX}") as info:
         ckpt.atomic_save({"round": 2, "weights": torch.zeros(100_000)}, tmp_path / "checkpoint.pt")
     assert info.value.errno == errno.ENOSPC
@@ -213,8 +231,11 @@ def test_full_disk_during_training_then_resume_matches(tmp_path, monkeypatch, da
 
     monkeypatch.setattr(torch, "save", second_save_fails)
     run = tmp_path / "run"
-    with pytest.raises(OSError, match=rf"could not write checkpoint .*checkpoint.pt \(No space left on device\); "
-                                      rf"{FIX}, then continue with --resume"):
+    with pytest.raises(
+        OSError,
+        match=rf"could not write checkpoint .*checkpoint.pt \(No space left on device\); "
+        rf"{FIX}, then continue with --resume",
+    ):
         train(cfg, run)
     monkeypatch.undo()
     assert ckpt.load(run / "checkpoint.pt")["rounds_done"] == 1
@@ -234,14 +255,18 @@ def test_resume_with_another_thread_count_warns(tmp_path, data, reference):
     state["cpu_threads"] = torch.get_num_threads() + 1
     ckpt.atomic_save(state, run / "checkpoint.pt")
     train(tiny_config(tmp_path, data, pseudo_epochs=3), run, resume=True)
-    assert (f"written with {torch.get_num_threads() + 1} CPU threads and this process uses "
-            f"{torch.get_num_threads()}") in (run / "train.log").read_text()
+    assert (
+        f"written with {torch.get_num_threads() + 1} CPU threads and this process uses {torch.get_num_threads()}"
+    ) in (run / "train.log").read_text()
 
 
 def test_full_disk_message_on_the_command_line(tmp_path, monkeypatch, data, capsys):
     cfg = tiny_config(tmp_path, data)
-    overrides = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in cfg.to_dict().items()
-                 if v is not None and k != "loss_params"]
+    overrides = [
+        f"{k}={json.dumps(v) if isinstance(v, list) else v}"
+        for k, v in cfg.to_dict().items()
+        if v is not None and k != "loss_params"
+    ]
     monkeypatch.setattr(torch, "save", half_then_enospc)
     assert cli_main(["train", *overrides]) == 2
     err = capsys.readouterr().err
@@ -259,8 +284,9 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_T
 
 def launch(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "udml", "train", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=ENV)
+        return subprocess.Popen(
+            [sys.executable, "-m", "udml", "train", *args], stdout=out, stderr=subprocess.STDOUT, env=ENV
+        )
 
 
 def wait_then_kill(proc: subprocess.Popen, run: Path, lines: int, delay: float, timeout: float = 60) -> bool:
@@ -310,6 +336,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_result(tm
     ref, got = metrics_of(out / "reference"), metrics_of(run)
     assert same_records(got, ref)  # no duplicates, no gaps, same values: losses, cluster statistics, metrics
     assert ref[-1].get("final") and got[-1].get("final")
-    assert same_state(ckpt.load(run / "model.pt")["state_dict"],
-                      ckpt.load(out / "reference" / "model.pt")["state_dict"])
+    assert same_state(
+        ckpt.load(run / "model.pt")["state_dict"], ckpt.load(out / "reference" / "model.pt")["state_dict"]
+    )
     assert not list(run.glob(".checkpoint.pt.*.tmp"))

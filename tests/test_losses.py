@@ -64,11 +64,14 @@ def test_loss_params_reach_the_loss_and_the_miner():
     assert loss.loss.margin == 0.2 and loss.miner.margin == 0.1 and loss.miner.type_of_triplets == "hard"
 
 
-@pytest.mark.parametrize("name, params, named", [
-    ("multi_similarity", {"alpah": 5}, "alpah"),
-    ("multi_similarity", {"epsilon": 0.2}, "epsilon"),  # the miner's, without its miner_ prefix
-    ("contrastive", {"miner_epsilon": 0.2}, "miner_epsilon"),  # contrastive has no miner
-])
+@pytest.mark.parametrize(
+    "name, params, named",
+    [
+        ("multi_similarity", {"alpah": 5}, "alpah"),
+        ("multi_similarity", {"epsilon": 0.2}, "epsilon"),  # the miner's, without its miner_ prefix
+        ("contrastive", {"miner_epsilon": 0.2}, "miner_epsilon"),  # contrastive has no miner
+    ],
+)
 def test_mistyped_loss_params_are_errors_that_list_the_valid_ones(name, params, named):
     with pytest.raises(ValueError, match=f"{named} not a parameter of loss '{name}'; valid: "):
         create_loss(name, params)

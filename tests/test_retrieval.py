@@ -1,4 +1,5 @@
 """embed / index / search (library and command line) on CUB images, and `udml train --data DIR`."""
+
 import json
 import os
 from pathlib import Path
@@ -11,8 +12,17 @@ from PIL import Image
 from udml.cli import main
 from udml.config import default_num_clusters, load_config, make_config
 from udml.models import build_model
-from udml.retrieval import (Embedder, Embeddings, build_index, embed_folder, load_embeddings, load_index,
-                            save_embeddings, save_index, search)
+from udml.retrieval import (
+    Embedder,
+    Embeddings,
+    build_index,
+    embed_folder,
+    load_embeddings,
+    load_index,
+    save_embeddings,
+    save_index,
+    search,
+)
 from udml.training import save_model
 
 CLASSES = ("001.Black_footed_Albatross", "017.Cardinal", "036.Northern_Flicker")
@@ -158,8 +168,27 @@ def test_command_line_embed_index_search(tmp_path, cub3, model_file, capsys):
     assert "ivf index of" in capsys.readouterr().out
     queries = [str(sorted((cub3 / c).iterdir())[0]) for c in CLASSES[:2]]
     out, grid = tmp_path / "out.json", tmp_path / "grid.png"
-    assert main(["search", str(idx), *queries, "--model", str(model_file), "-k", "4", "--json", str(out),
-                 "--grid", str(grid), "--folder-labels", "--cell", "64"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                str(idx),
+                *queries,
+                "--model",
+                str(model_file),
+                "-k",
+                "4",
+                "--json",
+                str(out),
+                "--grid",
+                str(grid),
+                "--folder-labels",
+                "--cell",
+                "64",
+            ]
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     stored = load_embeddings(emb)
     brute = {p: e for p, e in zip(stored.paths, stored.embeddings)}
@@ -222,16 +251,18 @@ def test_search_with_another_network_is_an_error(tmp_path, cub3, model_file, cap
     assert main(["search", str(idx), query, "--model", str(tmp_path / "other.pt"), "-k", "2"]) == 2
     err = capsys.readouterr().err
     assert "embedded by another network" in err and "--allow-other-model" in err
-    assert main(["search", str(idx), query, "--model", str(tmp_path / "other.pt"), "-k", "2",
-                 "--allow-other-model"]) == 0
+    assert (
+        main(["search", str(idx), query, "--model", str(tmp_path / "other.pt"), "-k", "2", "--allow-other-model"]) == 0
+    )
 
 
 # --------------------------------------------------------------------------- udml train --data DIR
 
+
 def test_default_num_clusters_rule():
-    assert default_num_clusters(5864) == 117              # CUB's training split: near the paper's 100
+    assert default_num_clusters(5864) == 117  # CUB's training split: near the paper's 100
     assert default_num_clusters(50_000) == 1000
-    assert default_num_clusters(100) == 16                 # at least one batch's worth of clusters
+    assert default_num_clusters(100) == 16  # at least one batch's worth of clusters
     assert default_num_clusters(100, clusters_per_batch=4) == 4
     assert default_num_clusters(10_000_000) == 10_000
     assert make_config("folder").num_clusters is None
@@ -247,9 +278,20 @@ def test_train_on_an_unlabelled_folder(tmp_path, cub3, capsys):
     for i, f in enumerate(sorted((cub3 / CLASSES[1]).iterdir())[:40]):
         (data / ("2019/trip" if i % 2 else "") / f"img{i}.jpg").write_bytes(f.read_bytes())
     (data / "damaged.jpg").write_bytes(b"\xff\xd8 truncated")
-    small = ["backbone=smallconv", "pretrained=false", "freeze_bn=false", "image_size=32", "resize_size=36",
-             "embedding_dim=32", "clusters_per_batch=4", "pseudo_epochs=5", "lr=1e-3", "num_workers=0",
-             "cache_images=false", "run_name=r"]
+    small = [
+        "backbone=smallconv",
+        "pretrained=false",
+        "freeze_bn=false",
+        "image_size=32",
+        "resize_size=36",
+        "embedding_dim=32",
+        "clusters_per_batch=4",
+        "pseudo_epochs=5",
+        "lr=1e-3",
+        "num_workers=0",
+        "cache_images=false",
+        "run_name=r",
+    ]
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "runs"), "--device", "cpu", *small]) == 0
     run = tmp_path / "runs" / "r"
     cfg = load_config(run / "config.yaml")
@@ -262,8 +304,23 @@ def test_train_on_an_unlabelled_folder(tmp_path, cub3, capsys):
         assert (run / name).is_file(), name
 
     # with a labelled test folder the run is evaluated
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "runs"), "--device", "cpu", *small[:-1],
-                 f"test_root={cub3}", "run_name=r2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "runs"),
+                "--device",
+                "cpu",
+                *small[:-1],
+                f"test_root={cub3}",
+                "run_name=r2",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (tmp_path / "runs" / "r2" / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r.get("final")]
     assert len(final) == 1 and 0 < final[0]["recall@1"] <= 1
@@ -285,5 +342,5 @@ def test_embed_and_search_with_the_pretrained_backbone_alone(tmp_path, cub3, cap
     capsys.readouterr()
     assert main(["search", str(emb), query, "-k", "3", "--keep-self"]) == 0  # the model comes from the file
     out = capsys.readouterr().out
-    top = json.loads(out[out.index("["):])[0]["results"][0]
+    top = json.loads(out[out.index("[") :])[0]["results"][0]
     assert top["path"] == query and top["score"] == pytest.approx(1, abs=1e-4)  # the query embeds as stored

@@ -1,5 +1,6 @@
 """benchmarks/scale.py end to end at a tiny size: the JSON it writes has every step, and the approximate
 indexes' Recall@1 loss is a finite number."""
+
 import json
 import math
 import subprocess
@@ -15,9 +16,25 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("scale") / "scale.json"
     # 1200 <= the query limit: whole evaluate() call; 2000 above it: a query subset, extrapolated.
-    cmd = [sys.executable, str(SCRIPT), "--sizes", "1200", "2000", "--exact-query-limit", "1500",
-           "--kmeans-k", "50", "--kmeans-iters", "2", "--device", "cpu", "--ef-search", "64",
-           "--results", str(out)]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--sizes",
+        "1200",
+        "2000",
+        "--exact-query-limit",
+        "1500",
+        "--kmeans-k",
+        "50",
+        "--kmeans-iters",
+        "2",
+        "--device",
+        "cpu",
+        "--ef-search",
+        "64",
+        "--results",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| N | step | seconds |" in proc.stdout
@@ -45,8 +62,13 @@ def test_machine_data_and_sizes(results):
 def test_exact_steps_and_extrapolation(results):
     small, big = rows(results, 1200), rows(results, 2000)
     for r in (small, big):
-        for step in ("synthetic data", "k-means torch", "exact kNN (evaluation.knn)", "Recall@K + MAP@R from the kNN",
-                     "NMI (k-means K=classes + assignment_nmi)"):
+        for step in (
+            "synthetic data",
+            "k-means torch",
+            "exact kNN (evaluation.knn)",
+            "Recall@K + MAP@R from the kNN",
+            "NMI (k-means K=classes + assignment_nmi)",
+        ):
             assert r[step]["seconds"] >= 0 and r[step]["extrapolated"] is False
         assert r["exact kNN (evaluation.knn)"]["peak_rss_mb"] > 0
         # capped at 2 iterations: the default count is extrapolated, and marked so
@@ -56,7 +78,8 @@ def test_exact_steps_and_extrapolation(results):
     assert "exact kNN, all queries" not in small
     assert big["exact kNN, all queries"]["extrapolated"] is True
     assert big["exact kNN, all queries"]["seconds"] == pytest.approx(
-        big["exact kNN (evaluation.knn)"]["seconds"] * 2000 / 1500)
+        big["exact kNN (evaluation.knn)"]["seconds"] * 2000 / 1500
+    )
     assert "evaluate(compute_nmi=False)" not in big  # all-vs-all is not run above the query limit
 
 

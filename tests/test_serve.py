@@ -1,4 +1,5 @@
 """udml serve: the JSON API (FastAPI's test client) and the page in a real headless browser, on CUB images."""
+
 import io
 import json
 import os
@@ -12,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import shared_data
 from udml.cli import main
 from udml.config import make_config
 from udml.models import build_model
@@ -90,8 +91,12 @@ def test_info_and_paging(client, embedded):
     page = client.get("/api/images", params={"offset": 30, "limit": 10}).json()
     assert page["total"] == 36 and [it["id"] for it in page["items"]] == list(range(30, 36))
     first = client.get("/api/images", params={"limit": 1}).json()["items"][0]
-    assert first == {"id": 0, "name": Path(embedded.paths[0]).name, "folder": CLASSES[0],
-                     "path": f"{CLASSES[0]}/{Path(embedded.paths[0]).name}"}
+    assert first == {
+        "id": 0,
+        "name": Path(embedded.paths[0]).name,
+        "folder": CLASSES[0],
+        "path": f"{CLASSES[0]}/{Path(embedded.paths[0]).name}",
+    }
     assert client.get("/api/images/0").json() == first
     cardinals = client.get("/api/images", params={"contains": "cardinal", "limit": 500}).json()
     assert cardinals["total"] == PER_CLASS and all(it["folder"] == CLASSES[1] for it in cardinals["items"])
@@ -201,8 +206,9 @@ def test_broken_uploads_get_400(client):
     assert empty.status_code == 400 and "empty" in empty.json()["detail"]
     no_file = client.post("/api/search", data={"note": "hello"}, files={"x": (None, "y")})
     assert no_file.status_code == 400 and "form field 'image'" in no_file.json()["detail"]
-    broken_form = client.post("/api/search", content=b"--zz\r\ngarbage",
-                              headers={"content-type": "multipart/form-data; boundary=zz"})
+    broken_form = client.post(
+        "/api/search", content=b"--zz\r\ngarbage", headers={"content-type": "multipart/form-data; boundary=zz"}
+    )
     assert broken_form.status_code == 400, broken_form.text
     assert client.post("/api/search?k=0", content=b"x").status_code == 400
 
@@ -303,8 +309,13 @@ def test_command_line_serve(tmp_path, index_file, model_file, capsys):
     finally:
         taken.close()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "udml", "serve", str(index_file), "--port", "0", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "udml", "serve", str(index_file), "--port", "0", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("udml serve: 36 images of ") and "http://127.0.0.1:" in line, (line, proc.poll())
@@ -324,6 +335,7 @@ def test_command_line_serve(tmp_path, index_file, model_file, capsys):
 
 
 # --------------------------------------------------------------------------- the page in a real browser
+
 
 class LiveServer:
     """uvicorn serving an app in a thread, on a free port of 127.0.0.1."""
@@ -356,16 +368,27 @@ def chromium(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,900"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1400,900",
+    ):
         options.add_argument(flag)
     # an explicit driver: Selenium Manager must not try to download one
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-                    reason=f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)")
+@pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason=f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)",
+)
 def test_page_in_a_headless_browser(tmp_path, collection, embedded):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -378,8 +401,11 @@ def test_page_in_a_headless_browser(tmp_path, collection, embedded):
             driver.get(server.url)
             # the grid: every image of the first page, thumbnails decoded, folder names below them
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid figure img")) == 36)
-            wait.until(lambda d: d.execute_script(
-                "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"))
+            wait.until(
+                lambda d: d.execute_script(
+                    "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"
+                )
+            )
             figures = driver.find_elements(By.CSS_SELECTOR, "#grid figure")
             assert figures[14].text == CLASSES[1] and "36 images" in driver.find_element(By.ID, "meta").text
 
@@ -391,12 +417,17 @@ def test_page_in_a_headless_browser(tmp_path, collection, embedded):
             shown = [float(r.find_element(By.CLASS_NAME, "score").text) for r in results]
             np.testing.assert_allclose(shown, scores, atol=1.5e-3)
             frames = [r.get_attribute("class") for r in results]
-            expected = ["match" if embedded.paths[int(r.get_attribute("data-id"))].split("/")[-2] == CLASSES[1]
-                        else "miss" for r in results]
+            expected = [
+                "match" if embedded.paths[int(r.get_attribute("data-id"))].split("/")[-2] == CLASSES[1] else "miss"
+                for r in results
+            ]
             assert frames == expected
             driver.find_element(By.ID, "folders").click()  # the toggle: plain grey frames
-            wait.until(lambda d: all(f.get_attribute("class") == "" for f in
-                                     d.find_elements(By.CSS_SELECTOR, "#results figure")))
+            wait.until(
+                lambda d: all(
+                    f.get_attribute("class") == "" for f in d.find_elements(By.CSS_SELECTOR, "#results figure")
+                )
+            )
 
             # an uploaded image (the file input is what a drop feeds too)
             upload = driver.find_element(By.ID, "upload")

@@ -6,11 +6,11 @@ import torch
 from udml import checkpoint as ckpt
 from udml.cli import main as cli
 from udml.config import make_config
-from udml.rundir import CHECKPOINT, METRICS, MODEL
-from udml.training import train, training_step
 from udml.inference import load_model
 from udml.losses import create_loss
 from udml.models import build_model
+from udml.rundir import CHECKPOINT, METRICS, MODEL
+from udml.training import train, training_step
 
 QUICK = ["pseudo_epochs=4", "recluster_every=2", "num_workers=0", "pictures=false"]
 
@@ -24,7 +24,7 @@ def test_default_job_writes_a_run_folder(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "start  (embedding) R@1" in out and "NMI" in out
     assert "estimated duration of the whole schedule" in out
-    table = out[out.index("final (embedding)"):]
+    table = out[out.index("final (embedding)") :]
     assert "change vs start (embedding)" in table and "change vs start (pooled)" in table
     run = tmp_path / "r"
     # train.log holds every printed line, after a line that marks the start
@@ -32,7 +32,16 @@ def test_default_job_writes_a_run_folder(tmp_path, capsys):
     assert "===== udml train started" in log_text
     printed = [line for line in out.splitlines() if line.strip()]
     assert printed and [line for line in printed if line not in log_text] == []
-    for name in ("config.yaml", METRICS, CHECKPOINT, MODEL, "train.log", "curves.png", "retrieval.png", "embeddings.png"):
+    for name in (
+        "config.yaml",
+        METRICS,
+        CHECKPOINT,
+        MODEL,
+        "train.log",
+        "curves.png",
+        "retrieval.png",
+        "embeddings.png",
+    ):
         assert (run / name).is_file(), name
     evals = records(run, "eval")
     cfg = make_config("digits", QUICK)
@@ -58,8 +67,17 @@ def test_default_job_writes_a_run_folder(tmp_path, capsys):
 
 def test_resume_continues_and_reaches_the_same_result(tmp_path):
     full = train(make_config("digits", QUICK + ["run_name=full", f"out_dir={tmp_path}"]))
-    cfg = make_config("digits", ["pseudo_epochs=2", "recluster_every=2", "num_workers=0", "pictures=false", "run_name=part",
-                                 f"out_dir={tmp_path}"])
+    cfg = make_config(
+        "digits",
+        [
+            "pseudo_epochs=2",
+            "recluster_every=2",
+            "num_workers=0",
+            "pictures=false",
+            "run_name=part",
+            f"out_dir={tmp_path}",
+        ],
+    )
     train(cfg)  # the first half: one round, as if the run had been stopped after it
     part = tmp_path / "part"
     state = ckpt.load(part / CHECKPOINT)
@@ -97,19 +115,41 @@ def test_rotation_weight_zero_switches_the_rotation_task_off():
 @pytest.mark.slow
 def test_udml_ss_on_omniglot_beats_its_own_start(tmp_path, omniglot_root):
     """Real data from ../shared, from scratch on CPU: the trained embedding must retrieve better than the start."""
-    cfg = make_config(None, [
-        "dataset=omniglot", f"data_root={omniglot_root}", "backbone=smallconv", "pretrained=false",
-        "freeze_bn=false", "image_size=28", "resize_size=28", "hflip=false", "crop_scale_min=0.6",
-        "embedding_dim=128", "num_clusters=300", "lr=1e-3", "rotation_weight=0.5",
-        "pseudo_epochs=6", "recluster_every=3", "recall_ks=[1, 2, 4, 8]", "pictures=false", f"out_dir={tmp_path}",
-        "run_name=omni"])
+    cfg = make_config(
+        None,
+        [
+            "dataset=omniglot",
+            f"data_root={omniglot_root}",
+            "backbone=smallconv",
+            "pretrained=false",
+            "freeze_bn=false",
+            "image_size=28",
+            "resize_size=28",
+            "hflip=false",
+            "crop_scale_min=0.6",
+            "embedding_dim=128",
+            "num_clusters=300",
+            "lr=1e-3",
+            "rotation_weight=0.5",
+            "pseudo_epochs=6",
+            "recluster_every=3",
+            "recall_ks=[1, 2, 4, 8]",
+            "pictures=false",
+            f"out_dir={tmp_path}",
+            "run_name=omni",
+        ],
+    )
     result = train(cfg)
     start, final = result["start"]["embedding"], result["final"]["embedding"]
     assert final["recall@1"] > start["recall@1"] + 0.05, (start, final)
 
 
 def test_supervised_ceiling_trains_on_the_true_labels(tmp_path):
-    result = train(make_config("digits", QUICK + ["supervised=true", "clusters_per_batch=5", "run_name=sup", f"out_dir={tmp_path}"]))
+    result = train(
+        make_config(
+            "digits", QUICK + ["supervised=true", "clusters_per_batch=5", "run_name=sup", f"out_dir={tmp_path}"]
+        )
+    )
     run = tmp_path / "sup"
     assert records(run, "cluster") == []  # no clustering at all
     assert len(records(run, "train")) == 2 and result["step"] > 0

@@ -1,4 +1,5 @@
 """The two random-crop rules of the training transform."""
+
 import pytest
 import torch
 from PIL import Image

@@ -4,6 +4,7 @@ Files are read with ``torch.load(weights_only=True)``: unpickling anything else 
 received from someone else. A checkpoint holds the model's and the optimiser's state, the pseudo-labels, the
 rounds and steps done, the configuration, the start metrics and the CPU thread count.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -29,8 +30,10 @@ def load(path: str | Path, map_location="cpu") -> dict:
     """A checkpoint or model file, as tensors and plain data; anything else is refused, not executed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; resume only a run folder that holds {path.name}, "
-                                "or start a new run without --resume")
+        raise FileNotFoundError(
+            f"no checkpoint at {path}; resume only a run folder that holds {path.name}, "
+            "or start a new run without --resume"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -40,8 +43,9 @@ def load(path: str | Path, map_location="cpu") -> dict:
             f"kind; if you trust the file (you made it), convert it once: python -m udml.checkpoint upgrade {path}"
         ) from e
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is damaged or not a "
-                         "udml checkpoint") from e
+        raise ValueError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is damaged or not a udml checkpoint"
+        ) from e
 
 
 def upgrade(path: str | Path) -> list[str]:

@@ -1,4 +1,5 @@
 """Command line: ``udml train``, ``evaluate``, ``embed``, ``index``, ``search``, ``serve`` and ``export``."""
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,8 @@ def _evaluate(args) -> int:
 
     from .data import ImageDataset, test_transform
     from .datasets import load_split
-    from .evaluation import evaluate
     from .devices import resolve_device
+    from .evaluation import evaluate
     from .inference import extract, load_model
     from .report import format_metrics
 
@@ -72,8 +73,9 @@ def _evaluate(args) -> int:
     image_set = load_split(args.dataset, args.data, args.split)
     if image_set.labels is None:
         raise ValueError(f"{image_set.name} has no labels; evaluation needs one sub-folder per class")
-    ds = ImageDataset(image_set, test_transform(model.image_size, resize_size=model.resize_size),
-                      short_side=model.resize_size)
+    ds = ImageDataset(
+        image_set, test_transform(model.image_size, resize_size=model.resize_size), short_side=model.resize_size
+    )
     _, emb = extract(model, ds, batch_size=args.batch_size, num_workers=args.workers)
     metrics = evaluate(emb, torch.as_tensor(ds.labels, device=emb.device), recall_ks=args.recall_ks)
     print(f"{image_set.name} ({len(ds)} images, {image_set.num_classes} classes): {format_metrics(metrics)}")
@@ -114,8 +116,10 @@ def _search(args) -> int:
     index, paths, meta = load_index(args.index)
     model = args.model or meta.get("model")
     if not model or not (os.path.exists(model) or model.startswith(PRETRAINED)):
-        raise FileNotFoundError(f"no model to embed the queries: pass --model (the model that embedded {args.index}"
-                                + (f"; {model} is gone)" if model else ")"))
+        raise FileNotFoundError(
+            f"no model to embed the queries: pass --model (the model that embedded {args.index}"
+            + (f"; {model} is gone)" if model else ")")
+        )
     embedder = Embedder.from_file(model, args.device or "auto")
     check_model_matches(embedder, meta, str(args.index), allow_other=args.allow_other_model)
     queries = []
@@ -138,12 +142,21 @@ def _search(args) -> int:
         def cls(p):
             return Path(p).parent.name
 
-        matches = [[cls(r["path"]) == cls(q) for r in res] for q, res in zip(queries, results)] \
-            if args.folder_labels else None
+        matches = (
+            [[cls(r["path"]) == cls(q) for r in res] for q, res in zip(queries, results)]
+            if args.folder_labels
+            else None
+        )
         captions = [[f"{r['score']:.3f}\n{_where(r['path'])}" for r in res] for res in results]
-        retrieval_grid(queries, [[r["path"] for r in res] for res in results], args.grid, matches=matches,
-                       captions=captions, query_captions=[f"query\n{_where(q)}" for q in queries],
-                       cell=args.cell)
+        retrieval_grid(
+            queries,
+            [[r["path"] for r in res] for res in results],
+            args.grid,
+            matches=matches,
+            captions=captions,
+            query_captions=[f"query\n{_where(q)}" for q in queries],
+            cell=args.cell,
+        )
         print(f"picture -> {args.grid}")
     return 0
 
@@ -153,8 +166,8 @@ def _where(path: str, width: int = 24) -> str:
     folder, name = Path(path).parent.name, Path(path).name
     if len(folder) + 1 + len(name) > width:
         keep = max(4, width - 1 - min(len(name), width // 2))
-        folder = folder[:keep - 1] + "~" if len(folder) > keep else folder
-        name = name[:width - 1 - len(folder)]
+        folder = folder[: keep - 1] + "~" if len(folder) > keep else folder
+        name = name[: width - 1 - len(folder)]
     return f"{folder}/{name}"
 
 
@@ -163,9 +176,15 @@ def _serve(args) -> int:
 
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-    collection = open_collection(args.index, model=args.model, device=args.device or "auto",
-                                 cache_dir=args.cache_dir, thumb_size=args.thumb_size, map_fit_points=args.map_points,
-                                 default_k=args.k)
+    collection = open_collection(
+        args.index,
+        model=args.model,
+        device=args.device or "auto",
+        cache_dir=args.cache_dir,
+        thumb_size=args.thumb_size,
+        map_fit_points=args.map_points,
+        default_k=args.k,
+    )
     serve(collection, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 2**20))
     return 0
 
@@ -177,9 +196,11 @@ def _export(args) -> int:
     model = load_model(args.model, "cpu")
     diff = export_onnx(model, args.output, input_kind=args.input, opset=args.opset)
     check = "" if diff is None else f"; onnxruntime matches PyTorch to {diff:.1e}"
-    print(f"{args.output}: input 'images' {args.input} [B, 3, {model.image_size}, {model.image_size}] "
-          f"(RGB 0-255, shorter side resized to {model.resize_size} then centre-cropped), output 'embeddings' "
-          f"[B, {model.embedding_dim}]{check}")
+    print(
+        f"{args.output}: input 'images' {args.input} [B, 3, {model.image_size}, {model.image_size}] "
+        f"(RGB 0-255, shorter side resized to {model.resize_size} then centre-cropped), output 'embeddings' "
+        f"[B, {model.embedding_dim}]{check}"
+    )
     return 0
 
 
@@ -187,16 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="udml", description="Unsupervised deep metric learning (UDML-SS).")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train an embedding network without labels",
-                       description="Train by UDML-SS. With no arguments: the default job, a small convnet from "
-                                   "scratch on the Omniglot subset shipped inside the package (about a minute on 2 CPU "
-                                   "cores).",
-                       epilog="Several GPUs or machines: torchrun --nproc_per_node=N -m udml train ... "
-                              "(DistributedDataParallel; clusters_per_batch must be divisible by the number of "
-                              "processes).")
+    t = sub.add_parser(
+        "train",
+        help="train an embedding network without labels",
+        description="Train by UDML-SS. With no arguments: the default job, a small convnet from "
+        "scratch on the Omniglot subset shipped inside the package (about a minute on 2 CPU "
+        "cores).",
+        epilog="Several GPUs or machines: torchrun --nproc_per_node=N -m udml train ... "
+        "(DistributedDataParallel; clusters_per_batch must be divisible by the number of "
+        "processes).",
+    )
     t.add_argument("--config", "-c", help=f"a preset ({', '.join(preset_names())}) or a YAML file")
-    t.add_argument("--data", help="data set root (sets data_root); without --config: a folder of your own "
-                   "unlabelled images (any nesting), trained with the folder preset")
+    t.add_argument(
+        "--data",
+        help="data set root (sets data_root); without --config: a folder of your own "
+        "unlabelled images (any nesting), trained with the folder preset",
+    )
     t.add_argument("--out", help="folder for run folders (sets out_dir)")
     t.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
@@ -216,8 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_evaluate)
 
     m = sub.add_parser("embed", help="embed every image under a folder into an .npz file (embeddings + paths)")
-    m.add_argument("model", help="model.pt, checkpoint.pt or a run folder; or pretrained:NAME (e.g. "
-                   "pretrained:efficientnet_lite0) to embed with a pretrained backbone alone, without training")
+    m.add_argument(
+        "model",
+        help="model.pt, checkpoint.pt or a run folder; or pretrained:NAME (e.g. "
+        "pretrained:efficientnet_lite0) to embed with a pretrained backbone alone, without training",
+    )
     m.add_argument("folder", help="folder of images (any nesting); unreadable files are reported and skipped")
     m.add_argument("--output", "-o", required=True, help="embeddings file to write (.npz)")
     m.add_argument("--batch-size", type=int, default=64)
@@ -228,11 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("index", help="build a faiss index (exact by default) over an embeddings file")
     i.add_argument("embeddings", help="an .npz file written by udml embed")
     i.add_argument("--output", "-o", required=True, help="index file to write; the paths go to <output>.json")
-    i.add_argument("--ivf", type=int, nargs="?", const=0, metavar="NLIST",
-                   help="approximate: inverted lists with NLIST cells (default 4 sqrt(N))")
+    i.add_argument(
+        "--ivf",
+        type=int,
+        nargs="?",
+        const=0,
+        metavar="NLIST",
+        help="approximate: inverted lists with NLIST cells (default 4 sqrt(N))",
+    )
     i.add_argument("--nprobe", type=int, default=16, help="cells visited per query with --ivf")
-    i.add_argument("--hnsw", type=int, nargs="?", const=32, metavar="M",
-                   help="approximate: HNSW graph with M links per node (default 32)")
+    i.add_argument(
+        "--hnsw",
+        type=int,
+        nargs="?",
+        const=32,
+        metavar="M",
+        help="approximate: HNSW graph with M links per node (default 32)",
+    )
     i.set_defaults(func=_index)
 
     s = sub.add_parser("search", help="the most similar indexed images of one or more query images")
@@ -243,39 +285,63 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write the results (paths and cosine similarities) here instead of printing them")
     s.add_argument("--grid", help="write a PNG with one row per query: the query, then its results")
     s.add_argument("--cell", type=int, default=128, help="size in pixels of one image in the grid")
-    s.add_argument("--folder-labels", action="store_true",
-                   help="frame results green when their folder has the query's folder name, red otherwise")
+    s.add_argument(
+        "--folder-labels",
+        action="store_true",
+        help="frame results green when their folder has the query's folder name, red otherwise",
+    )
     s.add_argument("--keep-self", action="store_true", help="keep a query's own file among its results")
-    s.add_argument("--allow-other-model", action="store_true",
-                   help="search even when --model is not the network that embedded the collection (by default an "
-                        "error: the neighbours would be meaningless)")
+    s.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="search even when --model is not the network that embedded the collection (by default an "
+        "error: the neighbours would be meaningless)",
+    )
     s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     s.set_defaults(func=_search)
 
-    v = sub.add_parser("serve", help="browse an index in a web browser: a grid, a 2-D map, nearest neighbours",
-                       description="Start a local web server over an index: a paged grid of the images, a click "
-                                   "shows an image's nearest neighbours, an uploaded image searches the collection, "
-                                   "a 2-D map (t-SNE) shows the whole. JSON API under /api/ (see README).")
+    v = sub.add_parser(
+        "serve",
+        help="browse an index in a web browser: a grid, a 2-D map, nearest neighbours",
+        description="Start a local web server over an index: a paged grid of the images, a click "
+        "shows an image's nearest neighbours, an uploaded image searches the collection, "
+        "a 2-D map (t-SNE) shows the whole. JSON API under /api/ (see README).",
+    )
     v.add_argument("index", help="an index from udml index, or an .npz from udml embed (exact search)")
-    v.add_argument("--model", help="the model that embedded the collection, for uploaded queries (default: the one "
-                   "recorded in the index; without one, uploads are off and browsing still works)")
-    v.add_argument("--host", default="127.0.0.1",
-                   help="interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every machine)")
+    v.add_argument(
+        "--model",
+        help="the model that embedded the collection, for uploaded queries (default: the one "
+        "recorded in the index; without one, uploads are off and browsing still works)",
+    )
+    v.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every machine)",
+    )
     v.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
     v.add_argument("-k", type=int, default=10, help="neighbours shown per query (default 10; the page can change it)")
     v.add_argument("--max-upload-mb", type=float, default=10, help="largest uploaded image in MB (default 10)")
     v.add_argument("--cache-dir", help="where thumbnails and the 2-D map are cached (default <index>.serve-cache/)")
     v.add_argument("--thumb-size", type=int, default=192, help="thumbnail size in pixels (default 192)")
-    v.add_argument("--map-points", type=int, default=5000, help="t-SNE is fitted on at most this many embeddings; "
-                   "the others are placed by their nearest fitted neighbours (default 5000)")
+    v.add_argument(
+        "--map-points",
+        type=int,
+        default=5000,
+        help="t-SNE is fitted on at most this many embeddings; "
+        "the others are placed by their nearest fitted neighbours (default 5000)",
+    )
     v.add_argument("--device", help="for embedding uploads: auto (default), cpu, cuda or cuda:N")
     v.set_defaults(func=_serve)
 
     x = sub.add_parser("export", help="export a model to ONNX (images in, L2-normalised embeddings out)")
     x.add_argument("model", help="model.pt, checkpoint.pt or a run folder")
     x.add_argument("--output", "-o", required=True, help="the .onnx file to write")
-    x.add_argument("--input", choices=["uint8", "float"], default="uint8",
-                   help="input type: uint8 or float32 RGB pixels in 0-255, NCHW (default uint8)")
+    x.add_argument(
+        "--input",
+        choices=["uint8", "float"],
+        default="uint8",
+        help="input type: uint8 or float32 RGB pixels in 0-255, NCHW (default uint8)",
+    )
     x.add_argument("--opset", type=int, default=17)
     x.set_defaults(func=_export)
     return p
@@ -302,8 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - sorted below: expected ones become one line, the rest is re-raised
         if not isinstance(e, expected_errors()):
             if type(e).__name__ == "OutOfMemoryError":
-                print(f"udml {args.command}: out of memory on the GPU: lower clusters_per_batch or "
-                      "eval_batch_size, set grad_checkpointing=true, or use a smaller image_size", file=sys.stderr)
+                print(
+                    f"udml {args.command}: out of memory on the GPU: lower clusters_per_batch or "
+                    "eval_batch_size, set grad_checkpointing=true, or use a smaller image_size",
+                    file=sys.stderr,
+                )
             raise
         print(f"udml {args.command}: error: {e}", file=sys.stderr)
         return 2

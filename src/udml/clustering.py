@@ -122,13 +122,15 @@ def kmeans(
             init_centroids = torch.nn.functional.normalize(init_centroids, dim=1)
     backend = _resolve_backend(backend, x, device)
     if backend == "faiss":
-        result = _kmeans_faiss(
-            x, k, niter=niter, init_centroids=init_centroids, seed=int(seed), spherical=spherical
-        )
+        result = _kmeans_faiss(x, k, niter=niter, init_centroids=init_centroids, seed=int(seed), spherical=spherical)
     else:
         dev = torch.device(device) if device is not None else x.device
         result = _kmeans_torch(
-            x.to(dev), k, niter=niter, init_centroids=init_centroids, seed=int(seed),
+            x.to(dev),
+            k,
+            niter=niter,
+            init_centroids=init_centroids,
+            seed=int(seed),
             spherical=spherical,
         )
     n_empty = int((result.sizes() == 0).sum())
@@ -149,8 +151,7 @@ def assignment_nmi(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -
     a_np, b_np = _as_label_array(a, "a"), _as_label_array(b, "b")
     if a_np.shape != b_np.shape:
         raise ValueError(
-            f"assignment_nmi: labelings must have the same length, got {a_np.shape[0]} and "
-            f"{b_np.shape[0]}"
+            f"assignment_nmi: labelings must have the same length, got {a_np.shape[0]} and {b_np.shape[0]}"
         )
     return float(normalized_mutual_info_score(a_np, b_np))
 
@@ -170,9 +171,7 @@ def _as_float_matrix(x: torch.Tensor | np.ndarray, name: str = "x") -> torch.Ten
         raise ValueError(f"kmeans: {name} must hold real numbers, got dtype {x.dtype}")
     x = x.detach().to(torch.float32)
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(
-            f"kmeans: {name} contains NaN or Inf values; remove or fix those rows first"
-        )
+        raise ValueError(f"kmeans: {name} contains NaN or Inf values; remove or fix those rows first")
     return x
 
 
@@ -194,8 +193,7 @@ def _resolve_backend(backend: str, x: torch.Tensor, device: str | torch.device |
     if backend == "faiss":
         if not faiss_available():
             raise ImportError(
-                "kmeans: backend='faiss' needs the faiss package; `pip install faiss-cpu` or use "
-                "backend='torch'"
+                "kmeans: backend='faiss' needs the faiss package; `pip install faiss-cpu` or use backend='torch'"
             )
         if device is not None and not on_cpu:
             raise ValueError(
@@ -206,7 +204,12 @@ def _resolve_backend(backend: str, x: torch.Tensor, device: str | torch.device |
 
 
 def _kmeans_faiss(
-    x: torch.Tensor, k: int, *, niter: int, init_centroids: torch.Tensor | None, seed: int,
+    x: torch.Tensor,
+    k: int,
+    *,
+    niter: int,
+    init_centroids: torch.Tensor | None,
+    seed: int,
     spherical: bool = False,
 ) -> KMeansResult:
     import faiss
@@ -243,7 +246,12 @@ def _kmeans_faiss(
 
 
 def _kmeans_torch(
-    x: torch.Tensor, k: int, *, niter: int, init_centroids: torch.Tensor | None, seed: int,
+    x: torch.Tensor,
+    k: int,
+    *,
+    niter: int,
+    init_centroids: torch.Tensor | None,
+    seed: int,
     spherical: bool = False,
 ) -> KMeansResult:
     x = x.contiguous()
@@ -280,9 +288,7 @@ def _kmeans_torch(
     )
 
 
-def _kmeans_plus_plus(
-    x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator
-) -> torch.Tensor:
+def _kmeans_plus_plus(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): one distance update per new centre."""
     n = x.shape[0]
     centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)

@@ -1,4 +1,5 @@
 """Configuration as data: one flat dataclass, YAML presets, ``key=value`` overrides."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,79 +11,80 @@ from typing import Any
 
 import yaml
 
-
 KMEANS_BACKENDS = ("auto", "faiss", "torch")
 
 
 @dataclass
 class Config:
     # data
-    dataset: str = "digits"            # a name in udml.datasets.DATASETS
+    dataset: str = "digits"  # a name in udml.datasets.DATASETS
     data_root: str | None = None
-    test_root: str | None = None       # root of the test split; default data_root. For dataset "folder": a
-                                       # labelled folder (one sub-folder per class); none = no evaluations
+    test_root: str | None = None  # root of the test split; default data_root. For dataset "folder": a
+    # labelled folder (one sub-folder per class); none = no evaluations
     train_split: str = "train"
     test_split: str = "test"
-    image_size: int | None = None      # crop size; None = the backbone's default
-    resize_size: int | None = None     # shorter side before cropping; None = image_size * 256 / 227
-    crop_scale_min: float = 0.16       # RandomResizedCrop lower scale bound
-    crop_rule: str = "torchvision"     # torchvision: redraw boxes that do not fit; clamped: clamp them to the image
+    image_size: int | None = None  # crop size; None = the backbone's default
+    resize_size: int | None = None  # shorter side before cropping; None = image_size * 256 / 227
+    crop_scale_min: float = 0.16  # RandomResizedCrop lower scale bound
+    crop_rule: str = "torchvision"  # torchvision: redraw boxes that do not fit; clamped: clamp them to the image
     hflip: bool = True
-    cache_images: bool = True          # keep decoded images in memory
-    stack_budget_gb: float = 4.0       # keep test-transformed images as one tensor when they fit in this
-    num_workers: int = -1              # -1: one per CPU core, at most 8
+    cache_images: bool = True  # keep decoded images in memory
+    stack_budget_gb: float = 4.0  # keep test-transformed images as one tensor when they fit in this
+    num_workers: int = -1  # -1: one per CPU core, at most 8
 
     # model
-    backbone: str = "smallconv"        # a name in udml.models.BACKBONES or "timm:<model name>"
+    backbone: str = "smallconv"  # a name in udml.models.BACKBONES or "timm:<model name>"
     pretrained: bool = True
     embedding_dim: int = 512
     rotation_hidden: int = 256
-    freeze_bn: bool = True             # keep BatchNorm running statistics fixed while training
-    grad_checkpointing: bool = False   # recompute activations in the backward pass (timm backbones): less memory
+    freeze_bn: bool = True  # keep BatchNorm running statistics fixed while training
+    grad_checkpointing: bool = False  # recompute activations in the backward pass (timm backbones): less memory
 
     # pseudo-labels
-    num_clusters: int | None = 100     # K; null = default_num_clusters(N training images): N / 50, clipped
+    num_clusters: int | None = 100  # K; null = default_num_clusters(N training images): N / 50, clipped
     kmeans_iters: int = 20
-    kmeans_backend: str = "auto"       # auto | faiss | torch
-    recluster_init: str = "warm"       # warm: start from the previous clusters' centres; fresh: k-means++ each time
+    kmeans_backend: str = "auto"  # auto | faiss | torch
+    recluster_init: str = "warm"  # warm: start from the previous clusters' centres; fresh: k-means++ each time
 
     # batches and losses
-    clusters_per_batch: int = 16       # P
-    images_per_cluster: int = 5        # M
-    rotation_images: int = 16          # R, each rotated 0/90/180/270 degrees
-    loss: str = "multi_similarity"     # a name in udml.losses.LOSSES
+    clusters_per_batch: int = 16  # P
+    images_per_cluster: int = 5  # M
+    rotation_images: int = 16  # R, each rotated 0/90/180/270 degrees
+    loss: str = "multi_similarity"  # a name in udml.losses.LOSSES
     loss_params: dict = field(default_factory=dict)
-    rotation_weight: float = 0.1       # lambda; 0 turns the rotation task off (UDML)
-    rotation_pass: str = "joint"       # joint: one backbone pass over [batch; rotated] (shared BatchNorm
-                                       # statistics); separate: two passes, each with its own statistics
-    supervised: bool = False           # benchmarks only: train on the true training labels (a ceiling)
+    rotation_weight: float = 0.1  # lambda; 0 turns the rotation task off (UDML)
+    rotation_pass: str = "joint"  # joint: one backbone pass over [batch; rotated] (shared BatchNorm
+    # statistics); separate: two passes, each with its own statistics
+    supervised: bool = False  # benchmarks only: train on the true training labels (a ceiling)
 
     # optimisation and schedule
     lr: float = 1e-5
-    head_lr: float | None = None       # learning rate of the two heads; None = lr
+    head_lr: float | None = None  # learning rate of the two heads; None = lr
     weight_decay: float = 5e-4
-    pseudo_epochs: int = 600           # one pseudo-epoch = num_clusters * epoch_images_per_cluster images
+    pseudo_epochs: int = 600  # one pseudo-epoch = num_clusters * epoch_images_per_cluster images
     epoch_images_per_cluster: int = 5
-    recluster_every: int = 5           # pseudo-epochs between two clusterings
+    recluster_every: int = 5  # pseudo-epochs between two clusterings
 
     # evaluation
     recall_ks: list = field(default_factory=lambda: [1, 2, 4, 8])
-    eval_every: int = 0                # clustering rounds between evaluations; 0 = start and end only
+    eval_every: int = 0  # clustering rounds between evaluations; 0 = start and end only
     eval_batch_size: int = 256
 
     # run
     seed: int = 0
-    device: str = "auto"               # auto | cpu | cuda | cuda:N
-    amp: bool = True                   # bfloat16 autocast and channels_last on CUDA
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bfloat16 autocast and channels_last on CUDA
     out_dir: str = "runs"
-    pictures: bool = True              # retrieval grid, curves and t-SNE map written at the end of a run
-    checkpoint_every: int = 1          # clustering rounds between checkpoints (the last round always writes one)
+    pictures: bool = True  # retrieval grid, curves and t-SNE map written at the end of a run
+    checkpoint_every: int = 1  # clustering rounds between checkpoints (the last round always writes one)
     run_name: str | None = None
 
     def iterations_per_round(self) -> int:
         if self.num_clusters is None:
-            raise ValueError("num_clusters is null: it is set from the number of training images when training "
-                             "starts (default_num_clusters); give a number to compute the schedule beforehand")
+            raise ValueError(
+                "num_clusters is null: it is set from the number of training images when training "
+                "starts (default_num_clusters); give a number to compute the schedule beforehand"
+            )
         images = self.recluster_every * self.num_clusters * self.epoch_images_per_cluster
         return max(1, images // (self.clusters_per_batch * self.images_per_cluster))
 
@@ -94,9 +96,20 @@ class Config:
 
 
 # Fields that may differ between a run and its resumption without changing the result.
-RUNTIME_FIELDS = {"num_workers", "device", "out_dir", "run_name", "data_root", "test_root", "eval_batch_size",
-                  "cache_images", "stack_budget_gb", "eval_every", "checkpoint_every",
-                  "pictures"}
+RUNTIME_FIELDS = {
+    "num_workers",
+    "device",
+    "out_dir",
+    "run_name",
+    "data_root",
+    "test_root",
+    "eval_batch_size",
+    "cache_images",
+    "stack_budget_gb",
+    "eval_every",
+    "checkpoint_every",
+    "pictures",
+}
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
@@ -126,7 +139,8 @@ def _read_yaml(path_or_name: str) -> dict[str, Any]:
         if not entry.is_file():
             raise FileNotFoundError(
                 f"no configuration file or preset named {path_or_name!r}; "
-                f"give a path to a .yaml file or one of the presets: {', '.join(preset_names())}")
+                f"give a path to a .yaml file or one of the presets: {', '.join(preset_names())}"
+            )
         text = entry.read_text()
         where = f"preset {name}"
     data = yaml.safe_load(text) or {}
@@ -151,8 +165,9 @@ def _check_keys(data: dict[str, Any], where: str) -> None:
             if close:
                 hints.append(f"{key} -> did you mean {close[0]}?")
         hint = f" ({'; '.join(hints)})" if hints else ""
-        raise UnknownKey(f"{where}: unknown configuration key(s) {', '.join(unknown)}{hint}; "
-                       f"valid keys are: {', '.join(FIELDS)}")
+        raise UnknownKey(
+            f"{where}: unknown configuration key(s) {', '.join(unknown)}{hint}; valid keys are: {', '.join(FIELDS)}"
+        )
 
 
 def check_paths(cfg: Config) -> None:
@@ -160,8 +175,10 @@ def check_paths(cfg: Config) -> None:
     for key in ("data_root", "test_root"):
         value = getattr(cfg, key)
         if value is not None and not Path(value).exists():
-            raise FileNotFoundError(f"{key}: {value} does not exist; give the folder that holds the "
-                                    f"{cfg.dataset} data (--data sets data_root)")
+            raise FileNotFoundError(
+                f"{key}: {value} does not exist; give the folder that holds the "
+                f"{cfg.dataset} data (--data sets data_root)"
+            )
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -223,31 +240,48 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ValueError(message)
 
-    need(cfg.num_clusters is None or cfg.num_clusters >= 2,
-         f"num_clusters (K) must be at least 2, got {cfg.num_clusters}; set num_clusters to 2 or more "
-         "(the paper uses 100 for 100 unseen classes)")
-    need(cfg.clusters_per_batch >= 2, f"clusters_per_batch (P) must be at least 2, got {cfg.clusters_per_batch}; "
-         "a batch needs clusters to contrast")
-    need(cfg.images_per_cluster >= 2, f"images_per_cluster (M) must be at least 2, got {cfg.images_per_cluster}; "
-         "a batch needs positive pairs")
-    need(cfg.num_clusters is None or cfg.clusters_per_batch <= cfg.num_clusters,
-         f"clusters_per_batch (P={cfg.clusters_per_batch}) cannot exceed num_clusters (K={cfg.num_clusters}); "
-         "lower clusters_per_batch or raise num_clusters")
+    need(
+        cfg.num_clusters is None or cfg.num_clusters >= 2,
+        f"num_clusters (K) must be at least 2, got {cfg.num_clusters}; set num_clusters to 2 or more "
+        "(the paper uses 100 for 100 unseen classes)",
+    )
+    need(
+        cfg.clusters_per_batch >= 2,
+        f"clusters_per_batch (P) must be at least 2, got {cfg.clusters_per_batch}; a batch needs clusters to contrast",
+    )
+    need(
+        cfg.images_per_cluster >= 2,
+        f"images_per_cluster (M) must be at least 2, got {cfg.images_per_cluster}; a batch needs positive pairs",
+    )
+    need(
+        cfg.num_clusters is None or cfg.clusters_per_batch <= cfg.num_clusters,
+        f"clusters_per_batch (P={cfg.clusters_per_batch}) cannot exceed num_clusters (K={cfg.num_clusters}); "
+        "lower clusters_per_batch or raise num_clusters",
+    )
     need(cfg.rotation_weight >= 0, f"rotation_weight (lambda) must be >= 0, got {cfg.rotation_weight}")
-    need(cfg.rotation_pass in ("joint", "separate"),
-         f"rotation_pass must be 'joint' or 'separate', got {cfg.rotation_pass!r}")
+    need(
+        cfg.rotation_pass in ("joint", "separate"),
+        f"rotation_pass must be 'joint' or 'separate', got {cfg.rotation_pass!r}",
+    )
     need(cfg.rotation_images >= 1, f"rotation_images must be at least 1, got {cfg.rotation_images}")
     need(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
-    need(cfg.pseudo_epochs >= 1 and cfg.recluster_every >= 1,
-         "pseudo_epochs and recluster_every must be at least 1")
+    need(cfg.pseudo_epochs >= 1 and cfg.recluster_every >= 1, "pseudo_epochs and recluster_every must be at least 1")
     need(0 < cfg.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {cfg.crop_scale_min}")
-    need(len(cfg.recall_ks) > 0 and all(int(k) >= 1 for k in cfg.recall_ks),
-         f"recall_ks must be a non-empty list of positive integers, got {cfg.recall_ks}")
-    need(cfg.crop_rule in ("torchvision", "clamped"),
-         f"crop_rule must be 'torchvision' or 'clamped', got {cfg.crop_rule!r}")
-    need(cfg.recluster_init in ("warm", "fresh"), f"recluster_init must be 'warm' or 'fresh', got {cfg.recluster_init!r}")
-    need(cfg.kmeans_backend in KMEANS_BACKENDS,
-         f"kmeans_backend must be one of {', '.join(KMEANS_BACKENDS)}, got {cfg.kmeans_backend!r}")
+    need(
+        len(cfg.recall_ks) > 0 and all(int(k) >= 1 for k in cfg.recall_ks),
+        f"recall_ks must be a non-empty list of positive integers, got {cfg.recall_ks}",
+    )
+    need(
+        cfg.crop_rule in ("torchvision", "clamped"),
+        f"crop_rule must be 'torchvision' or 'clamped', got {cfg.crop_rule!r}",
+    )
+    need(
+        cfg.recluster_init in ("warm", "fresh"), f"recluster_init must be 'warm' or 'fresh', got {cfg.recluster_init!r}"
+    )
+    need(
+        cfg.kmeans_backend in KMEANS_BACKENDS,
+        f"kmeans_backend must be one of {', '.join(KMEANS_BACKENDS)}, got {cfg.kmeans_backend!r}",
+    )
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -261,12 +295,15 @@ def save_config(cfg: Config, path: Path) -> None:
 def load_config(path: Path) -> Config:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no configuration file at {path}; a run folder holds the config.yaml its run "
-                                "was started with")
+        raise FileNotFoundError(
+            f"no configuration file at {path}; a run folder holds the config.yaml its run was started with"
+        )
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of configuration keys to values, got "
-                         f"{type(data).__name__}; the file is damaged: restore it, or copy the configuration "
-                         "from the checkpoint (torch.load(...)['config'])")
+        raise ValueError(
+            f"{path}: expected a mapping of configuration keys to values, got "
+            f"{type(data).__name__}; the file is damaged: restore it, or copy the configuration "
+            "from the checkpoint (torch.load(...)['config'])"
+        )
     _check_keys(data, str(path))
     return Config(**data)

@@ -1,4 +1,5 @@
 """Transforms and the torch Dataset over an ImageSet, with decoded images optionally cached in memory."""
+
 from __future__ import annotations
 
 import copy
@@ -45,10 +46,18 @@ class ClampedRandomResizedCrop(T.RandomResizedCrop):
 CROP_RULES = {"torchvision": T.RandomResizedCrop, "clamped": ClampedRandomResizedCrop}
 
 
-def train_transform(image_size: int, *, resize_size: int | None = None,
-                    crop_scale_min: float = 0.16, hflip: bool = True, crop_rule: str = "torchvision") -> T.Compose:
-    steps = [T.Resize(resize_for(image_size, resize_size)),
-             CROP_RULES[crop_rule](image_size, scale=(crop_scale_min, 1.0))]
+def train_transform(
+    image_size: int,
+    *,
+    resize_size: int | None = None,
+    crop_scale_min: float = 0.16,
+    hflip: bool = True,
+    crop_rule: str = "torchvision",
+) -> T.Compose:
+    steps = [
+        T.Resize(resize_for(image_size, resize_size)),
+        CROP_RULES[crop_rule](image_size, scale=(crop_scale_min, 1.0)),
+    ]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     return T.Compose(steps + [T.PILToTensor()])
@@ -95,6 +104,7 @@ def decode_all(images: list, short_side: int | None = None, workers: int | None 
     Images larger than needed are shrunk to ``short_side`` so that the cache stays small. With ``transform``
     the items are ``transform(image)`` instead of the decoded images' arrays.
     """
+
     def load(i):
         try:
             img = _shrink(open_rgb(images[i]), short_side)
@@ -117,7 +127,7 @@ def decode_stacked(images: list, transform, short_side: int | None = None, chunk
     """
     out, bad, n = None, [], 0
     for start in range(0, len(images), chunk):
-        items, errors = decode_all(images[start:start + chunk], short_side, transform=transform)
+        items, errors = decode_all(images[start : start + chunk], short_side, transform=transform)
         bad += [(start + i, item, error) for i, item, error in errors]
         for x in items:
             if x is not None:
@@ -133,6 +143,7 @@ def check_headers(images: list, workers: int | None = None) -> list:
 
     Much cheaper than decoding; a file damaged after an intact header still fails later, when it is opened.
     """
+
     def check(i):
         if isinstance(images[i], Image.Image):
             return None
@@ -172,8 +183,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(self, image_set: ImageSet, transform, cache: bool | str = True, short_side: int | None = None):
         self.image_set, self.transform = image_set, transform
         if len(image_set) == 0:
-            raise ValueError(f"data set {image_set.name!r} has no images; check data_root and that the files "
-                             "follow the data set's layout (or, for a folder, have an image extension)")
+            raise ValueError(
+                f"data set {image_set.name!r} has no images; check data_root and that the files "
+                "follow the data set's layout (or, for a folder, have an image extension)"
+            )
         items = list(image_set.images)
         keep = np.arange(len(items))
         self.arrays = self.stacked = None
@@ -192,8 +205,10 @@ class ImageDataset(torch.utils.data.Dataset):
         self.kept = keep
         if len(self.items) == 0:
             first = f" (first: {bad[0][1]}: {bad[0][2]})" if bad else ""
-            raise ValueError(f"data set {image_set.name!r}: none of its {len(image_set)} images could be read"
-                             f"{first}; replace the damaged files or point data_root at an intact copy")
+            raise ValueError(
+                f"data set {image_set.name!r}: none of its {len(image_set)} images could be read"
+                f"{first}; replace the damaged files or point data_root at an intact copy"
+            )
 
     def _report(self, bad) -> None:
         report_unreadable(self.image_set.name, [(item, err) for _, item, err in bad])
@@ -207,8 +222,10 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             return open_rgb(self.items[i])
         except Exception as e:  # noqa: BLE001
-            raise OSError(f"cannot read image {self.items[i]}: {e}. Remove or replace the file, or enable "
-                          "cache_images so that unreadable files are skipped up front") from e
+            raise OSError(
+                f"cannot read image {self.items[i]}: {e}. Remove or replace the file, or enable "
+                "cache_images so that unreadable files are skipped up front"
+            ) from e
 
     def with_transform(self, transform) -> "ImageDataset":
         if self.stacked is not None:
@@ -230,12 +247,18 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(self.image(i)), i
 
 
-def make_loader(dataset, *, batch_size: int = 1, batch_sampler=None, num_workers: int = 0, device="cpu",
-                persistent: bool = False):
+def make_loader(
+    dataset, *, batch_size: int = 1, batch_sampler=None, num_workers: int = 0, device="cpu", persistent: bool = False
+):
     kwargs = dict(batch_sampler=batch_sampler) if batch_sampler is not None else dict(batch_size=batch_size)
     return torch.utils.data.DataLoader(
-        dataset, shuffle=False, num_workers=num_workers, pin_memory=str(device).startswith("cuda"),
-        persistent_workers=persistent and num_workers > 0, **kwargs)
+        dataset,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=str(device).startswith("cuda"),
+        persistent_workers=persistent and num_workers > 0,
+        **kwargs,
+    )
 
 
 def default_workers() -> int:
@@ -254,6 +277,6 @@ def stack(dataset, *, num_workers: int = 0, budget_gb: float = 4.0, batch_size: 
     out = torch.empty((len(dataset),) + tuple(x0.shape), dtype=x0.dtype)
     i = 0
     for x, _ in make_loader(dataset, batch_size=batch_size, num_workers=num_workers):
-        out[i:i + len(x)] = x
+        out[i : i + len(x)] = x
         i += len(x)
     return out

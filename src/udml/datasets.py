@@ -81,14 +81,11 @@ def _existing_folder(root: str | Path | None, dataset: str, layout: str) -> Path
         raise ValueError(f"{dataset}: root is required; pass the folder holding {layout}")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(
-            f"{dataset}: data-set folder {root} does not exist; expected a folder holding {layout}"
-        )
+        raise FileNotFoundError(f"{dataset}: data-set folder {root} does not exist; expected a folder holding {layout}")
     return root
 
 
-def _resolve_root(root: str | Path | None, dataset: str, marker: str, folder: str,
-                  layout: str) -> Path:
+def _resolve_root(root: str | Path | None, dataset: str, marker: str, folder: str, layout: str) -> Path:
     """Return the data-set root: ``root`` itself, or ``root/folder`` when ``root`` is the
     parent the archive was extracted into. ``marker`` is a file or folder the root must hold."""
     root = _existing_folder(root, dataset, layout)
@@ -134,8 +131,9 @@ def _dense_labels(ids) -> tuple[np.ndarray, list]:
     return labels.astype(np.int64), uniq.tolist()
 
 
-def _check_counts(name: str, strict: bool, source: Path, expected: tuple[int, int],
-                  found: tuple[int, int], unit: str = "classes") -> None:
+def _check_counts(
+    name: str, strict: bool, source: Path, expected: tuple[int, int], found: tuple[int, int], unit: str = "classes"
+) -> None:
     if strict and tuple(found) != tuple(expected):
         raise ValueError(
             f"{name}: expected {expected[0]:,} images in {expected[1]:,} {unit} (the canonical "
@@ -149,9 +147,7 @@ def _spot_check_images(paths: list[str], dataset: str, source: Path, layout: str
     """Cheap existence check for large sets: the first and the last listed image."""
     for p in {paths[0], paths[-1]} if paths else ():
         if not os.path.exists(p):
-            raise FileNotFoundError(
-                f"{dataset}: image {p} listed in {source} is missing; expected layout: {layout}"
-            )
+            raise FileNotFoundError(f"{dataset}: image {p} listed in {source} is missing; expected layout: {layout}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,8 +170,12 @@ def _keep_classes(full: ImageSet, keep_class: np.ndarray, name: str) -> ImageSet
     classes = np.flatnonzero(keep_class)
     relabel = np.full(len(full.class_names), -1)
     relabel[classes] = np.arange(len(classes))
-    return ImageSet([f for f, k in zip(full.images, keep) if k], relabel[full.labels[keep]], name,
-                    [full.class_names[c] for c in classes])
+    return ImageSet(
+        [f for f, k in zip(full.images, keep) if k],
+        relabel[full.labels[keep]],
+        name,
+        [full.class_names[c] for c in classes],
+    )
 
 
 def load_cub(root: str | Path | None, split: str, *, strict: bool = True) -> ImageSet:
@@ -276,8 +276,7 @@ def load_cars196(root: str | Path | None, split: str, *, strict: bool = True) ->
     except Exception as e:  # scipy raises several types for corrupt files
         raise ValueError(f"{mat_path}: cannot be read as a MATLAB file ({e})") from e
     annos = mat.get("annotations")
-    if annos is None or annos.dtype.names is None or not {"relative_im_path", "class"} <= set(
-            annos.dtype.names):
+    if annos is None or annos.dtype.names is None or not {"relative_im_path", "class"} <= set(annos.dtype.names):
         raise ValueError(
             f"{mat_path}: no struct array 'annotations' with fields relative_im_path and class; "
             f"expected layout: {CARS_LAYOUT}"
@@ -387,10 +386,7 @@ def load_inshop(root: str | Path | None, split: str, *, strict: bool = True) -> 
     by_split: dict[str, list[tuple[str, str]]] = {"train": [], "query": [], "gallery": []}
     for lineno, (rel, item, status) in rows:
         if status not in by_split:
-            raise ValueError(
-                f"{list_path}:{lineno}: evaluation_status must be train, query or gallery, got "
-                f"{status!r}"
-            )
+            raise ValueError(f"{list_path}:{lineno}: evaluation_status must be train, query or gallery, got {status!r}")
         by_split[status].append((rel, item))
 
     selected = by_split[split]
@@ -408,8 +404,7 @@ def load_inshop(root: str | Path | None, split: str, *, strict: bool = True) -> 
     expected_n, expected_items = INSHOP_COUNTS[split]
     if expected_items is None:
         expected_items = INSHOP_TEST_ITEMS
-    _check_counts(name, strict, list_path, (expected_n, expected_items),
-                  (len(files), len(item_ids)), unit="items")
+    _check_counts(name, strict, list_path, (expected_n, expected_items), (len(files), len(item_ids)), unit="items")
     return ImageSet(files, labels, name, item_ids)
 
 
@@ -427,8 +422,7 @@ OMNIGLOT_DRAWERS = 20
 
 def _sorted_entries(path: Path, dirs: bool) -> list[os.DirEntry]:
     with os.scandir(path) as it:
-        return sorted((e for e in it if e.is_dir() == dirs and not e.name.startswith(".")),
-                      key=lambda e: e.name)
+        return sorted((e for e in it if e.is_dir() == dirs and not e.name.startswith(".")), key=lambda e: e.name)
 
 
 OMNIGLOT_VAL_EVERY = 6  # background alphabets 0, 6, 12, 18, 24 (sorted by name) form the validation split
@@ -454,8 +448,7 @@ def load_omniglot(root: str | Path | None, split: str, *, strict: bool = True) -
     files, labels, class_names, wrong = [], [], [], []
     for alphabet in _sorted_entries(split_dir, dirs=True):
         for char in _sorted_entries(Path(alphabet.path), dirs=True):
-            pngs = [e.path for e in _sorted_entries(Path(char.path), dirs=False)
-                    if e.name.lower().endswith(".png")]
+            pngs = [e.path for e in _sorted_entries(Path(char.path), dirs=False) if e.name.lower().endswith(".png")]
             if not pngs:
                 continue
             if len(pngs) != OMNIGLOT_DRAWERS:
@@ -464,8 +457,7 @@ def load_omniglot(root: str | Path | None, split: str, *, strict: bool = True) -
             files += pngs
             class_names.append(f"{alphabet.name}/{char.name}")
     if not files:
-        raise ValueError(f"omniglot: no .png images under {split_dir}; expected layout: "
-                         f"{OMNIGLOT_LAYOUT}")
+        raise ValueError(f"omniglot: no .png images under {split_dir}; expected layout: {OMNIGLOT_LAYOUT}")
     name = f"omniglot/{split}"
     if strict and wrong:
         raise ValueError(
@@ -501,8 +493,11 @@ def load_folder(root: str | Path | None, split: str, *, strict: bool = True) -> 
     # followlinks: class folders are often symlinks into a larger collection
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        files += [os.path.join(dirpath, f) for f in filenames
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+        files += [
+            os.path.join(dirpath, f)
+            for f in filenames
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+        ]
     files.sort()
     if not files:
         raise ValueError(f"folder: no images found under {root} with the extensions {exts}")
@@ -536,8 +531,7 @@ def load_digits(root: str | Path | None, split: str, *, strict: bool = True) -> 
     first = 0 if split == "train" else 5
     keep = np.flatnonzero((data.target >= first) & (data.target < first + 5))
     pixels = np.clip(np.rint(data.images[keep] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    images = [Image.fromarray(p).resize((32, 32), Image.Resampling.BICUBIC)
-              for p in pixels]
+    images = [Image.fromarray(p).resize((32, 32), Image.Resampling.BICUBIC) for p in pixels]
     labels = data.target[keep].astype(np.int64) - first
     return ImageSet(images, labels, f"digits/{split}", [str(d) for d in range(first, first + 5)])
 
@@ -567,8 +561,10 @@ def load_omniglot_mini(root: str | Path | None, split: str, *, strict: bool = Tr
     else:
         source = Path(root).expanduser()
         if not source.is_file():
-            raise FileNotFoundError(f"omniglot_mini: {source} is not a file; give an .npz pack written by "
-                                    "benchmarks/make_omniglot_mini.py, or no root for the shipped one")
+            raise FileNotFoundError(
+                f"omniglot_mini: {source} is not a file; give an .npz pack written by "
+                "benchmarks/make_omniglot_mini.py, or no root for the shipped one"
+            )
     with source.open("rb") as f, np.load(f, allow_pickle=False) as pack:
         size = int(pack["size"])
         bits = pack[f"{split}_images"]
@@ -596,8 +592,7 @@ DATASETS: dict[str, Callable[..., ImageSet]] = {
 }
 
 
-def load_split(dataset: str, root: str | Path | None, split: str, *,
-               strict: bool = True) -> ImageSet:
+def load_split(dataset: str, root: str | Path | None, split: str, *, strict: bool = True) -> ImageSet:
     """Load one split of a registered data set, e.g. ``load_split("cub", "data/CUB_200_2011",
     "train")``. ``strict=False`` skips the canonical-count check (for subsets and fixtures)."""
     if dataset not in DATASETS:

@@ -1,4 +1,5 @@
 """Where tensors run: the device a configuration asks for, and mixed precision on CUDA."""
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 ``torchrun --nproc_per_node=N -m udml train ...`` sets RANK, WORLD_SIZE and LOCAL_RANK; everything here is a
 no-op in a plain single process, so the training loop calls these functions unconditionally.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,7 +65,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
     sizes = [int(s) for s in sizes]
     padded = torch.zeros((max(sizes),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[:len(x)] = x
+    padded[: len(x)] = x
     parts = [torch.empty_like(padded) for _ in range(w)]
     dist.all_gather(parts, padded)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])

@@ -41,10 +41,7 @@ def knn(
             "embed both with the same model"
         )
     if query.device != gallery.device:
-        raise ValueError(
-            f"knn: query is on {query.device} but gallery on {gallery.device}; move both to one "
-            "device"
-        )
+        raise ValueError(f"knn: query is on {query.device} but gallery on {gallery.device}; move both to one device")
     k = _check_positive_int(k, "knn: k")
     chunk_size = _check_positive_int(chunk_size, "knn: chunk_size")
     nq, ng = query.shape[0], gallery.shape[0]
@@ -77,9 +74,7 @@ def knn(
     return sims, idx
 
 
-def recall_at_k(
-    neighbor_labels: Tensor, query_labels: Tensor, ks: Sequence[int]
-) -> dict[int, float]:
+def recall_at_k(neighbor_labels: Tensor, query_labels: Tensor, ks: Sequence[int]) -> dict[int, float]:
     """Fraction (0-1) of queries with a same-label item among their first ``k`` neighbours.
 
     ``neighbor_labels`` [Nq, M] holds the labels of each query's neighbours, nearest first.
@@ -101,9 +96,7 @@ def map_at_r(neighbor_labels: Tensor, query_labels: Tensor, r: Tensor) -> float:
     r = _check_r(r, query_labels.shape[0]).to(neighbor_labels.device)
     valid = r > 0
     if not bool(valid.any()):
-        raise ValueError(
-            "map_at_r: no query has a relevant gallery item (all r are 0); MAP@R is undefined"
-        )
+        raise ValueError("map_at_r: no query has a relevant gallery item (all r are 0); MAP@R is undefined")
     max_r = int(r.max())
     if max_r > neighbor_labels.shape[1]:
         raise ValueError(
@@ -121,9 +114,7 @@ def nmi(embeddings: Tensor, labels: Tensor, *, seed: int = 0, backend: str = "au
     labels = _check_labels(labels, embeddings.shape[0], "labels")
     n_classes = int(torch.unique(labels).numel())
     if n_classes < 2:
-        raise ValueError(
-            f"nmi: labels hold {n_classes} distinct class; NMI needs at least 2 classes"
-        )
+        raise ValueError(f"nmi: labels hold {n_classes} distinct class; NMI needs at least 2 classes")
     result = kmeans(embeddings, n_classes, seed=seed, backend=backend)
     return assignment_nmi(result.labels, labels.cpu())
 
@@ -253,10 +244,7 @@ def _check_labels(labels: Tensor, n: int, name: str) -> Tensor:
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dim() != 1 or labels.shape[0] != n:
-        raise ValueError(
-            f"{name} must be 1-D with one label per embedding ({n}), got shape "
-            f"{list(labels.shape)}"
-        )
+        raise ValueError(f"{name} must be 1-D with one label per embedding ({n}), got shape {list(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"{name} must hold integer class ids, got dtype {labels.dtype}")
     return labels.long()
@@ -295,9 +283,7 @@ def _check_ks(ks: Sequence[int], available: int | None, where: str) -> list[int]
 
 def _check_exclude(exclude: Tensor, nq: int, ng: int) -> Tensor:
     if not isinstance(exclude, Tensor) or exclude.dim() != 1 or exclude.shape[0] != nq:
-        raise ValueError(
-            f"knn: exclude must be a 1-D int64 tensor with one gallery index per query ({nq})"
-        )
+        raise ValueError(f"knn: exclude must be a 1-D int64 tensor with one gallery index per query ({nq})")
     if exclude.is_floating_point():
         raise ValueError(f"knn: exclude must hold integer indices, got dtype {exclude.dtype}")
     exclude = exclude.long()

@@ -5,6 +5,7 @@ model's ``image_size`` (shorter side to ``resize_size`` first) and pass RGB pixe
 ``uint8`` input (0-255), or ``float`` input (float32, still 0-255, not normalised). The batch size
 is dynamic.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -30,8 +31,15 @@ class _EmbeddingGraph(nn.Module):
         return self.model.embed(self.model.pooled(x))
 
 
-def export_onnx(model: nn.Module, path: str | Path, *, input_kind: str = "uint8", opset: int = 17,
-                check: bool = True, batch: int = 2) -> float | None:
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    input_kind: str = "uint8",
+    opset: int = 17,
+    check: bool = True,
+    batch: int = 2,
+) -> float | None:
     """Write ``model`` (a UDMLNet in eval mode, see :func:`udml.inference.load_model`) as ONNX to ``path``.
 
     Inputs are named ``images`` ([B, 3, S, S], S = model.image_size), outputs ``embeddings`` ([B, D]).
@@ -51,11 +59,25 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_kind: str = "uint8"
     with warnings.catch_warnings():
         # The TorchScript-based exporter: the torch.export-based one needs the onnxscript package.
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(graph, (example,), str(path), dynamo=False, input_names=["images"],
-                          output_names=["embeddings"], opset_version=opset,
-                          dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}})
-    _add_metadata(path, {"udml_image_size": str(size), "udml_resize_size": str(model.image.resize_size),
-                         "udml_input": input_kind, "udml_embedding_dim": str(model.embedding_dim)})
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["embeddings"],
+            opset_version=opset,
+            dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+        )
+    _add_metadata(
+        path,
+        {
+            "udml_image_size": str(size),
+            "udml_resize_size": str(model.image.resize_size),
+            "udml_input": input_kind,
+            "udml_embedding_dim": str(model.embedding_dim),
+        },
+    )
     if not check:
         return None
     x = torch.randint(0, 256, (batch + 1, 3, size, size), dtype=torch.uint8)
@@ -72,9 +94,11 @@ def require_onnx(runtime: bool = True) -> None:
 
     missing = [m for m in ("onnx", "onnxruntime")[: 2 if runtime else 1] if importlib.util.find_spec(m) is None]
     if missing:
-        raise ImportError(f"udml export needs the package(s) {', '.join(missing)}, which are not installed in this "
-                          f"Python environment; install udml with its dependencies (pip install -e . in a checkout, "
-                          f"or pip install {' '.join(missing)})")
+        raise ImportError(
+            f"udml export needs the package(s) {', '.join(missing)}, which are not installed in this "
+            f"Python environment; install udml with its dependencies (pip install -e . in a checkout, "
+            f"or pip install {' '.join(missing)})"
+        )
 
 
 def _add_metadata(path: Path, props: dict[str, str]) -> None:

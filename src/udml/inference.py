@@ -1,4 +1,5 @@
 """Embedding images with a trained network, and loading one from a model file or checkpoint."""
+
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,6 @@ import torch
 from .data import make_loader
 from .devices import autocast
 from .rundir import RunDir
-
 
 # On the CPU the model embeds a batch in parts of at most this many images: a forward pass holds about 16 MB of
 # activations per image (EfficientNet-Lite0, 224 px), so 256 images at once cost 4 GB more than 32 and run no
@@ -19,15 +19,16 @@ CPU_CHUNK = 32
 def _batches(data, batch_size, num_workers, device):
     if isinstance(data, torch.Tensor):
         for i in range(0, len(data), batch_size):
-            yield data[i:i + batch_size]
+            yield data[i : i + batch_size]
     else:
         for x, _ in make_loader(data, batch_size=batch_size, num_workers=num_workers, device=device):
             yield x
 
 
 @torch.no_grad()
-def extract(model, dataset, *, batch_size: int = 256, num_workers: int = 0, amp: bool = True,
-            pooled: bool = True, progress=None):
+def extract(
+    model, dataset, *, batch_size: int = 256, num_workers: int = 0, amp: bool = True, pooled: bool = True, progress=None
+):
     """(pooled features, embeddings) of every item of ``dataset`` (a Dataset or a stacked uint8 tensor) in
     order, in eval mode, as float32 on the model's device. ``pooled=False`` returns None for the features."""
     device = next(model.parameters()).device
@@ -72,8 +73,13 @@ def load_model(path, device: str | torch.device = "cpu"):
         arch, weights = state["arch"], state["state_dict"]
     elif "model" in state and "config" in state:
         cfg = Config(**state["config"])
-        arch = {"backbone": cfg.backbone, "embedding_dim": cfg.embedding_dim, "rotation_hidden": cfg.rotation_hidden,
-                "image_size": cfg.image_size, "resize_size": cfg.resize_size}
+        arch = {
+            "backbone": cfg.backbone,
+            "embedding_dim": cfg.embedding_dim,
+            "rotation_hidden": cfg.rotation_hidden,
+            "image_size": cfg.image_size,
+            "resize_size": cfg.resize_size,
+        }
         weights = state["model"]
     else:
         raise ValueError(f"{path} is neither a udml model file nor a udml training checkpoint")

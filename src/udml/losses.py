@@ -1,4 +1,5 @@
 """Metric losses by name (udml's multi-similarity, pytorch-metric-learning's others) and the rotation task."""
+
 from __future__ import annotations
 
 import inspect
@@ -29,26 +30,45 @@ class LossSpec:
 # pytorch-metric-learning's miner and loss (``multi_similarity_pml``, kept for comparison) without their host-device
 # synchronisations.
 LOSSES: dict[str, LossSpec] = {
-    "multi_similarity": LossSpec(ms_loss.MultiSimilarityLoss, {"alpha": 2.0, "beta": 40.0, "base": 0.5},
-                                 ms_loss.MultiSimilarityMiner, {"epsilon": 0.1}),
-    "multi_similarity_pml": LossSpec(losses.MultiSimilarityLoss, {"alpha": 2.0, "beta": 40.0, "base": 0.5},
-                                     miners.MultiSimilarityMiner, {"epsilon": 0.1}),
+    "multi_similarity": LossSpec(
+        ms_loss.MultiSimilarityLoss,
+        {"alpha": 2.0, "beta": 40.0, "base": 0.5},
+        ms_loss.MultiSimilarityMiner,
+        {"epsilon": 0.1},
+    ),
+    "multi_similarity_pml": LossSpec(
+        losses.MultiSimilarityLoss,
+        {"alpha": 2.0, "beta": 40.0, "base": 0.5},
+        miners.MultiSimilarityMiner,
+        {"epsilon": 0.1},
+    ),
     "contrastive": LossSpec(losses.ContrastiveLoss, {"pos_margin": 0.0, "neg_margin": 0.5}),
-    "triplet": LossSpec(losses.TripletMarginLoss, {"margin": 0.1},
-                        miners.TripletMarginMiner, {"margin": 0.1, "type_of_triplets": "semihard"}),
+    "triplet": LossSpec(
+        losses.TripletMarginLoss,
+        {"margin": 0.1},
+        miners.TripletMarginMiner,
+        {"margin": 0.1, "type_of_triplets": "semihard"},
+    ),
     "ntxent": LossSpec(losses.NTXentLoss, {"temperature": 0.07}),
     "npair": LossSpec(losses.NPairsLoss),
     "lifted_structure": LossSpec(losses.LiftedStructureLoss, {"pos_margin": 0.0, "neg_margin": 1.0}),
-    "margin": LossSpec(losses.MarginLoss, {"margin": 0.2, "nu": 0.0, "beta": 1.2},
-                       miners.DistanceWeightedMiner, {"cutoff": 0.5, "nonzero_loss_cutoff": 1.4}),
+    "margin": LossSpec(
+        losses.MarginLoss,
+        {"margin": 0.2, "nu": 0.0, "beta": 1.2},
+        miners.DistanceWeightedMiner,
+        {"cutoff": 0.5, "nonzero_loss_cutoff": 1.4},
+    ),
 }
 MINER_PREFIX = "miner_"
 
 
 def _parameters(cls: type) -> list[str]:
     """The keyword parameters of a class's constructor (not its **kwargs, which take objects, not settings)."""
-    return [p.name for p in inspect.signature(cls.__init__).parameters.values()
-            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 def loss_parameters(name: str) -> list[str]:
@@ -106,12 +126,16 @@ def create_loss(name: str, params: dict | None = None) -> MetricLoss:
     params = dict(params or {})
     unknown = sorted(set(params) - set(loss_parameters(name)))
     if unknown:
-        raise ValueError(f"loss_params: {', '.join(unknown)} not a parameter of loss {name!r}; valid: "
-                         f"{', '.join(loss_parameters(name))} (miner_... go to its miner)")
+        raise ValueError(
+            f"loss_params: {', '.join(unknown)} not a parameter of loss {name!r}; valid: "
+            f"{', '.join(loss_parameters(name))} (miner_... go to its miner)"
+        )
     spec = LOSSES[name]
     loss_kwargs = {**spec.defaults, **{k: v for k, v in params.items() if not k.startswith(MINER_PREFIX)}}
-    miner_kwargs = {**spec.miner_defaults,
-                    **{k[len(MINER_PREFIX):]: v for k, v in params.items() if k.startswith(MINER_PREFIX)}}
+    miner_kwargs = {
+        **spec.miner_defaults,
+        **{k[len(MINER_PREFIX) :]: v for k, v in params.items() if k.startswith(MINER_PREFIX)},
+    }
     try:
         return MetricLoss(spec.loss(**loss_kwargs), spec.miner(**miner_kwargs) if spec.miner else None)
     except (TypeError, ValueError) as e:  # a value of the wrong kind, as pytorch-metric-learning reports it

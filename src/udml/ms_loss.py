@@ -14,6 +14,7 @@ loss. For a batch of N embeddings with labels y and cosine similarities S (the d
   over the kept pairs; the loss is the mean of loss_i over all N anchors, and 0 (with a zero gradient) when at
   most one positive and at most one negative pair were kept, as pytorch-metric-learning returns then.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,9 @@ def pair_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if embeddings.dim() != 2 or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"embeddings [N, D] and labels [N] expected, got {list(embeddings.shape)} and "
-                         f"{list(labels.shape)}")
+        raise ValueError(
+            f"embeddings [N, D] and labels [N] expected, got {list(embeddings.shape)} and {list(labels.shape)}"
+        )
     return labels.to(embeddings.device)
 
 
@@ -78,8 +80,9 @@ class MultiSimilarityLoss(nn.Module):
         super().__init__()
         self.alpha, self.beta, self.base = alpha, beta, base
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         labels = _check(embeddings, labels)
         pos, neg = pair_masks(labels) if pairs is None else pairs
         sim = cosine_similarity(embeddings)

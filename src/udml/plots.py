@@ -6,6 +6,7 @@
 - :func:`embedding_map`: a 2-D t-SNE map of embeddings coloured by class.
 - :func:`write_run_pictures`: the three for a finished run, written into its folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,11 +64,18 @@ def _thumb(image, cell: int) -> np.ndarray:
     return np.asarray(img)
 
 
-def retrieval_grid(queries: Sequence, results: Sequence[Sequence], path: str | Path, *,
-                   matches: Sequence[Sequence[bool | None]] | None = None,
-                   captions: Sequence[Sequence[str]] | None = None,
-                   query_captions: Sequence[str] | None = None, cell: int = 128, title: str | None = None,
-                   palette: bool = True) -> Path:
+def retrieval_grid(
+    queries: Sequence,
+    results: Sequence[Sequence],
+    path: str | Path,
+    *,
+    matches: Sequence[Sequence[bool | None]] | None = None,
+    captions: Sequence[Sequence[str]] | None = None,
+    query_captions: Sequence[str] | None = None,
+    cell: int = 128,
+    title: str | None = None,
+    palette: bool = True,
+) -> Path:
     """Write a PNG with one row per query: the query (blue frame), then its results in rank order.
 
     ``matches[i][j]`` True/False frames result j of query i green/red; None (or no ``matches``) grey.
@@ -158,8 +166,15 @@ def training_curves(records: list[dict], path: str | Path, title: str | None = N
                 ax.plot(*zip(*pp), marker="s", ls="", color="#7b3294", label="pooled features (start)")
             ax.legend(fontsize=8)
         else:
-            ax.text(0.5, 0.5, "no labelled test split:\nnot evaluated", ha="center", va="center",
-                    transform=ax.transAxes, color="#636363")
+            ax.text(
+                0.5,
+                0.5,
+                "no labelled test split:\nnot evaluated",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="#636363",
+            )
         ax.set(title=f"{name} on the test split (%)", xlabel="step")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -182,9 +197,17 @@ def tsne_2d(embeddings: np.ndarray, seed: int = 0) -> np.ndarray:
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
 
 
-def embedding_map(embeddings: np.ndarray, labels: np.ndarray | None, path: str | Path, *,
-                  class_names: Sequence[str] | None = None, max_points: int = 2000, max_classes: int = 20,
-                  seed: int = 0, title: str | None = None) -> Path:
+def embedding_map(
+    embeddings: np.ndarray,
+    labels: np.ndarray | None,
+    path: str | Path,
+    *,
+    class_names: Sequence[str] | None = None,
+    max_points: int = 2000,
+    max_classes: int = 20,
+    seed: int = 0,
+    title: str | None = None,
+) -> Path:
     """A t-SNE map of (at most ``max_points`` of) the embeddings.
 
     With labels, ``max_classes`` classes (all when there are that few) get distinct colours and a
@@ -203,8 +226,14 @@ def embedding_map(embeddings: np.ndarray, labels: np.ndarray | None, path: str |
         classes = np.unique(lab)
         shown = classes if len(classes) <= max_classes else np.sort(rng.choice(classes, max_classes, replace=False))
         rest = ~np.isin(lab, shown)
-        ax.scatter(xy[rest, 0], xy[rest, 1], s=3, color=GREY, alpha=0.5,
-                   label=f"{len(classes) - len(shown)} other classes" if rest.any() else None)
+        ax.scatter(
+            xy[rest, 0],
+            xy[rest, 1],
+            s=3,
+            color=GREY,
+            alpha=0.5,
+            label=f"{len(classes) - len(shown)} other classes" if rest.any() else None,
+        )
         cmap = plt.get_cmap("tab10" if len(shown) <= 10 else "tab20")
         for i, c in enumerate(shown):
             m = lab == c
@@ -221,8 +250,9 @@ def embedding_map(embeddings: np.ndarray, labels: np.ndarray | None, path: str |
     return path
 
 
-def sample_retrievals(embeddings: torch.Tensor, labels: np.ndarray | None, n_queries: int = 6, k: int = 6,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+def sample_retrievals(
+    embeddings: torch.Tensor, labels: np.ndarray | None, n_queries: int = 6, k: int = 6, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """(query indices, their top-k neighbours excluding themselves, the similarities, match flags or None)."""
     from .evaluation import knn
 
@@ -238,9 +268,18 @@ def sample_retrievals(embeddings: torch.Tensor, labels: np.ndarray | None, n_que
     return q, nn, sims.cpu().numpy(), matches
 
 
-def write_run_pictures(run_dir: str | Path, model, data, labels=None, *, class_names: Sequence[str] | None = None,
-                       batch_size: int = 256, num_workers: int = 0, max_gallery: int = 10_000,
-                       seed: int = 0) -> list[Path]:
+def write_run_pictures(
+    run_dir: str | Path,
+    model,
+    data,
+    labels=None,
+    *,
+    class_names: Sequence[str] | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    max_gallery: int = 10_000,
+    seed: int = 0,
+) -> list[Path]:
     """curves.png, retrieval.png and embeddings.png in ``run_dir``, for a finished run.
 
     ``data``: the test images with the test transform, a stacked uint8 tensor [N, 3, S, S] or a Dataset of
@@ -253,14 +292,16 @@ def write_run_pictures(run_dir: str | Path, model, data, labels=None, *, class_n
     run_dir = Path(run_dir)
     written = []
     try:
-        written.append(training_curves(read_metrics(run_dir / METRICS), run_dir / "curves.png",
-                                       title=run_dir.name))
+        written.append(training_curves(read_metrics(run_dir / METRICS), run_dir / "curves.png", title=run_dir.name))
     except Exception as e:  # noqa: BLE001
         log.warning("could not draw curves.png: %s: %s", type(e).__name__, e)
     try:
         n = len(data)
-        subset = np.sort(np.random.default_rng(seed).choice(n, max_gallery, replace=False)) if n > max_gallery \
+        subset = (
+            np.sort(np.random.default_rng(seed).choice(n, max_gallery, replace=False))
+            if n > max_gallery
             else np.arange(n)
+        )
         if isinstance(data, torch.Tensor):
             source = data[torch.as_tensor(subset, device=data.device)] if len(subset) < n else data
         else:
@@ -274,12 +315,27 @@ def write_run_pictures(run_dir: str | Path, model, data, labels=None, *, class_n
 
         q, nn, sims, matches = sample_retrievals(emb, lab, n_queries=4, k=6, seed=seed)
         what = "test queries" if lab is not None else "queries (no labels: grey frames)"
-        written.append(retrieval_grid([image(i) for i in q], [[image(j) for j in row] for row in nn],
-                                      run_dir / "retrieval.png", matches=matches, cell=96,
-                                      captions=[[f"#{j + 1}  {v:.3f}" for j, v in enumerate(row)] for row in sims],
-                                      title=f"{run_dir.name}: {what} and their nearest neighbours"))
-        written.append(embedding_map(emb.numpy(), lab, run_dir / "embeddings.png", class_names=class_names,
-                                     seed=seed, title=f"t-SNE of the {'test ' if lab is not None else ''}embeddings"))
+        written.append(
+            retrieval_grid(
+                [image(i) for i in q],
+                [[image(j) for j in row] for row in nn],
+                run_dir / "retrieval.png",
+                matches=matches,
+                cell=96,
+                captions=[[f"#{j + 1}  {v:.3f}" for j, v in enumerate(row)] for row in sims],
+                title=f"{run_dir.name}: {what} and their nearest neighbours",
+            )
+        )
+        written.append(
+            embedding_map(
+                emb.numpy(),
+                lab,
+                run_dir / "embeddings.png",
+                class_names=class_names,
+                seed=seed,
+                title=f"t-SNE of the {'test ' if lab is not None else ''}embeddings",
+            )
+        )
     except Exception as e:  # noqa: BLE001
         log.warning("could not draw the retrieval pictures: %s: %s", type(e).__name__, e)
     if written:

@@ -1,4 +1,5 @@
 """What a run prints: metric lines, the closing summary, and how long the schedule will take."""
+
 from __future__ import annotations
 
 import time
@@ -37,17 +38,24 @@ def summary(start: dict, final: dict | None) -> tuple[list[str], str | None]:
     for kind, m in start.items():
         if not m:
             continue
-        lines.append(f"{'change vs start (' + kind + ')':<{width}}"
-                     + "".join(f"{100 * (final[k] - m[k]):+8.2f}" for k in keys))
-        lost = [f"{NAMES.get(k, 'R@' + k[7:])} {100 * (final[k] - m[k]):+.2f}" for k in HEADLINE
-                if k in m and k in final and final[k] < m[k]]
+        lines.append(
+            f"{'change vs start (' + kind + ')':<{width}}" + "".join(f"{100 * (final[k] - m[k]):+8.2f}" for k in keys)
+        )
+        lost = [
+            f"{NAMES.get(k, 'R@' + k[7:])} {100 * (final[k] - m[k]):+.2f}"
+            for k in HEADLINE
+            if k in m and k in final and final[k] < m[k]
+        ]
         if lost:
             worse.append(f"the untrained network's {kind} features ({', '.join(lost)})")
     warning = None
     if worse:
-        warning = ("WORSE THAN THE START: on the test images the trained embedding is below "
-                   + " and below ".join(worse) + ". Training did not help here: train longer or on a GPU (see the "
-                   "time estimate at the start of the run), or use the pretrained backbone's own features instead.")
+        warning = (
+            "WORSE THAN THE START: on the test images the trained embedding is below "
+            + " and below ".join(worse)
+            + ". Training did not help here: train longer or on a GPU (see the "
+            "time estimate at the start of the run), or use the pretrained backbone's own features instead."
+        )
     return lines, warning
 
 
@@ -89,8 +97,11 @@ class ScheduleClock:
         return self.total_seconds()
 
     def total_seconds(self) -> float:
-        return (self.total_steps * (self.step_seconds or 0.0) + self.rounds * self.cluster_seconds
-                + (2 + self.evaluations) * self.eval_seconds)  # start, in between, final
+        return (
+            self.total_steps * (self.step_seconds or 0.0)
+            + self.rounds * self.cluster_seconds
+            + (2 + self.evaluations) * self.eval_seconds
+        )  # start, in between, final
 
     def rounds_within(self, seconds: float) -> int:
         """How many rounds fit in ``seconds`` at the measured speeds (at least 1)."""
@@ -107,5 +118,7 @@ class ScheduleClock:
         left = ""
         if self.step_seconds is not None:
             left = f", about {format_duration((self.total_steps - step) * self.step_seconds)} of training steps left"
-        return (f"step {step}/{self.total_steps} ({100 * step / max(1, self.total_steps):.0f} %), round {round_}/"
-                f"{self.rounds}{left}")
+        return (
+            f"step {step}/{self.total_steps} ({100 * step / max(1, self.total_steps):.0f} %), round {round_}/"
+            f"{self.rounds}{left}"
+        )

@@ -9,6 +9,7 @@ is more similar. Files:
 - index: a faiss index file (``faiss.read_index`` opens it) plus ``<index>.json`` beside it with
   the image paths and the metadata, in the index's order.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -73,7 +74,7 @@ class Embedder:
         from .inference import load_model
 
         if str(path).startswith(PRETRAINED):
-            return cls(pretrained_backbone(str(path)[len(PRETRAINED):]), device, source=str(path))
+            return cls(pretrained_backbone(str(path)[len(PRETRAINED) :]), device, source=str(path))
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no model at {path}; give a model.pt, a checkpoint.pt or a run folder")
@@ -89,8 +90,9 @@ class Embedder:
             return self.transform(open_rgb(item))
         except Exception as e:  # noqa: BLE001 - any decoder failure: say which image
             where = item if isinstance(item, (str, Path)) else f"image of type {type(item).__name__}"
-            raise ValueError(f"cannot read {where} ({type(e).__name__}: {e}); pass a PIL image or the path "
-                             "of an image file") from e
+            raise ValueError(
+                f"cannot read {where} ({type(e).__name__}: {e}); pass a PIL image or the path of an image file"
+            ) from e
 
     @torch.no_grad()
     def embed_tensors(self, x: torch.Tensor) -> np.ndarray:
@@ -105,7 +107,7 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = []
         for i in range(0, len(images), batch_size):
-            out.append(self.embed_tensors(torch.stack([self._tensor(im) for im in images[i:i + batch_size]])))
+            out.append(self.embed_tensors(torch.stack([self._tensor(im) for im in images[i : i + batch_size]])))
         return np.concatenate(out)
 
     __call__ = embed
@@ -146,8 +148,8 @@ class _Files(torch.utils.data.Dataset):
 
 @dataclass
 class Embeddings:
-    embeddings: np.ndarray              # float32 [N, D], L2-normalised rows
-    paths: list[str]                    # absolute image paths, one per row
+    embeddings: np.ndarray  # float32 [N, D], L2-normalised rows
+    paths: list[str]  # absolute image paths, one per row
     meta: dict = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, error) of unreadable files
 
@@ -159,8 +161,9 @@ def list_images(root: str | Path) -> list[str]:
     return [os.path.abspath(p) for p in load_folder(root, "train").images]
 
 
-def embed_folder(embedder: Embedder, root: str | Path, *, batch_size: int = 64, num_workers: int = 0,
-                 progress: bool = False) -> Embeddings:
+def embed_folder(
+    embedder: Embedder, root: str | Path, *, batch_size: int = 64, num_workers: int = 0, progress: bool = False
+) -> Embeddings:
     """Embed every image under ``root``; unreadable files are logged and left out (see ``.skipped``)."""
     from tqdm import tqdm
 
@@ -179,19 +182,29 @@ def embed_folder(embedder: Embedder, root: str | Path, *, batch_size: int = 64, 
     report_unreadable(root, skipped)
     if not ok.any():
         raise ValueError(f"none of the {len(paths)} images under {root} could be read")
-    meta = {"format": EMBEDDINGS_FORMAT, "root": os.path.abspath(root), "dim": int(emb.shape[1]),
-            "image_size": embedder.image_size, "model": embedder.source,
-            "model_fingerprint": embedder.fingerprint}
-    return Embeddings(np.ascontiguousarray(emb[ok], dtype=np.float32), [p for p, k in zip(paths, ok) if k],
-                      meta, skipped)
+    meta = {
+        "format": EMBEDDINGS_FORMAT,
+        "root": os.path.abspath(root),
+        "dim": int(emb.shape[1]),
+        "image_size": embedder.image_size,
+        "model": embedder.source,
+        "model_fingerprint": embedder.fingerprint,
+    }
+    return Embeddings(
+        np.ascontiguousarray(emb[ok], dtype=np.float32), [p for p, k in zip(paths, ok) if k], meta, skipped
+    )
 
 
 def save_embeddings(path: str | Path, emb: Embeddings) -> None:
     if len(emb.paths) != len(emb.embeddings):
         raise ValueError(f"{len(emb.embeddings)} embeddings but {len(emb.paths)} paths; they must match one to one")
     with open(path, "wb") as f:  # a file object: np.savez would otherwise append .npz to other names
-        np.savez(f, embeddings=emb.embeddings.astype(np.float32), paths=np.array(emb.paths, dtype=str),
-                 meta=np.array(json.dumps(emb.meta)))
+        np.savez(
+            f,
+            embeddings=emb.embeddings.astype(np.float32),
+            paths=np.array(emb.paths, dtype=str),
+            meta=np.array(json.dumps(emb.meta)),
+        )
 
 
 def load_embeddings(path: str | Path) -> Embeddings:
@@ -208,8 +221,16 @@ def load_embeddings(path: str | Path) -> Embeddings:
     return Embeddings(np.ascontiguousarray(emb, dtype=np.float32), paths, meta)
 
 
-def build_index(embeddings: np.ndarray, kind: str = "flat", *, nlist: int | None = None, nprobe: int = 16,
-                hnsw_m: int = 32, ef_search: int = 128, seed: int = 0):
+def build_index(
+    embeddings: np.ndarray,
+    kind: str = "flat",
+    *,
+    nlist: int | None = None,
+    nprobe: int = 16,
+    hnsw_m: int = 32,
+    ef_search: int = 128,
+    seed: int = 0,
+):
     """A faiss inner-product index over ``embeddings``.
 
     ``flat``: exact search (IndexFlatIP). ``ivf``: inverted lists (IndexIVFFlat), ``nlist`` cells
@@ -267,16 +288,20 @@ def load_index(path: str | Path):
         return build_index(emb.embeddings, "flat"), emb.paths, emb.meta
     sidecar = Path(f"{path}.json")
     if not sidecar.is_file():
-        raise FileNotFoundError(f"{sidecar} is missing: it holds the image paths of {path}. Keep the two files "
-                                "together, or rebuild both with udml index")
+        raise FileNotFoundError(
+            f"{sidecar} is missing: it holds the image paths of {path}. Keep the two files "
+            "together, or rebuild both with udml index"
+        )
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as e:
         raise ValueError(f"{path} cannot be read as a faiss index ({e})") from e
     info = json.loads(sidecar.read_text())
     if index.ntotal != len(info["paths"]):
-        raise ValueError(f"{path} holds {index.ntotal} vectors but {sidecar} lists {len(info['paths'])} paths; "
-                         "they were not written together. Rebuild both with udml index")
+        raise ValueError(
+            f"{path} holds {index.ntotal} vectors but {sidecar} lists {len(info['paths'])} paths; "
+            "they were not written together. Rebuild both with udml index"
+        )
     return index, info["paths"], info.get("meta", {})
 
 
@@ -284,8 +309,15 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def search(index, paths: list[str], queries: np.ndarray, k: int = 10, *, query_paths: Sequence | None = None,
-           keep_self: bool = False) -> list[list[dict]]:
+def search(
+    index,
+    paths: list[str],
+    queries: np.ndarray,
+    k: int = 10,
+    *,
+    query_paths: Sequence | None = None,
+    keep_self: bool = False,
+) -> list[list[dict]]:
     """Top-``k`` results per query row: ``[[{"rank", "path", "score"}, ...], ...]``, best first.
 
     When ``query_paths`` is given, a result that is the query's own file is dropped (unless
@@ -293,8 +325,10 @@ def search(index, paths: list[str], queries: np.ndarray, k: int = 10, *, query_p
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != index.d:
-        raise ValueError(f"search: queries have dimension {queries.shape[-1]} but the index {index.d}; embed the "
-                         "queries with the model that embedded the indexed images")
+        raise ValueError(
+            f"search: queries have dimension {queries.shape[-1]} but the index {index.d}; embed the "
+            "queries with the model that embedded the indexed images"
+        )
     if k < 1:
         raise ValueError(f"search: k must be at least 1, got {k}")
     k = min(k, index.ntotal)
@@ -323,20 +357,29 @@ def check_model_matches(embedder: Embedder, meta: dict, where: str, allow_other:
     ``allow_other`` turns the error into a warning (dimensions must still agree)."""
     dim = meta.get("dim")
     if dim is not None and dim != embedder.dim:
-        raise ModelMismatch(f"{where} holds {dim}-d embeddings but the model {embedder.source} makes "
-                            f"{embedder.dim}-d ones; search with the model that embedded the images "
-                            f"({meta.get('model')})")
+        raise ModelMismatch(
+            f"{where} holds {dim}-d embeddings but the model {embedder.source} makes "
+            f"{embedder.dim}-d ones; search with the model that embedded the images "
+            f"({meta.get('model')})"
+        )
     expected = meta.get("model_fingerprint")
     if expected is None:  # written before udml fingerprinted models
-        log.warning("%s records no model fingerprint, so the query model cannot be checked against the one that "
-                    "embedded it; re-embed the collection (udml embed) to record one", where)
+        log.warning(
+            "%s records no model fingerprint, so the query model cannot be checked against the one that "
+            "embedded it; re-embed the collection (udml embed) to record one",
+            where,
+        )
         return
     if expected != embedder.fingerprint:
-        message = (f"{where} was embedded by another network ({meta.get('model')}, fingerprint {expected[:12]}) "
-                   f"than the query model {embedder.source} (fingerprint {embedder.fingerprint[:12]}); its "
-                   "neighbours would be meaningless")
+        message = (
+            f"{where} was embedded by another network ({meta.get('model')}, fingerprint {expected[:12]}) "
+            f"than the query model {embedder.source} (fingerprint {embedder.fingerprint[:12]}); its "
+            "neighbours would be meaningless"
+        )
         if not allow_other:
-            raise ModelMismatch(f"{message}. Search with the model that embedded the collection (drop --model), "
-                                "re-embed the collection with this model, or pass --allow-other-model to search "
-                                "anyway")
+            raise ModelMismatch(
+                f"{message}. Search with the model that embedded the collection (drop --model), "
+                "re-embed the collection with this model, or pass --allow-other-model to search "
+                "anyway"
+            )
         log.warning("%s (--allow-other-model given)", message)

@@ -1,4 +1,5 @@
 """The run folder: its file names, and the checks that need no PyTorch (so the command line answers at once)."""
+
 from __future__ import annotations
 
 import os
@@ -6,11 +7,11 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable
 
-CONFIG = "config.yaml"            # the resolved configuration of the run
-CHECKPOINT = "checkpoint.pt"      # resume state, after the last finished clustering round
-MODEL = "model.pt"                # the final network for inference
-METRICS = "metrics.jsonl"         # one JSON record per evaluation, clustering and training round
-LOG = "train.log"                 # everything that was printed
+CONFIG = "config.yaml"  # the resolved configuration of the run
+CHECKPOINT = "checkpoint.pt"  # resume state, after the last finished clustering round
+MODEL = "model.pt"  # the final network for inference
+METRICS = "metrics.jsonl"  # one JSON record per evaluation, clustering and training round
+LOG = "train.log"  # everything that was printed
 
 
 class RunDir:
@@ -34,15 +35,21 @@ class RunDir:
     def check_resumable(self) -> None:
         """A clear error when ``--resume`` is given something that is not a run folder with a checkpoint."""
         if not self.path.exists():
-            raise FileNotFoundError(f"--resume {self.path}: the folder does not exist; give the run folder of an "
-                                    "earlier run (by default under runs/)")
+            raise FileNotFoundError(
+                f"--resume {self.path}: the folder does not exist; give the run folder of an "
+                "earlier run (by default under runs/)"
+            )
         if not self.path.is_dir():
-            raise NotADirectoryError(f"--resume {self.path}: not a folder; give the run folder of an earlier run, "
-                                     f"the one holding {CHECKPOINT} and {CONFIG}")
+            raise NotADirectoryError(
+                f"--resume {self.path}: not a folder; give the run folder of an earlier run, "
+                f"the one holding {CHECKPOINT} and {CONFIG}"
+            )
         if not self.checkpoint.exists():
-            raise FileNotFoundError(f"--resume {self.path}: no {CHECKPOINT} there; give the run folder of a run "
-                                    "that wrote at least one checkpoint (one is written after each clustering "
-                                    "round)")
+            raise FileNotFoundError(
+                f"--resume {self.path}: no {CHECKPOINT} there; give the run folder of a run "
+                "that wrote at least one checkpoint (one is written after each clustering "
+                "round)"
+            )
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str = "file") -> None:
@@ -68,8 +75,11 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str
                 pass
         if isinstance(e, OSError):
             then = ", then continue with --resume" if what == "checkpoint" else ""
-            raise OSError(e.errno, f"could not write {what} {path} ({e.strerror}); the previous {what} there is "
-                                   f"intact. Free disk space or make the run folder writable{then}") from e
+            raise OSError(
+                e.errno,
+                f"could not write {what} {path} ({e.strerror}); the previous {what} there is "
+                f"intact. Free disk space or make the run folder writable{then}",
+            ) from e
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -1,4 +1,5 @@
 """Cluster-balanced batches: P pseudo-classes x M images each."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,9 +8,11 @@ import torch
 
 def check_world_size(clusters_per_batch: int, world_size: int) -> None:
     if clusters_per_batch % world_size:
-        raise ValueError(f"clusters_per_batch (P={clusters_per_batch}) must be divisible by the number of processes "
-                         f"({world_size}) so that every process trains on whole clusters; change P or "
-                         "--nproc_per_node")
+        raise ValueError(
+            f"clusters_per_batch (P={clusters_per_batch}) must be divisible by the number of processes "
+            f"({world_size}) so that every process trains on whole clusters; change P or "
+            "--nproc_per_node"
+        )
 
 
 def one_per_cluster(batch: torch.Tensor, images_per_cluster: int) -> torch.Tensor:
@@ -22,12 +25,21 @@ class ClusterBatchSampler(torch.utils.data.Sampler):
     """Yields ``num_batches`` batches of P distinct clusters x M images, grouped cluster by cluster.
 
     Items are (index, augmentation seed) pairs for ImageDataset. Clusters smaller than M are sampled with
-    replacement. The draw depends only on ``seed``, so a clustering round can be replayed exactly on resume. With ``world_size > 1`` every rank sees the
-    same global batch and takes its own contiguous share of the P clusters (no overlap between ranks).
+    replacement. The draw depends only on ``seed``, so a clustering round can be replayed exactly on resume.
+    With ``world_size > 1`` every rank sees the same global batch and takes its own contiguous share of the P
+    clusters (no overlap between ranks).
     """
 
-    def __init__(self, labels, clusters_per_batch: int, images_per_cluster: int, num_batches: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        labels,
+        clusters_per_batch: int,
+        images_per_cluster: int,
+        num_batches: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.P, self.M, self.num_batches = clusters_per_batch, images_per_cluster, num_batches
         check_world_size(clusters_per_batch, world_size)
         self.rank, self.world_size = rank, world_size
@@ -40,9 +52,11 @@ class ClusterBatchSampler(torch.utils.data.Sampler):
         order = np.argsort(inverse, kind="stable")
         self.members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
         if len(self.members) < self.P:
-            raise ValueError(f"only {len(self.members)} non-empty clusters but clusters_per_batch (P) is {self.P}; "
-                             "lower clusters_per_batch or raise num_clusters (k-means leaves clusters empty when "
-                             "the data holds fewer distinct images than num_clusters: remove duplicates)")
+            raise ValueError(
+                f"only {len(self.members)} non-empty clusters but clusters_per_batch (P) is {self.P}; "
+                "lower clusters_per_batch or raise num_clusters (k-means leaves clusters empty when "
+                "the data holds fewer distinct images than num_clusters: remove duplicates)"
+            )
         self.seed = seed
 
     def __len__(self) -> int:

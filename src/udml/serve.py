@@ -11,6 +11,7 @@ Images are addressed by their integer id (their row in the index); a path in a r
 looked up among the indexed paths, never opened. Thumbnails and the 2-D map are computed once and cached
 in a folder beside the index (``<index>.serve-cache/``, or ``--cache-dir``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,7 +38,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 log = logging.getLogger("udml")
 
 MAX_UPLOAD_BYTES = 10 * 2**20
-MULTIPART_SLACK = 64 * 1024       # form boundaries and headers around the uploaded file
+MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the uploaded file
 MAX_K = 1000
 MAX_PAGE = 500
 THUMB_SIZE = 192
@@ -57,20 +58,39 @@ class ServeError(Exception):
 class Collection:
     """The indexed images: the faiss index, their paths and metadata, the query model if any, and the caches."""
 
-    def __init__(self, index, paths: list[str], meta: dict, *, cache_dir: str | Path, source: str | Path | None = None,
-                 embedder=None, upload_disabled: str | None = None, thumb_size: int = THUMB_SIZE,
-                 map_fit_points: int = MAP_FIT_POINTS, default_k: int = 10, search_threads: int = 1):
+    def __init__(
+        self,
+        index,
+        paths: list[str],
+        meta: dict,
+        *,
+        cache_dir: str | Path,
+        source: str | Path | None = None,
+        embedder=None,
+        upload_disabled: str | None = None,
+        thumb_size: int = THUMB_SIZE,
+        map_fit_points: int = MAP_FIT_POINTS,
+        default_k: int = 10,
+        search_threads: int = 1,
+    ):
         if index.ntotal != len(paths) or not paths:
-            raise ValueError(f"the index holds {index.ntotal} vectors and {len(paths)} paths; need as many of "
-                             "each, at least one")
+            raise ValueError(
+                f"the index holds {index.ntotal} vectors and {len(paths)} paths; need as many of each, at least one"
+            )
         self.index, self.paths, self.meta = index, list(paths), meta
         self.source = Path(source) if source else None
         self.cache_dir = Path(cache_dir)
         self.embedder = embedder
-        self.upload_disabled = None if embedder is not None else (
-            upload_disabled or "no model to embed uploaded images; start udml serve with --model")
-        for name, value, least in (("thumb_size", thumb_size, 16), ("map_fit_points", map_fit_points, 5),
-                                   ("default_k", default_k, 1)):
+        self.upload_disabled = (
+            None
+            if embedder is not None
+            else (upload_disabled or "no model to embed uploaded images; start udml serve with --model")
+        )
+        for name, value, least in (
+            ("thumb_size", thumb_size, 16),
+            ("map_fit_points", map_fit_points, 5),
+            ("default_k", default_k, 1),
+        ):
             if value < least:
                 raise ValueError(f"{name} must be at least {least}, got {value}")
         self.thumb_size, self.map_fit_points, self.default_k = thumb_size, map_fit_points, min(default_k, MAX_K)
@@ -101,11 +121,15 @@ class Collection:
         p = self.paths[image_id]
         if self.root is None:
             return os.path.basename(p)
-        return p[len(self.root) + 1:] if p.startswith(self.root + os.sep) else os.path.relpath(p, self.root)
+        return p[len(self.root) + 1 :] if p.startswith(self.root + os.sep) else os.path.relpath(p, self.root)
 
     def item(self, image_id: int) -> dict:
-        return {"id": image_id, "name": os.path.basename(self.paths[image_id]), "folder": self.folders[image_id],
-                "path": self.relative_path(image_id)}
+        return {
+            "id": image_id,
+            "name": os.path.basename(self.paths[image_id]),
+            "folder": self.folders[image_id],
+            "path": self.relative_path(image_id),
+        }
 
     def id_of_path(self, path: str) -> int:
         """The id of an indexed image given its stored path or its path relative to the collection's root."""
@@ -124,8 +148,12 @@ class Collection:
         if contains:
             needle = contains.lower()
             ids = [i for i in ids if needle in self.relative_path(i).lower()]
-        return {"total": len(ids), "offset": offset, "limit": limit,
-                "items": [self.item(i) for i in ids[offset:offset + limit]]}
+        return {
+            "total": len(ids),
+            "offset": offset,
+            "limit": limit,
+            "items": [self.item(i) for i in ids[offset : offset + limit]],
+        }
 
     def vector(self, image_id: int) -> np.ndarray:
         return self.index.reconstruct(self.check_id(image_id))
@@ -165,8 +193,10 @@ class Collection:
                 img.load()
                 image = open_rgb(img)
         except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault
-            raise ServeError(400, f"the upload is not a readable image ({type(e).__name__}: {e}); send a JPEG, "
-                                  "PNG, WebP or AVIF file") from e
+            raise ServeError(
+                400,
+                f"the upload is not a readable image ({type(e).__name__}: {e}); send a JPEG, PNG, WebP or AVIF file",
+            ) from e
         with self._embed_lock:  # one model forward at a time: the cores are better used by one
             return self.embedder.embed([image])[0]
 
@@ -180,18 +210,26 @@ class Collection:
         try:
             st = os.stat(path)
         except OSError as e:
-            raise ServeError(404, f"image {image_id} ({self.relative_path(image_id)}) is missing on disk: "
-                                  f"{e.strerror}; it was moved or deleted after indexing (re-run udml embed "
-                                  "and udml index)") from e
-        cached = self.cache_dir / "thumbs" / str(image_id // 1000) / \
-            f"{image_id}-{st.st_mtime_ns}-{st.st_size}-{self.thumb_size}.jpg"
+            raise ServeError(
+                404,
+                f"image {image_id} ({self.relative_path(image_id)}) is missing on disk: "
+                f"{e.strerror}; it was moved or deleted after indexing (re-run udml embed "
+                "and udml index)",
+            ) from e
+        cached = (
+            self.cache_dir
+            / "thumbs"
+            / str(image_id // 1000)
+            / f"{image_id}-{st.st_mtime_ns}-{st.st_size}-{self.thumb_size}.jpg"
+        )
         if cached.is_file():
             return cached
         try:
             img = open_rgb(path)
         except Exception as e:  # noqa: BLE001 - any decoder failure: say which image
-            raise ServeError(500, f"image {image_id} ({self.relative_path(image_id)}) cannot be read "
-                                  f"({type(e).__name__}: {e})") from e
+            raise ServeError(
+                500, f"image {image_id} ({self.relative_path(image_id)}) cannot be read ({type(e).__name__}: {e})"
+            ) from e
         img.thumbnail((self.thumb_size, self.thumb_size))
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f"{cached.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -213,8 +251,11 @@ class Collection:
             if start and self._map_thread is None:
                 self._map_thread = threading.Thread(target=self._compute_map, name="udml-map", daemon=True)
                 self._map_thread.start()
-            return {"status": "computing", "detail": f"computing the 2-D map of {self.count} embeddings "
-                                                     f"({_map_method(self.count, self.map_fit_points)})"}
+            return {
+                "status": "computing",
+                "detail": f"computing the 2-D map of {self.count} embeddings "
+                f"({_map_method(self.count, self.map_fit_points)})",
+            }
 
     def wait_for_map(self, timeout: float | None = None) -> dict:
         state = self.map_state()
@@ -260,9 +301,15 @@ class Collection:
 
     def _map_response(self, xy: np.ndarray, method: str) -> dict:
         names, folder_ids = np.unique(np.array(self.folders, dtype=str), return_inverse=True)
-        return {"status": "ready", "method": method, "count": self.count,
-                "x": np.round(xy[:, 0], 4).tolist(), "y": np.round(xy[:, 1], 4).tolist(),
-                "folders": names.tolist(), "folder_of": folder_ids.tolist()}
+        return {
+            "status": "ready",
+            "method": method,
+            "count": self.count,
+            "x": np.round(xy[:, 0], 4).tolist(),
+            "y": np.round(xy[:, 1], 4).tolist(),
+            "folders": names.tolist(),
+            "folder_of": folder_ids.tolist(),
+        }
 
 
 def _map_method(n: int, fit_points: int) -> str:
@@ -270,8 +317,10 @@ def _map_method(n: int, fit_points: int) -> str:
         return f"{n} images are too few for t-SNE: shown in a row"
     if n <= fit_points:
         return f"t-SNE of all {n} embeddings"
-    return (f"t-SNE fitted on a random sample of {fit_points} of the {n} embeddings; every other image is placed "
-            f"at the similarity-weighted mean of its {MAP_NEIGHBOURS} nearest sampled images")
+    return (
+        f"t-SNE fitted on a random sample of {fit_points} of the {n} embeddings; every other image is placed "
+        f"at the similarity-weighted mean of its {MAP_NEIGHBOURS} nearest sampled images"
+    )
 
 
 def map_2d(vectors: np.ndarray, fit_points: int = MAP_FIT_POINTS, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -326,12 +375,20 @@ def _make_reconstructable(index) -> None:
         faiss.extract_index_ivf(index).make_direct_map()
         index.reconstruct(0)
     except RuntimeError as e:
-        raise ValueError(f"the stored vectors cannot be read back from this {type(index).__name__}; rebuild the "
-                         "index with udml index (flat, --ivf or --hnsw)") from e
+        raise ValueError(
+            f"the stored vectors cannot be read back from this {type(index).__name__}; rebuild the "
+            "index with udml index (flat, --ivf or --hnsw)"
+        ) from e
 
 
-def open_collection(path: str | Path, *, model: str | Path | None = None, device: str = "cpu",
-                    cache_dir: str | Path | None = None, **options) -> Collection:
+def open_collection(
+    path: str | Path,
+    *,
+    model: str | Path | None = None,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    **options,
+) -> Collection:
     """A :class:`Collection` from an index file or an embeddings ``.npz``, with the model for uploads when
     one is given or recorded in the index (and exists); otherwise uploads are disabled, browsing still works."""
     from .retrieval import Embedder, check_model_matches, load_index
@@ -344,14 +401,24 @@ def open_collection(path: str | Path, *, model: str | Path | None = None, device
     elif meta.get("model") and os.path.exists(meta["model"]):
         embedder = Embedder.from_file(meta["model"], device)
     elif meta.get("model"):
-        disabled = (f"the model that embedded the collection ({meta['model']}) is gone; start udml serve with "
-                    "--model MODEL to search by uploaded images")
+        disabled = (
+            f"the model that embedded the collection ({meta['model']}) is gone; start udml serve with "
+            "--model MODEL to search by uploaded images"
+        )
     else:
         disabled = "the index records no model; start udml serve with --model MODEL to search by uploaded images"
     if embedder is not None:
         check_model_matches(embedder, meta, str(path))
-    return Collection(index, paths, meta, cache_dir=_writable_cache_dir(cache_dir, path), source=path,
-                      embedder=embedder, upload_disabled=disabled, **options)
+    return Collection(
+        index,
+        paths,
+        meta,
+        cache_dir=_writable_cache_dir(cache_dir, path),
+        source=path,
+        embedder=embedder,
+        upload_disabled=disabled,
+        **options,
+    )
 
 
 def _writable_cache_dir(cache_dir: str | Path | None, index_path: Path) -> Path:
@@ -367,15 +434,21 @@ def _writable_cache_dir(cache_dir: str | Path | None, index_path: Path) -> Path:
     except OSError:
         pass
     fallback = Path(tempfile.mkdtemp(prefix="udml-serve-"))
-    log.warning("udml serve: cannot write %s; thumbnails and the map are cached in %s for this session "
-                "(give --cache-dir to keep them)", cache, fallback)
+    log.warning(
+        "udml serve: cannot write %s; thumbnails and the map are cached in %s for this session "
+        "(give --cache-dir to keep them)",
+        cache,
+        fallback,
+    )
     return fallback
 
 
 # ---------------------------------------------------------------------- the web app
 
-def create_app(collection: Collection, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               allowed_hosts: list[str] | None = None):
+
+def create_app(
+    collection: Collection, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, allowed_hosts: list[str] | None = None
+):
     """The FastAPI app. ``allowed_hosts``: Host header names accepted (None: any); a server bound to the
     loopback interface should accept only loopback names, so that a web page cannot reach it by DNS rebinding."""
     page = (resources.files("udml") / "static" / "serve.html").read_text(encoding="utf-8")
@@ -391,16 +464,19 @@ def create_app(collection: Collection, *, max_upload_bytes: int = MAX_UPLOAD_BYT
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
-                             for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors()
+        )
         return JSONResponse({"detail": f"bad request: {problems}"}, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
         detail = exc.detail
         if exc.status_code == 404 and detail == "Not Found":  # no route: e.g. /api/images/../x or a typo
-            detail = (f"nothing at {request.url.path}; images are addressed by integer id, as in "
-                      f"/api/images/0/thumb (ids 0 to {c.count - 1})")
+            detail = (
+                f"nothing at {request.url.path}; images are addressed by integer id, as in "
+                f"/api/images/0/thumb (ids 0 to {c.count - 1})"
+            )
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
@@ -417,16 +493,26 @@ def create_app(collection: Collection, *, max_upload_bytes: int = MAX_UPLOAD_BYT
 
     @app.get("/api/info")
     def info():
-        return {"count": c.count, "dim": int(c.index.d), "index": c.source.name if c.source else None,
-                "kind": type(c.index).__name__, "model": os.path.basename(c.meta.get("model") or "") or None,
-                "upload": {"enabled": c.embedder is not None, "reason": c.upload_disabled,
-                           "max_bytes": max_upload_bytes},
-                "thumb_size": c.thumb_size, "default_k": c.default_k, "max_k": MAX_K,
-                "map": _map_method(c.count, c.map_fit_points)}
+        return {
+            "count": c.count,
+            "dim": int(c.index.d),
+            "index": c.source.name if c.source else None,
+            "kind": type(c.index).__name__,
+            "model": os.path.basename(c.meta.get("model") or "") or None,
+            "upload": {"enabled": c.embedder is not None, "reason": c.upload_disabled, "max_bytes": max_upload_bytes},
+            "thumb_size": c.thumb_size,
+            "default_k": c.default_k,
+            "max_k": MAX_K,
+            "map": _map_method(c.count, c.map_fit_points),
+        }
 
     @app.get("/api/images")
-    def images(offset: int = Query(0, ge=0), limit: int = Query(60, ge=1, le=MAX_PAGE),
-               folder: str | None = None, contains: str | None = None):
+    def images(
+        offset: int = Query(0, ge=0),
+        limit: int = Query(60, ge=1, le=MAX_PAGE),
+        folder: str | None = None,
+        contains: str | None = None,
+    ):
         return JSONResponse(c.page(offset, limit, folder, contains))
 
     @app.get("/api/images/{image_id:int}")
@@ -435,8 +521,9 @@ def create_app(collection: Collection, *, max_upload_bytes: int = MAX_UPLOAD_BYT
 
     @app.get("/api/images/{image_id:int}/thumb")
     def thumbnail(image_id: int):
-        return FileResponse(c.thumbnail(image_id), media_type="image/jpeg",
-                            headers={"Cache-Control": "private, max-age=3600"})
+        return FileResponse(
+            c.thumbnail(image_id), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"}
+        )
 
     # JSONResponse directly: the rows are plain JSON types already, FastAPI's encoder would walk them again
     @app.get("/api/neighbours/{image_id:int}")
@@ -465,8 +552,10 @@ def create_app(collection: Collection, *, max_upload_bytes: int = MAX_UPLOAD_BYT
     return app
 
 
-PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
-               "script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'")
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'"
+)
 
 
 class NoSniff:
@@ -491,8 +580,11 @@ class NoSniff:
 async def _read_upload(request, limit: int) -> bytes:
     """The uploaded image's bytes: the form field ``image`` of a multipart form, or the raw request body.
     Anything larger than ``limit`` is answered with 413 without reading the rest."""
-    too_large = ServeError(413, f"the upload is larger than the limit of {limit / 2**20:.1f} MB; send a smaller "
-                                "image or start udml serve with a larger --max-upload-mb")
+    too_large = ServeError(
+        413,
+        f"the upload is larger than the limit of {limit / 2**20:.1f} MB; send a smaller "
+        "image or start udml serve with a larger --max-upload-mb",
+    )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
         raise too_large
@@ -514,8 +606,9 @@ async def _read_upload(request, limit: int) -> bytes:
             raise
         except Exception as e:  # noqa: BLE001 - a malformed form is the client's fault
             message = getattr(e, "detail", None) or getattr(e, "message", None) or str(e)
-            raise ServeError(400, f"cannot parse the multipart upload ({message}); send the image as the form "
-                                  "field 'image'") from e
+            raise ServeError(
+                400, f"cannot parse the multipart upload ({message}); send the image as the form field 'image'"
+            ) from e
         files = [v for v in form.values() if isinstance(v, UploadFile)]
         upload = form.get("image") if isinstance(form.get("image"), UploadFile) else (files[0] if files else None)
         if upload is None:
@@ -558,12 +651,19 @@ def bind(host: str, port: int) -> socket.socket:
         return sock
     except OSError as e:
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port (0: any free "
-                      "port) or --host") from e
+        raise OSError(
+            f"cannot listen on {host}:{port} ({e.strerror}); choose another --port (0: any free port) or --host"
+        ) from e
 
 
-def serve(collection: Collection, *, host: str = "127.0.0.1", port: int = 8000,
-          max_upload_bytes: int = MAX_UPLOAD_BYTES, announce=None) -> None:
+def serve(
+    collection: Collection,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    announce=None,
+) -> None:
     """Run the web server until Ctrl+C."""
     import uvicorn
 

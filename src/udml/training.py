@@ -1,4 +1,5 @@
 """The UDML-SS training loop: cluster -> sample P x M -> metric loss + lambda * rotation loss, repeat."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -23,18 +23,17 @@ from .clustering import assignment_nmi, kmeans
 from .config import RUNTIME_FIELDS, Config, default_num_clusters, save_config, validate
 from .data import ImageDataset, default_workers, make_loader, resize_for, stack, test_transform, train_transform
 from .datasets import load_split
-from .evaluation import evaluate
 from .devices import autocast, resolve_device
+from .evaluation import evaluate
 from .inference import extract
 from .losses import create_loss, rotation_batch, rotation_loss
 from .models import build_model
 from .plots import write_run_pictures
-from .rundir import CHECKPOINT, LOG, RunDir, atomic_write, remove_temporaries
 from .report import ScheduleClock, format_duration, format_metrics, summary
+from .rundir import CHECKPOINT, LOG, RunDir, atomic_write, remove_temporaries
 from .samplers import ClusterBatchSampler, check_world_size, one_per_cluster
 
 log = logging.getLogger("udml")
-
 
 
 class NonFiniteError(RuntimeError):
@@ -84,8 +83,10 @@ def setup_logging(run_dir: Path | None, quiet: bool = False, resume: bool = Fals
         log.addHandler(handler)
         if handler.stream.tell() > 0:  # a folder reused after a kill, or resumed
             handler.stream.write("\n")
-        handler.stream.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} ===== udml train "
-                             f"{'--resume' if resume else 'started'} (pid {os.getpid()}) =====\n")
+        handler.stream.write(
+            f"{datetime.now():%Y-%m-%d %H:%M:%S} ===== udml train "
+            f"{'--resume' if resume else 'started'} (pid {os.getpid()}) =====\n"
+        )
         handler.flush()
 
 
@@ -131,18 +132,31 @@ def build_datasets(cfg: Config, image_size: int):
     train = ImageDataset(train_set, None, cache=cfg.cache_images, short_side=short)
     test = None
     if cfg.dataset == "folder" and cfg.test_root is None:  # a folder's own sub-folders need not be classes
-        log.info("no labelled test split was given (test_root=FOLDER, one sub-folder per class): the run "
-                 "is not evaluated")
+        log.info(
+            "no labelled test split was given (test_root=FOLDER, one sub-folder per class): the run is not evaluated"
+        )
     else:
         test_set = load_split(cfg.dataset, cfg.test_root or cfg.data_root, cfg.test_split)
-        test = ImageDataset(test_set, test_transform(image_size, resize_size=cfg.resize_size),
-                            cache="transformed" if cfg.cache_images else False, short_side=short)
+        test = ImageDataset(
+            test_set,
+            test_transform(image_size, resize_size=cfg.resize_size),
+            cache="transformed" if cfg.cache_images else False,
+            short_side=short,
+        )
     if test is not None and test.labels is None:
-        raise ValueError(f"the test split {test_set.name!r} has no labels; evaluation needs class labels "
-                         "(for a folder: one sub-folder per class)")
-    aug = train.with_transform(train_transform(image_size, resize_size=cfg.resize_size,
-                                               crop_scale_min=cfg.crop_scale_min, hflip=cfg.hflip,
-                                               crop_rule=cfg.crop_rule))
+        raise ValueError(
+            f"the test split {test_set.name!r} has no labels; evaluation needs class labels "
+            "(for a folder: one sub-folder per class)"
+        )
+    aug = train.with_transform(
+        train_transform(
+            image_size,
+            resize_size=cfg.resize_size,
+            crop_scale_min=cfg.crop_scale_min,
+            hflip=cfg.hflip,
+            crop_rule=cfg.crop_rule,
+        )
+    )
     plain = train.with_transform(test_transform(image_size, resize_size=cfg.resize_size))
     return aug, plain, test
 
@@ -158,8 +172,7 @@ def evaluate_model(s: "Session", *, with_pooled: bool) -> dict:
     labels = s.test_labels.to(emb.device)
     results = {"embedding": evaluate(emb, labels, recall_ks=s.cfg.recall_ks, seed=s.cfg.seed)}
     if with_pooled:
-        results["pooled"] = evaluate(F.normalize(pooled, dim=1), labels, recall_ks=s.cfg.recall_ks,
-                                     seed=s.cfg.seed)
+        results["pooled"] = evaluate(F.normalize(pooled, dim=1), labels, recall_ks=s.cfg.recall_ks, seed=s.cfg.seed)
     return results
 
 
@@ -168,9 +181,8 @@ def extract_all(s: "Session", data, pooled: bool):
     shares are gathered in order, so every process ends with the same features."""
     if distributed.world_size() > 1:
         part = distributed.shard(len(data))
-        data = data[part.start:part.stop] if isinstance(data, torch.Tensor) else torch.utils.data.Subset(data, part)
-    p, e = extract(s.model, data, batch_size=s.cfg.eval_batch_size, num_workers=s.workers, amp=s.cfg.amp,
-                   pooled=pooled)
+        data = data[part.start : part.stop] if isinstance(data, torch.Tensor) else torch.utils.data.Subset(data, part)
+    p, e = extract(s.model, data, batch_size=s.cfg.eval_batch_size, num_workers=s.workers, amp=s.cfg.amp, pooled=pooled)
     return (distributed.gather_rows(p) if pooled else None), distributed.gather_rows(e)
 
 
@@ -187,25 +199,34 @@ def new_run_dir(cfg: Config) -> Path:
     name = cfg.run_name or f"{cfg.dataset}-{cfg.backbone.replace(':', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(cfg.out_dir) / name
     if (run_dir / CHECKPOINT).exists():
-        raise FileExistsError(f"run folder {run_dir} already holds a checkpoint; continue it with "
-                              f"--resume {run_dir}, or choose another run_name")
+        raise FileExistsError(
+            f"run folder {run_dir} already holds a checkpoint; continue it with "
+            f"--resume {run_dir}, or choose another run_name"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
 def check_resumable(cfg: Config, saved: dict, path: Path) -> None:
     now = cfg.to_dict()
-    diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now
-            if k not in RUNTIME_FIELDS and saved.get(k) != now[k]]
+    diff = [
+        f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now"
+        for k in now
+        if k not in RUNTIME_FIELDS and saved.get(k) != now[k]
+    ]
     if diff:
-        raise ValueError(f"checkpoint {path} was written with a different configuration ("
-                         + "; ".join(diff) + "). Resume with the run folder's own config.yaml "
-                         "(udml train --resume RUN_DIR) or start a new run.")
+        raise ValueError(
+            f"checkpoint {path} was written with a different configuration ("
+            + "; ".join(diff)
+            + "). Resume with the run folder's own config.yaml "
+            "(udml train --resume RUN_DIR) or start a new run."
+        )
 
 
 @dataclass
 class Session:
     """Everything a run builds once: model, optimiser, loss, data (train with both transforms, test)."""
+
     cfg: Config
     device: torch.device
     use_amp: bool
@@ -213,10 +234,10 @@ class Session:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     metric_loss: torch.nn.Module
-    aug: ImageDataset                       # training images, train transform
-    train_plain: object                     # training images, test transform (Dataset or stacked tensor)
+    aug: ImageDataset  # training images, train transform
+    train_plain: object  # training images, test transform (Dataset or stacked tensor)
     test_plain: object
-    test_labels: torch.Tensor | None        # None: no labelled test split, no evaluations
+    test_labels: torch.Tensor | None  # None: no labelled test split, no evaluations
     test_classes: list | None = None
     train_labels: torch.Tensor | None = None  # true classes of a benchmark's training split: diagnostics only
     train_model: torch.nn.Module | None = None  # what the training step calls: the model, or its DDP wrapper
@@ -252,12 +273,16 @@ def prepare(cfg: Config, device: torch.device) -> Session:
     if cfg.num_clusters is None:
         raise ValueError("num_clusters is null: resolve it first (resolve_num_clusters)")
     if cfg.num_clusters > len(aug):
-        raise ValueError(f"num_clusters (K={cfg.num_clusters}) is larger than the number of training images "
-                         f"({len(aug)}); lower num_clusters")
+        raise ValueError(
+            f"num_clusters (K={cfg.num_clusters}) is larger than the number of training images "
+            f"({len(aug)}); lower num_clusters"
+        )
     if test is not None and max(cfg.recall_ks) > len(test) - 1:
-        raise ValueError(f"recall_ks asks for Recall@{max(cfg.recall_ks)} but the test split has {len(test)} "
-                         f"images, so each query has {len(test) - 1} neighbours; use recall_ks values <= "
-                         f"{len(test) - 1}")
+        raise ValueError(
+            f"recall_ks asks for Recall@{max(cfg.recall_ks)} but the test split has {len(test)} "
+            f"images, so each query has {len(test) - 1} neighbours; use recall_ks values <= "
+            f"{len(test) - 1}"
+        )
     train_plain = stack(plain, num_workers=workers, budget_gb=cfg.stack_budget_gb)
     test_plain = stack(test, num_workers=workers, budget_gb=cfg.stack_budget_gb) if test is not None else None
     if device.type == "cuda":  # stacked images live on the GPU: re-embedding costs no transfer
@@ -270,22 +295,43 @@ def prepare(cfg: Config, device: torch.device) -> Session:
         if not cfg.freeze_bn and device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif not cfg.freeze_bn:
-            log.warning("BatchNorm is trained with statistics of each process's share of the batch (SyncBatchNorm "
-                        "needs CUDA); set freeze_bn=true for steps identical to a single process")
+            log.warning(
+                "BatchNorm is trained with statistics of each process's share of the batch (SyncBatchNorm "
+                "needs CUDA); set freeze_bn=true for steps identical to a single process"
+            )
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
         metric_loss = metric_loss.across_processes()
-    optimizer = torch.optim.Adam([
-        {"params": model.backbone.parameters(), "lr": cfg.lr},
-        {"params": list(model.embedding.parameters()) + list(model.rotation.parameters()),
-         "lr": cfg.head_lr or cfg.lr},
-    ], weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None)  # fused: one kernel per step on CUDA
+    optimizer = torch.optim.Adam(
+        [
+            {"params": model.backbone.parameters(), "lr": cfg.lr},
+            {
+                "params": list(model.embedding.parameters()) + list(model.rotation.parameters()),
+                "lr": cfg.head_lr or cfg.lr,
+            },
+        ],
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda" or None,
+    )  # fused: one kernel per step on CUDA
     # A folder's sub-folders need not be classes; the benchmarks' training classes are.
     train_labels = torch.as_tensor(aug.labels) if aug.labels is not None and cfg.dataset != "folder" else None
-    return Session(cfg, device, use_amp, workers, model, optimizer, metric_loss, aug, train_plain, test_plain,
-                   None if test is None else torch.as_tensor(test.labels),
-                   test_classes=None if test is None else test.image_set.class_names,
-                   train_labels=train_labels, train_model=train_model)
+    return Session(
+        cfg,
+        device,
+        use_amp,
+        workers,
+        model,
+        optimizer,
+        metric_loss,
+        aug,
+        train_plain,
+        test_plain,
+        None if test is None else torch.as_tensor(test.labels),
+        test_classes=None if test is None else test.image_set.class_names,
+        train_labels=train_labels,
+        train_model=train_model,
+    )
 
 
 def cluster(s: Session, previous: torch.Tensor | None, seed: int):
@@ -307,16 +353,24 @@ def cluster(s: Session, previous: torch.Tensor | None, seed: int):
     if distributed.is_main():
         warm = previous is not None and cfg.recluster_init == "warm"
         init = warm_start(features, previous, cfg.num_clusters) if warm else None
-        result = kmeans(features, cfg.num_clusters, niter=cfg.kmeans_iters, seed=seed, backend=cfg.kmeans_backend,
-                        init_centroids=init, spherical=True)
+        result = kmeans(
+            features,
+            cfg.num_clusters,
+            niter=cfg.kmeans_iters,
+            seed=seed,
+            backend=cfg.kmeans_backend,
+            init_centroids=init,
+            spherical=True,
+        )
         stats = cluster_stats(result, previous, cfg.images_per_cluster, s.train_labels)
         labels = torch.as_tensor(result.labels, dtype=torch.long)
     labels = distributed.broadcast(labels, like=torch.empty(len(features), dtype=torch.long, device=features.device))
     return labels.cpu(), result, stats
 
 
-def cluster_stats(result, previous: torch.Tensor | None, images_per_cluster: int,
-                  true_labels: torch.Tensor | None) -> dict:
+def cluster_stats(
+    result, previous: torch.Tensor | None, images_per_cluster: int, true_labels: torch.Tensor | None
+) -> dict:
     """The clustering record of metrics.jsonl: k-means' own statistics, the cluster sizes, how many clusters
     are smaller than M (the sampler repeats their images), the NMI to the previous assignment and, where the
     training split has class labels (benchmarks), the NMI to them. That last one is a diagnostic only: labels
@@ -326,8 +380,9 @@ def cluster_stats(result, previous: torch.Tensor | None, images_per_cluster: int
     stats["sizes"] = sizes.tolist() if len(sizes) <= 1000 else None  # SOP's K = 10,000: summary only
     stats["smaller_than_m"] = int((sizes < images_per_cluster).sum())
     stats["nmi_previous"] = assignment_nmi(previous, result.labels) if previous is not None else None
-    stats["diagnostic_nmi_true_classes"] = (assignment_nmi(true_labels, result.labels)
-                                            if true_labels is not None else None)
+    stats["diagnostic_nmi_true_classes"] = (
+        assignment_nmi(true_labels, result.labels) if true_labels is not None else None
+    )
     return stats
 
 
@@ -381,17 +436,19 @@ def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, p
 @dataclass
 class Progress:
     """Where a run stands; what a checkpoint restores."""
+
     rounds_done: int = 0
     step: int = 0
-    labels: torch.Tensor | None = None      # the pseudo-labels of the last clustering
+    labels: torch.Tensor | None = None  # the pseudo-labels of the last clustering
     start_metrics: dict = dataclasses.field(default_factory=dict)
-    saved_round: int | None = None          # the round the checkpoint on disk holds
+    saved_round: int | None = None  # the round the checkpoint on disk holds
 
 
 @dataclass
 class Loop:
     """What the rounds share: the run folder, the metrics file, the sampler and its loader, the clock, the bar."""
-    run: RunDir | None                      # None on the non-main processes of a torchrun job
+
+    run: RunDir | None  # None on the non-main processes of a torchrun job
     metrics: MetricsFile
     clock: ScheduleClock
     bar: tqdm
@@ -413,10 +470,20 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     ckpt.seed_all(cfg.seed)  # the network's initial weights
     s = prepare(cfg, device)
     progress = start_or_resume(s, run, state)
-    loop = Loop(run, MetricsFile(run.metrics if run else None), ScheduleClock(
-        cfg.num_rounds(), cfg.iterations_per_round(), evaluations_between(s)), tqdm(
-        total=cfg.num_rounds() * cfg.iterations_per_round(), initial=progress.step, desc="train", unit="it",
-        dynamic_ncols=True, disable=None if run else True, mininterval=2.0))
+    loop = Loop(
+        run,
+        MetricsFile(run.metrics if run else None),
+        ScheduleClock(cfg.num_rounds(), cfg.iterations_per_round(), evaluations_between(s)),
+        tqdm(
+            total=cfg.num_rounds() * cfg.iterations_per_round(),
+            initial=progress.step,
+            desc="train",
+            unit="it",
+            dynamic_ncols=True,
+            disable=None if run else True,
+            mininterval=2.0,
+        ),
+    )
     _console.bar_drawn = not loop.bar.disable
     if state is None:
         loop.metrics.truncate_after(-1)
@@ -451,24 +518,38 @@ def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[RunDir | 
 def start_or_resume(s: Session, run: RunDir | None, state: dict | None) -> Progress:
     """A fresh start, or the model, optimiser and progress of the checkpoint."""
     cfg = s.cfg
-    log.info("run folder %s | device %s%s | %d train / %d test images | K=%d | %d rounds x %d iterations",
-             run, s.device, f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else "",
-             len(s.aug), 0 if s.test_labels is None else len(s.test_labels), cfg.num_clusters, cfg.num_rounds(),
-             cfg.iterations_per_round())
+    log.info(
+        "run folder %s | device %s%s | %d train / %d test images | K=%d | %d rounds x %d iterations",
+        run,
+        s.device,
+        f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else "",
+        len(s.aug),
+        0 if s.test_labels is None else len(s.test_labels),
+        cfg.num_clusters,
+        cfg.num_rounds(),
+        cfg.iterations_per_round(),
+    )
     if state is None:
         return Progress()
     s.model.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
-    progress = Progress(state["rounds_done"], state["step"], state["labels"], state["start_metrics"],
-                        saved_round=state["rounds_done"])
-    log.info("resumed from %s after round %d (step %d)", run.checkpoint if run else "", progress.rounds_done,
-             progress.step)
+    progress = Progress(
+        state["rounds_done"], state["step"], state["labels"], state["start_metrics"], saved_round=state["rounds_done"]
+    )
+    log.info(
+        "resumed from %s after round %d (step %d)", run.checkpoint if run else "", progress.rounds_done, progress.step
+    )
     threads = state.get("cpu_threads")
     if s.device.type == "cpu" and threads not in (None, torch.get_num_threads()):
         # CPU convolution gradients are summed in a thread-count dependent order.
-        log.warning("the checkpoint was written with %d CPU threads and this process uses %d: the resumed "
-                    "run will differ from an uninterrupted one by rounding; set OMP_NUM_THREADS=%d for an "
-                    "exact replay", threads, torch.get_num_threads(), threads)
+        log.warning(
+            "the checkpoint was written with %d CPU threads and this process uses %d: the resumed "
+            "run will differ from an uninterrupted one by rounding; set OMP_NUM_THREADS=%d for an "
+            "exact replay",
+            threads,
+            torch.get_num_threads(),
+            threads,
+        )
     return progress
 
 
@@ -489,12 +570,17 @@ def evaluate_start(s: Session, loop: Loop, progress: Progress) -> None:
 
 
 def non_finite(progress: Progress, run: RunDir | None, what: str) -> NonFiniteError:
-    kept = ("no checkpoint was written yet" if progress.saved_round is None else
-            f"the last good checkpoint {run.checkpoint if run else CHECKPOINT} (after round {progress.saved_round}) "
-            "is intact")
-    return NonFiniteError(f"{what}; training stopped and {kept}. Lower lr (or head_lr), raise weight_decay or "
-                          "check the data, then start a new run: resuming with the same settings repeats the "
-                          "same steps")
+    kept = (
+        "no checkpoint was written yet"
+        if progress.saved_round is None
+        else f"the last good checkpoint {run.checkpoint if run else CHECKPOINT} (after round {progress.saved_round}) "
+        "is intact"
+    )
+    return NonFiniteError(
+        f"{what}; training stopped and {kept}. Lower lr (or head_lr), raise weight_decay or "
+        "check the data, then start a new run: resuming with the same settings repeats the "
+        "same steps"
+    )
 
 
 def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
@@ -513,70 +599,116 @@ def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
         try:
             progress.labels, result, stats = cluster(s, progress.labels, seed=cfg.seed + rnd)
         except NonFiniteError as e:  # weights blown up by the last steps, loss still finite
-            raise non_finite(progress, loop.run, f"{e} after step {progress.step} (at the clustering of round "
-                                                 f"{rnd})") from None
+            raise non_finite(
+                progress, loop.run, f"{e} after step {progress.step} (at the clustering of round {rnd})"
+            ) from None
         loop.metrics.append(kind="cluster", round=rnd, step=progress.step, seconds=time.time() - t, **stats)
         loop.clock.cluster_seconds = loop.clock.cluster_seconds or time.time() - t
         if result is not None and (rnd == 1 or rnd == rounds or rnd % max(1, rounds // 10) == 0):
             log.info("round %d/%d clustering: %s (%.1fs)", rnd, rounds, describe_clusters(stats), time.time() - t)
 
     if loop.sampler is None:
-        loop.sampler = ClusterBatchSampler(progress.labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster,
-                                           cfg.iterations_per_round(), seed=round_seed, rank=distributed.rank(),
-                                           world_size=distributed.world_size())
-        loop.loader = make_loader(s.aug, batch_sampler=loop.sampler, num_workers=s.workers, device=s.device,
-                                  persistent=True)
+        loop.sampler = ClusterBatchSampler(
+            progress.labels.numpy(),
+            cfg.clusters_per_batch,
+            cfg.images_per_cluster,
+            cfg.iterations_per_round(),
+            seed=round_seed,
+            rank=distributed.rank(),
+            world_size=distributed.world_size(),
+        )
+        loop.loader = make_loader(
+            s.aug, batch_sampler=loop.sampler, num_workers=s.workers, device=s.device, persistent=True
+        )
     loop.sampler.reset(progress.labels.numpy(), seed=round_seed)
     t = time.time()
     loop.clock.round_started(progress.step)
-    progress.step, means, bad = train_round(s, loop.loader, progress.labels, progress.step, loop.bar,
-                                            progress=functools.partial(report_progress, s, loop.clock, rnd))
+    progress.step, means, bad = train_round(
+        s,
+        loop.loader,
+        progress.labels,
+        progress.step,
+        loop.bar,
+        progress=functools.partial(report_progress, s, loop.clock, rnd),
+    )
     if bad >= 0:
         raise non_finite(progress, loop.run, f"the loss became NaN or infinite at step {bad} (round {rnd})")
-    loop.metrics.append(kind="train", round=rnd, step=progress.step, seconds=time.time() - t,
-                        iterations=cfg.iterations_per_round(), **means)
+    loop.metrics.append(
+        kind="train",
+        round=rnd,
+        step=progress.step,
+        seconds=time.time() - t,
+        iterations=cfg.iterations_per_round(),
+        **means,
+    )
     loop.bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k.endswith("loss")}, refresh=False)
 
     if cfg.eval_every and rnd % cfg.eval_every == 0 and rnd != rounds and s.test_labels is not None:
         t = time.time()
         m = evaluate_model(s, with_pooled=False).get("embedding")
         if m is not None:
-            loop.metrics.append(kind="eval", round=rnd, step=progress.step, features="embedding",
-                                seconds=time.time() - t, **m)
+            loop.metrics.append(
+                kind="eval", round=rnd, step=progress.step, features="embedding", seconds=time.time() - t, **m
+            )
             log.info("step %6d (embedding) %s", progress.step, format_metrics(m))
 
     if rnd % max(1, cfg.checkpoint_every) == 0 or rnd == rounds:
         if not model_is_finite(s):  # a checkpoint that only yields NaN would not be a good one
-            raise non_finite(progress, loop.run, f"the weights or the network's outputs became NaN or infinite by "
-                                                 f"step {progress.step} (round {rnd})")
+            raise non_finite(
+                progress,
+                loop.run,
+                f"the weights or the network's outputs became NaN or infinite by step {progress.step} (round {rnd})",
+            )
         if loop.run is not None:
-            ckpt.atomic_save({"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
-                              "rounds_done": rnd, "step": progress.step, "labels": progress.labels,
-                              "config": cfg.to_dict(), "start_metrics": progress.start_metrics,
-                              "cpu_threads": torch.get_num_threads()}, loop.run.checkpoint)
+            ckpt.atomic_save(
+                {
+                    "model": s.model.state_dict(),
+                    "optimizer": s.optimizer.state_dict(),
+                    "rounds_done": rnd,
+                    "step": progress.step,
+                    "labels": progress.labels,
+                    "config": cfg.to_dict(),
+                    "start_metrics": progress.start_metrics,
+                    "cpu_threads": torch.get_num_threads(),
+                },
+                loop.run.checkpoint,
+            )
         progress.saved_round = rnd
     progress.rounds_done = rnd
 
 
 def describe_clusters(stats: dict) -> str:
     nmi_true = stats["diagnostic_nmi_true_classes"]
-    return (f"sizes min {stats['min']} / median {stats['median']:g} / max {stats['max']}, {stats['smaller_than_m']} "
-            f"smaller than M, {stats['n_reseeded']} re-seeded, NMI to previous "
-            + ("-" if stats["nmi_previous"] is None else f"{stats['nmi_previous']:.3f}")
-            + ("" if nmi_true is None else f", to the true classes {nmi_true:.3f} (diagnostic)"))
+    return (
+        f"sizes min {stats['min']} / median {stats['median']:g} / max {stats['max']}, {stats['smaller_than_m']} "
+        f"smaller than M, {stats['n_reseeded']} re-seeded, NMI to previous "
+        + ("-" if stats["nmi_previous"] is None else f"{stats['nmi_previous']:.3f}")
+        + ("" if nmi_true is None else f", to the true classes {nmi_true:.3f} (diagnostic)")
+    )
 
 
 def finish(s: Session, loop: Loop, progress: Progress) -> dict:
     """Final evaluation, the model file, the summary and the pictures."""
     t = time.time()
     final = evaluate_model(s, with_pooled=False)
-    result = {"start": progress.start_metrics, "final": final, "step": progress.step,
-              "run_dir": str(loop.run) if loop.run else None}
+    result = {
+        "start": progress.start_metrics,
+        "final": final,
+        "step": progress.step,
+        "run_dir": str(loop.run) if loop.run else None,
+    }
     if loop.run is None:
         return {**result, "start": {}, "final": {}}
     if final:
-        loop.metrics.append(kind="eval", round=s.cfg.num_rounds(), step=progress.step, features="embedding",
-                            final=True, seconds=time.time() - t, **final["embedding"])
+        loop.metrics.append(
+            kind="eval",
+            round=s.cfg.num_rounds(),
+            step=progress.step,
+            features="embedding",
+            final=True,
+            seconds=time.time() - t,
+            **final["embedding"],
+        )
     save_model(s.model, s.cfg, loop.run.model)
     table, worse = summary(progress.start_metrics, final.get("embedding"))
     for line in table:
@@ -585,9 +717,15 @@ def finish(s: Session, loop: Loop, progress: Progress) -> dict:
         log.warning("%s", worse)
     log.info("model written to %s; metrics in %s", loop.run.model, loop.run.metrics)
     if s.cfg.pictures:
-        write_run_pictures(loop.run.path, s.model, s.train_plain if s.test_labels is None else s.test_plain,
-                           s.test_labels, class_names=s.test_classes, batch_size=s.cfg.eval_batch_size,
-                           num_workers=s.workers)
+        write_run_pictures(
+            loop.run.path,
+            s.model,
+            s.train_plain if s.test_labels is None else s.test_plain,
+            s.test_labels,
+            class_names=s.test_classes,
+            batch_size=s.cfg.eval_batch_size,
+            num_workers=s.workers,
+        )
     return result
 
 
@@ -597,15 +735,27 @@ def report_progress(s: Session, clock: ScheduleClock, rnd: int, step: int) -> No
         if s.device.type == "cuda":
             torch.cuda.synchronize(s.device)  # the steps were only queued
         total = clock.estimate(step)
-        log.info("estimated duration of the whole schedule: %s (%d rounds x %d iterations at %.2f s each, %d "
-                 "clusterings at %.1f s, %d evaluations at %.1f s)", format_duration(total), clock.rounds,
-                 clock.iterations, clock.step_seconds, clock.rounds, clock.cluster_seconds, clock.evaluations + 2,
-                 clock.eval_seconds)
+        log.info(
+            "estimated duration of the whole schedule: %s (%d rounds x %d iterations at %.2f s each, %d "
+            "clusterings at %.1f s, %d evaluations at %.1f s)",
+            format_duration(total),
+            clock.rounds,
+            clock.iterations,
+            clock.step_seconds,
+            clock.rounds,
+            clock.cluster_seconds,
+            clock.evaluations + 2,
+            clock.eval_seconds,
+        )
         if s.device.type == "cpu" and total > 3600:
             rounds = clock.rounds_within(1800)
-            log.warning("that is over an hour on the CPU. To shorten it: pseudo_epochs=%d (about 30 min at this "
-                        "speed; now %d), a smaller crop (image_size=160), eval_every=0 (no evaluations in between), "
-                        "or train on a GPU (device=cuda)", rounds * s.cfg.recluster_every, s.cfg.pseudo_epochs)
+            log.warning(
+                "that is over an hour on the CPU. To shorten it: pseudo_epochs=%d (about 30 min at this "
+                "speed; now %d), a smaller crop (image_size=160), eval_every=0 (no evaluations in between), "
+                "or train on a GPU (device=cuda)",
+                rounds * s.cfg.recluster_every,
+                s.cfg.pseudo_epochs,
+            )
     line = clock.progress_line(step, rnd)
     if line:
         log.info("%s", line, extra={"progress": True})
@@ -624,7 +774,9 @@ def training_step(model, metric_loss, x, y, cfg: Config, use_amp: bool, world_si
     rotate = cfg.rotation_weight > 0
     with autocast(x.device, use_amp):
         if rotate:  # one image of each of the first R clusters of the batch
-            xr, yr = rotation_batch(one_per_cluster(x, cfg.images_per_cluster)[:max(1, cfg.rotation_images // world_size)])
+            xr, yr = rotation_batch(
+                one_per_cluster(x, cfg.images_per_cluster)[: max(1, cfg.rotation_images // world_size)]
+            )
             emb, logits = model(x, xr, separate=cfg.rotation_pass == "separate")
         else:
             emb = model(x)
@@ -640,6 +792,16 @@ def training_step(model, metric_loss, x, y, cfg: Config, use_amp: bool, world_si
 
 def save_model(model, cfg: Config, path: Path) -> None:
     """The inference file: weights plus what is needed to rebuild the network, without the training setup."""
-    ckpt.atomic_save({"format": "udml-model-1", "state_dict": model.state_dict(),
-                      "arch": {"backbone": cfg.backbone, "embedding_dim": cfg.embedding_dim,
-                               "rotation_hidden": cfg.rotation_hidden, "image": model.image.to_dict()}}, path)
+    ckpt.atomic_save(
+        {
+            "format": "udml-model-1",
+            "state_dict": model.state_dict(),
+            "arch": {
+                "backbone": cfg.backbone,
+                "embedding_dim": cfg.embedding_dim,
+                "rotation_hidden": cfg.rotation_hidden,
+                "image": model.image.to_dict(),
+            },
+        },
+        path,
+    )
