@@ -398,7 +398,7 @@ def test_evaluation_k_larger_than_the_gallery():
     with pytest.raises(
         ValueError,
         match=r"Recall@8 but the gallery has 5 items minus the query itself, so at "
-        r"most 4 neighbours exist; use recall_ks with values <= 4",
+        r"most 4 neighbours exist; use recall_ks values <= 4",
     ):
         evaluate(emb, labels, recall_ks=[1, 8], compute_nmi=False)
     with pytest.raises(ValueError, match=r"Recall@6 but the gallery has 5 items.*<= 5"):

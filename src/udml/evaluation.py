@@ -162,12 +162,7 @@ def evaluate(
         exclude = None
         usable, where = n, f"the gallery has {n} items"
 
-    ks = _check_ks(recall_ks, None, "evaluate")
-    if ks and ks[-1] > usable:
-        raise ValueError(
-            f"evaluate: recall_ks asks for Recall@{ks[-1]} but {where}, so at most {usable} "
-            f"neighbours exist; use recall_ks with values <= {usable}"
-        )
+    ks = check_recall_ks(recall_ks, usable, f"{where}, so at most {usable} neighbours exist", "evaluate: ")
 
     # R for each query: relevant gallery items, the query itself not counted.
     classes, counts = torch.unique(labels, return_counts=True)
@@ -266,6 +261,15 @@ def _check_r(r: Tensor, nq: int) -> Tensor:
     if r.is_floating_point() or bool((r < 0).any()):
         raise ValueError("r must hold non-negative integer counts of relevant gallery items")
     return r.long()
+
+
+def check_recall_ks(recall_ks: Sequence[int], usable: int, where: str, prefix: str = "") -> list[int]:
+    """The sorted Ks, each at most ``usable`` (the neighbours a query has; ``where`` says why, for the
+    message)."""
+    ks = _check_ks(recall_ks, None, prefix.rstrip(": ") or "recall_ks")
+    if ks and ks[-1] > usable:
+        raise ValueError(f"{prefix}recall_ks asks for Recall@{ks[-1]} but {where}; use recall_ks values <= {usable}")
+    return ks
 
 
 def _check_ks(ks: Sequence[int], available: int | None, where: str) -> list[int]:

@@ -24,7 +24,7 @@ from .config import RUNTIME_FIELDS, Config, default_num_clusters, save_config, v
 from .data import ImageDataset, default_workers, make_loader, resize_for, stack, test_transform, train_transform
 from .datasets import load_split
 from .devices import autocast, resolve_device
-from .evaluation import evaluate
+from .evaluation import check_recall_ks, evaluate
 from .inference import extract
 from .losses import create_loss, rotation_batch, rotation_loss
 from .models import build_model
@@ -277,12 +277,9 @@ def prepare(cfg: Config, device: torch.device) -> Session:
             f"num_clusters (K={cfg.num_clusters}) is larger than the number of training images "
             f"({len(aug)}); lower num_clusters"
         )
-    if test is not None and max(cfg.recall_ks) > len(test) - 1:
-        raise ValueError(
-            f"recall_ks asks for Recall@{max(cfg.recall_ks)} but the test split has {len(test)} "
-            f"images, so each query has {len(test) - 1} neighbours; use recall_ks values <= "
-            f"{len(test) - 1}"
-        )
+    if test is not None:  # before the images are stacked and the start evaluation runs
+        n = len(test)
+        check_recall_ks(cfg.recall_ks, n - 1, f"the test split has {n} images, so each query has {n - 1} neighbours")
     train_plain = stack(plain, num_workers=workers, budget_gb=cfg.stack_budget_gb)
     test_plain = stack(test, num_workers=workers, budget_gb=cfg.stack_budget_gb) if test is not None else None
     if device.type == "cuda":  # stacked images live on the GPU: re-embedding costs no transfer
