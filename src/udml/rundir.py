@@ -1,7 +1,8 @@
-"""The run folder: its file names, and the checks that need no PyTorch (so the command line answers at once)."""
+"""The run folder: its file names, the one atomic-write routine, metrics.jsonl, and the checks that need no PyTorch."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -95,3 +96,38 @@ def remove_temporaries(path: str | Path) -> list[Path]:
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale
+
+
+class MetricsFile:
+    """Append-only JSON lines; on resume, lines of rounds that the checkpoint does not hold are dropped.
+    With ``path=None`` (the non-main processes of a torchrun job) nothing is written."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def truncate_after(self, rounds_done: int) -> None:
+        """Keep the records of rounds 1..rounds_done (and the start); drop later ones, the final evaluation
+        (written after the last checkpoint) and a line torn by a kill in mid-write."""
+        if self.path is None or not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("round", 0) <= rounds_done and not record.get("final"):
+                keep.append(line)
+        text = "".join(line + "\n" for line in keep).encode()
+        atomic_write(self.path, lambda f: f.write(text), what="metrics file")
+
+    def append(self, **record) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if self.path is None or not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import sys
@@ -30,7 +29,7 @@ from .losses import create_loss, rotation_batch, rotation_loss
 from .models import build_model
 from .plots import write_run_pictures
 from .report import ScheduleClock, format_duration, format_metrics, summary
-from .rundir import CHECKPOINT, LOG, RunDir, atomic_write, remove_temporaries
+from .rundir import CHECKPOINT, LOG, MetricsFile, RunDir, remove_temporaries
 from .samplers import ClusterBatchSampler, check_world_size, one_per_cluster
 
 log = logging.getLogger("udml")
@@ -88,41 +87,6 @@ def setup_logging(run_dir: Path | None, quiet: bool = False, resume: bool = Fals
             f"{'--resume' if resume else 'started'} (pid {os.getpid()}) =====\n"
         )
         handler.flush()
-
-
-class MetricsFile:
-    """Append-only JSON lines; on resume, lines of rounds that the checkpoint does not hold are dropped.
-    With ``path=None`` (the non-main processes of a torchrun job) nothing is written."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-
-    def truncate_after(self, rounds_done: int) -> None:
-        """Keep the records of rounds 1..rounds_done (and the start); drop later ones, the final evaluation
-        (written after the last checkpoint) and a line torn by a kill in mid-write."""
-        if self.path is None or not self.path.exists():
-            return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("round", 0) <= rounds_done and not record.get("final"):
-                keep.append(line)
-        text = "".join(line + "\n" for line in keep).encode()
-        atomic_write(self.path, lambda f: f.write(text), what="metrics file")
-
-    def append(self, **record) -> None:
-        if self.path is None:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def read(self) -> list[dict]:
-        if self.path is None or not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
 def build_datasets(cfg: Config, image_size: int):
