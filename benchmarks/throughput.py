@@ -44,25 +44,86 @@ def ceiling(s, iters: int, warmup: int = 5) -> float:
     return iters / (time.perf_counter() - t)
 
 
-def profile_steps(s, loader, sampler, labels, steps: int) -> None:
-    """Print the top operators of ``steps`` udml training steps and the synchronisations among them."""
-    from torch.profiler import ProfilerActivity, profile
+# operators that make the host wait for the device on a GPU: a scalar read, or an output whose size depends on the data
+SYNC_OPS = {
+    "aten::item",
+    "aten::_local_scalar_dense",
+    "aten::is_nonzero",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique2",
+    "aten::unique_consecutive",
+}
+CUDA_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def where(event) -> str:
+    """The part of a training round an operator ran in, from its enclosing ranges."""
+    while event is not None:
+        if event.name == "udml::training_step":
+            return "training step: forward and losses"
+        if event.name.startswith("autograd::engine::evaluate_function"):
+            return "training step: backward"
+        if event.name.startswith("Optimizer."):
+            return "optimizer"
+        event = event.cpu_parent
+    return "the round's loop"
+
+
+def count_syncs(events) -> dict[str, dict[str, int]]:
+    """{part of the round: {operator: calls}} of the operators that synchronise, each counted once where one
+    calls another (aten::item -> aten::_local_scalar_dense, boolean indexing -> aten::nonzero)."""
+    counts: dict[str, dict[str, int]] = {}
+    for e in events:
+        if e.name not in SYNC_OPS and e.name not in CUDA_SYNCS:
+            continue
+        parent, nested = e.cpu_parent, False
+        while parent is not None and not nested:
+            nested = parent.name in SYNC_OPS
+            parent = parent.cpu_parent
+        if not nested:
+            part = counts.setdefault(where(e), {})
+            part[e.name] = part.get(e.name, 0) + 1
+    return counts
+
+
+def profile_steps(s, loader, sampler, labels, steps: int) -> dict:
+    """Print the top operators of ``steps`` udml training steps and the host-device synchronisations among them,
+    by part of the round; returns the synchronisations per training step (forward, losses and backward)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from udml import training
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
     sampler.num_batches = steps
     sampler.reset(labels.numpy(), seed=99)
-    with profile(activities=activities) as prof:
-        train_round(s, loader, labels, 0)
-        sync()
+    step = training.training_step
+
+    def marked_step(*args, **kwargs):  # the range tells the step's operators from the loop's
+        with record_function("udml::training_step"):
+            return step(*args, **kwargs)
+
+    training.training_step = marked_step
+    try:
+        with profile(activities=activities) as prof:
+            train_round(s, loader, labels, 0)
+            sync()
+    finally:
+        training.training_step = step
     key = "self_cuda_time_total" if s.device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25))
-    syncs = [
-        e
-        for e in prof.key_averages()
-        if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::item", "aten::nonzero")
-    ]
-    for e in syncs:
-        print(f"{e.key}: {e.count} calls in {steps} steps")
+    counts = count_syncs(prof.events())
+    in_step = sum(n for part, ops in counts.items() if part.startswith("training step") for n in ops.values())
+    print(f"host-device synchronisations in {steps} steps (loss {s.cfg.loss}, device {s.device.type}):")
+    for part in sorted(counts):
+        print(f"  {part}: " + ", ".join(f"{op} x {n}" for op, n in sorted(counts[part].items())))
+    if s.device.type == "cpu":
+        print(
+            "  (on the CPU, the optimizer's item() reads its CPU step counters, and the loop checks each loss for "
+            "non-finite values: neither happens on the device on a GPU)"
+        )
+    print(f"per training step (forward, losses, backward): {in_step / steps:g}")
+    return {"syncs_per_step": in_step / steps, "syncs_by_part": counts, "profiled_steps": steps}
 
 
 def main() -> None:
@@ -130,8 +191,7 @@ def main() -> None:
         f"full schedule estimate: {rounds} rounds x ({iters} iterations + a re-clustering) = {estimate:.0f}s "
         "plus data loading and evaluations"
     )
-    if args.profile:
-        profile_steps(s, loader, sampler, labels, args.profile)
+    profiled = profile_steps(s, loader, sampler, labels, args.profile) if args.profile else {}
     record = {
         "config": args.config,
         "overrides": overrides,
@@ -147,6 +207,7 @@ def main() -> None:
         "setup_s": setup_s,
         "workers": s.workers,
         "schedule_estimate_s": estimate,
+        **profiled,
         **machine(),
     }
     if args.output:

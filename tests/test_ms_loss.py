@@ -182,7 +182,7 @@ def test_a_training_step_makes_no_host_device_sync():
     metric_loss = create_loss(cfg.loss, cfg.loss_params)
 
     def step():
-        loss, terms = training_step(model, metric_loss, x, y, cfg, use_amp=False)
+        loss, _ = training_step(model, metric_loss, x, y, cfg, use_amp=False)
         loss.backward()
 
     step()  # warm-up outside the profile

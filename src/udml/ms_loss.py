@@ -18,7 +18,7 @@ loss. For a batch of N embeddings with labels y and cosine similarities S (the d
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 import torch.nn.functional as F
 
 

@@ -229,6 +229,11 @@ def prepare(cfg: Config, device: torch.device) -> Session:
     use_amp = cfg.amp and device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        # TF32 where it is safe: convolutions (PyTorch's default, made explicit; it matters with amp=false, as bf16
+        # autocast already covers them). Float32 matrix products stay IEEE: here they are the loss's batch x batch
+        # similarities (tiny; the miner thresholds them), k-means assignments and the exact evaluation, and the
+        # network's linear layers run in bf16 under autocast anyway.
+        torch.backends.cudnn.allow_tf32 = True
     model = build_model(cfg).to(device)
     if use_amp:
         model = model.to(memory_format=torch.channels_last)
