@@ -197,3 +197,88 @@ def test_evaluate_on_cuda_matches_cpu():
         assert gpu[key] == pytest.approx(cpu[key], abs=1e-6), key
     xs, ls = separated_embeddings()
     assert nmi(xs.cuda(), ls.cuda()) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------- exact order beyond float32
+
+
+def near_tied_embeddings(n=120, spread=6, n_classes=6, seed=11):
+    """Rows (a, b, t): integers a in 10 +- spread, b in 0 +- spread, and t = (i + 1) 2^-22. Inner products
+    are an integer plus (i + 1)(j + 1) 2^-44 (below 2^-29 here), exact in float64 and all distinct there,
+    while float32 rounds a non-zero integer plus it to the integer: each group of equal integer parts is a
+    run of float32 ties in a fixed float64 order."""
+    g = torch.Generator().manual_seed(seed)
+    ab = torch.randint(-spread, spread + 1, (n, 2), generator=g).double() + torch.tensor([10.0, 0.0])
+    t = (torch.arange(n, dtype=torch.float64) + 1) * 2.0**-22
+    x = torch.cat([ab, t.unsqueeze(1)], dim=1).float()
+    assert torch.equal(x.double(), torch.cat([ab, t.unsqueeze(1)], dim=1))  # exact in float32
+    return x, torch.randint(n_classes, (n,), generator=g)
+
+
+def float64_calls(monkeypatch):
+    """Record the dtype of every knn call evaluate makes."""
+    import udml.evaluation as ev
+
+    calls, real = [], ev.knn
+    monkeypatch.setattr(ev, "knn", lambda q, g, k, **kw: calls.append(q.dtype) or real(q, g, k, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("chunk_size", [1, 16, 50, 4096])
+def test_near_ties_below_float32_are_ordered_as_float64(chunk_size, monkeypatch):
+    x, labels = near_tied_embeddings()
+    s32, s64 = x @ x.T, x.double() @ x.double().T
+    assert len(torch.unique(s32[0])) < len(torch.unique(s64[0]))  # float32 alone cannot order the runs
+    calls = float64_calls(monkeypatch)
+    got = evaluate(x, labels, recall_ks=(1, 2, 4, 8), compute_nmi=False, chunk_size=chunk_size)
+    ref = naive_metrics(x, labels, x, labels, self_excluded=True, ks=(1, 2, 4, 8))
+    for key in ref:
+        assert got[key] == pytest.approx(ref[key], abs=1e-12), key
+    assert torch.float64 not in calls  # short runs: re-ordered among the candidates, no float64 search
+
+
+def test_near_ties_longer_than_the_candidates_are_searched_again_in_float64(monkeypatch):
+    x, labels = near_tied_embeddings(n=80, spread=0)  # every inner product ties in float32
+    calls = float64_calls(monkeypatch)
+    got = evaluate(x, labels, recall_ks=(1, 5), compute_nmi=False, chunk_size=32)
+    ref = naive_metrics(x, labels, x, labels, self_excluded=True, ks=(1, 5))
+    for key in ref:
+        assert got[key] == pytest.approx(ref[key], abs=1e-12), key
+    assert torch.float64 in calls
+
+
+def test_near_ties_in_query_gallery_mode():
+    x, labels = near_tied_embeddings(n=150, seed=12)
+    q, ql, g, gl = x[:40], labels[:40], x[40:], labels[40:]
+    got = evaluate(g, gl, query=q, query_labels=ql, recall_ks=(1, 3), compute_nmi=False, chunk_size=16)
+    ref = naive_metrics(q, ql, g, gl, self_excluded=False, ks=(1, 3))
+    for key in ref:
+        assert got[key] == pytest.approx(ref[key], abs=1e-12), key
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 149, 150, 10_000])
+def test_every_tiling_gives_the_float64_metrics(chunk_size):
+    x, labels = random_embeddings(150, dim=16, n_classes=12, seed=13)
+    got = evaluate(x, labels, recall_ks=(1, 2, 4, 8), compute_nmi=False, chunk_size=chunk_size)
+    ref = naive_metrics(x, labels, x, labels, self_excluded=True, ks=(1, 2, 4, 8))
+    for key in ref:
+        assert got[key] == pytest.approx(ref[key], abs=1e-12), key
+    if chunk_size == 64:  # float64 inputs are computed in float64 without the re-check
+        assert evaluate(x.double(), labels, compute_nmi=False, chunk_size=chunk_size) == pytest.approx(
+            evaluate(x, labels, compute_nmi=False, chunk_size=chunk_size), abs=1e-12)
+
+
+@pytest.mark.parametrize("tile", [1, 3, 16, 37, 64, 200])
+def test_self_knn_tiles_give_the_brute_force_top_k(tile):
+    from udml.evaluation import _self_knn
+
+    g = torch.Generator().manual_seed(14)
+    x = torch.randint(-3, 4, (64, 4), generator=g).float()  # small integers: exact similarities, many ties
+    x[10] = x[3]  # duplicates at other indices are found
+    sims, idx = _self_knn(x, 9, tile)
+    full = x.double() @ x.double().T
+    for i in range(64):
+        row = torch.cat([full[i, :i], full[i, i + 1 :]])
+        assert sims[i].double().tolist() == row.sort(descending=True).values[:9].tolist()
+        assert len(set(idx[i].tolist())) == 9 and i not in idx[i].tolist()
+        assert full[i, idx[i]].tolist() == sims[i].double().tolist()
