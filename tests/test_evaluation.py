@@ -215,6 +215,16 @@ def near_tied_embeddings(n=120, spread=6, n_classes=6, seed=11):
     return x, torch.randint(n_classes, (n,), generator=g)
 
 
+@pytest.fixture(params=[True, False], ids=["tiled", "chunked"])
+def tiled(request, monkeypatch):
+    """All-against-all searches on the CPU through _self_knn (tiles of the upper triangle) or knn, whatever
+    _tiled would choose for the size."""
+    import udml.evaluation as ev
+
+    monkeypatch.setattr(ev, "_tiled", lambda n, k, tile: request.param)
+    return request.param
+
+
 def float64_calls(monkeypatch):
     """Record the dtype of every knn call evaluate makes."""
     import udml.evaluation as ev
@@ -225,7 +235,7 @@ def float64_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 16, 50, 4096])
-def test_near_ties_below_float32_are_ordered_as_float64(chunk_size, monkeypatch):
+def test_near_ties_below_float32_are_ordered_as_float64(chunk_size, tiled, monkeypatch):
     x, labels = near_tied_embeddings()
     s32, s64 = x @ x.T, x.double() @ x.double().T
     assert len(torch.unique(s32[0])) < len(torch.unique(s64[0]))  # float32 alone cannot order the runs
@@ -237,7 +247,7 @@ def test_near_ties_below_float32_are_ordered_as_float64(chunk_size, monkeypatch)
     assert torch.float64 not in calls  # short runs: re-ordered among the candidates, no float64 search
 
 
-def test_near_ties_longer_than_the_candidates_are_searched_again_in_float64(monkeypatch):
+def test_near_ties_longer_than_the_candidates_are_searched_again_in_float64(tiled, monkeypatch):
     x, labels = near_tied_embeddings(n=80, spread=0)  # every inner product ties in float32
     calls = float64_calls(monkeypatch)
     got = evaluate(x, labels, recall_ks=(1, 5), compute_nmi=False, chunk_size=32)
@@ -257,7 +267,7 @@ def test_near_ties_in_query_gallery_mode():
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 149, 150, 10_000])
-def test_every_tiling_gives_the_float64_metrics(chunk_size):
+def test_every_tiling_gives_the_float64_metrics(chunk_size, tiled):
     x, labels = random_embeddings(150, dim=16, n_classes=12, seed=13)
     got = evaluate(x, labels, recall_ks=(1, 2, 4, 8), compute_nmi=False, chunk_size=chunk_size)
     ref = naive_metrics(x, labels, x, labels, self_excluded=True, ks=(1, 2, 4, 8))
@@ -282,3 +292,39 @@ def test_self_knn_tiles_give_the_brute_force_top_k(tile):
         assert sims[i].double().tolist() == row.sort(descending=True).values[:9].tolist()
         assert len(set(idx[i].tolist())) == 9 and i not in idx[i].tolist()
         assert full[i, idx[i]].tolist() == sims[i].double().tolist()
+
+
+@pytest.mark.parametrize("self_search", [True, False])
+def test_exact_neighbours_follow_the_float64_order(self_search, tiled):
+    from udml.evaluation import _exact_neighbours
+
+    x, _ = near_tied_embeddings()
+    q = x if self_search else x[:30]
+    idx = _exact_neighbours(q, x, 10, self_search=self_search, chunk_size=16)
+    s64 = q.double() @ x.double().T
+    if self_search:
+        s64.fill_diagonal_(float("-inf"))
+    assert torch.equal(idx, s64.topk(10, dim=1).indices)  # float64 similarities are distinct: one order
+
+
+def test_tiled_search_matches_brute_force_on_random_sets(monkeypatch):
+    """test_properties' all-against-all check, every search through _self_knn (on these sizes _tiled would
+    choose knn): random sizes, ties, duplicates, single-image classes, tiles of 1 to 16."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from test_properties import check_against_brute_force, embedded_set
+
+    import udml.evaluation as ev
+
+    monkeypatch.setattr(ev, "_tiled", lambda n, k, tile: True)
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(data=embedded_set(), ks=st.lists(st.integers(1, 13), min_size=1, max_size=3), chunk=st.integers(1, 16))
+    def check(data, ks, chunk):
+        x, labels = data
+        ks = sorted({min(k, x.shape[0] - 1) for k in ks})
+        has_pair = any((labels == c).sum() >= 2 for c in labels.unique())
+        got = evaluate(x, labels, recall_ks=ks, compute_nmi=False, compute_map_at_r=has_pair, chunk_size=chunk)
+        check_against_brute_force(got, x, labels, x, labels, True, ks)
+
+    check()

@@ -186,7 +186,7 @@ def evaluate(
     ap_sum, ap_count = 0.0, 0
     if k_max > 0:
         idx = _exact_neighbours(queries, embeddings, k_max, self_search=exclude is not None,
-                                chunk_size=chunk_size)
+                                chunk_size=chunk_size, labels=labels, query_labels=q_labels)
         nl = labels[idx]
         for k, h in _recall_hits(nl, q_labels, ks).items():
             hit_counts[k] = int(h.sum())
@@ -206,8 +206,9 @@ def evaluate(
 # --------------------------------------------------------------------------------------------
 # exact neighbours for evaluate
 
-# Float32 candidates fetched per query beyond the k needed: they let _exact_neighbours prove that
-# its float64 re-ranking of a near-tie saw every item that can be in the float64 top k.
+# Float32 candidates fetched per query beyond the k needed, max(8, k / 8): they let
+# _exact_neighbours prove that its float64 re-ranking of near-ties saw every item that can be in
+# the float64 top k.
 _EXTRA_CANDIDATES = 8
 # Largest side of _self_knn's tiles: per similarity, 4096 was faster than 2048 and 1024 (less
 # Python and numpy overhead per tile, better floors from the diagonal tiles) on 2 CPU cores.
@@ -215,26 +216,35 @@ _MAX_TILE = 4096
 
 
 def _exact_neighbours(
-    query: Tensor, gallery: Tensor, k: int, *, self_search: bool, chunk_size: int
+    query: Tensor,
+    gallery: Tensor,
+    k: int,
+    *,
+    self_search: bool,
+    chunk_size: int,
+    labels: Tensor | None = None,
+    query_labels: Tensor | None = None,
 ) -> Tensor:
     """Indices [Nq, k] of each query's ``k`` most similar gallery items, nearest first, in the
     order of float64 inner products (exactly equal ones in any order). ``self_search``: the
-    queries are the gallery, each left out of its own list by index.
+    queries are the gallery, each left out of its own list by index. With ``labels`` (of the
+    gallery) and ``query_labels``, only up to swaps of items that are equally relevant to the
+    query (of its label or not), which leave Recall@K and MAP@R unchanged.
 
     Similarities are computed in float32 (float64 for float64 inputs): on the CPU all against
-    all with each pair once (``_self_knn``), else chunk by chunk of queries (``knn``), k + 8 of
-    them per query. Float32 rounding can only swap items whose similarities lie within ``tol``
-    of each other (``_float32_tolerance``), so only such near-ties are recomputed in float64
-    and re-ordered among themselves; a query whose near-ties run through all its k + 8
-    candidates (so that an item not fetched might belong to its top k) is searched again in
-    float64 over the whole gallery.
+    all with each pair once (``_self_knn``) where that pays (``_tiled``), else chunk by chunk of
+    queries (``knn``), with max(8, k / 8) extra candidates per query. Float32 rounding can only
+    swap items whose similarities lie within ``tol`` of each other (``_float32_tolerance``), so
+    only runs of such near-ties (that mix relevant and other items, given labels) are recomputed
+    in float64 and re-sorted in place. A query whose last candidate is within ``tol`` of its k-th
+    (so that an item not fetched might belong to its top k) is searched again in float64 in full.
     """
     dtype = torch.float64 if torch.float64 in (query.dtype, gallery.dtype) else torch.float32
     usable = gallery.shape[0] - int(self_search)
-    kk = k if dtype == torch.float64 else min(usable, k + _EXTRA_CANDIDATES)
+    kk = k if dtype == torch.float64 else min(usable, k + max(_EXTRA_CANDIDATES, k // 8))
     q, g = query.to(dtype), gallery.to(dtype)
-    if self_search and q.device.type == "cpu":  # tiles of at most chunk_size x N similarities
-        tile = max(chunk_size, min(_MAX_TILE, math.isqrt(chunk_size * q.shape[0])))
+    tile = max(chunk_size, min(_MAX_TILE, math.isqrt(chunk_size * q.shape[0])))  # <= chunk_size x N
+    if self_search and q.device.type == "cpu" and _tiled(q.shape[0], kk, tile):
         sims, idx = _self_knn(q, kk, tile)
     else:
         exclude = torch.arange(q.shape[0], device=q.device) if self_search else None
@@ -245,31 +255,31 @@ def _exact_neighbours(
     if kk == 1:
         return out
 
-    s = sims.double()
-    tie = (s[:, :-1] - s[:, 1:]) <= _float32_tolerance(query, gallery).unsqueeze(1)
-    # Items after the first sure gap at or behind position k cannot enter the top k; behind the
-    # last candidate there is one when the candidates are the whole gallery.
-    end = torch.full((s.shape[0], 1), kk == usable, device=s.device)
-    sure_gap = torch.cat([~tie[:, k - 1 :], end], dim=1)
-    covered = sure_gap.any(dim=1)
-    last = k - 1 + sure_gap.to(torch.uint8).argmax(dim=1)  # the top k come from positions <= last
-    near = torch.zeros_like(s, dtype=torch.bool)
-    near[:, :-1] |= tie
-    near[:, 1:] |= tie
-    near &= torch.arange(kk, device=s.device) <= last.unsqueeze(1)
-    near &= covered.unsqueeze(1)
-    rows = near.any(dim=1).nonzero().flatten()
-    if rows.numel():  # float64 values of the near-ties; each run of them re-sorted in place
-        r, c = near[rows].nonzero(as_tuple=True)
-        value = s[rows]
-        for start in range(0, r.numel(), 4096):  # small blocks: fresh large arrays cost page faults
-            rr, cc = r[start : start + 4096], c[start : start + 4096]
-            qr, gc = query[rows[rr]].double(), gallery[idx[rows[rr], cc]].double()
-            value[rr, cc] = torch.bmm(qr.unsqueeze(1), gc.unsqueeze(2)).flatten()
-        run = torch.cat([torch.zeros_like(rows).unsqueeze(1), (~tie[rows]).cumsum(dim=1)], dim=1)
-        order = value.argsort(dim=1, descending=True, stable=True)
+    # in float32: differences of float32 values are exact to far below the margin of 2 in tol
+    tol = _float32_tolerance(query, gallery).to(sims.dtype).unsqueeze(1)
+    tie = (sims[:, :-1] - sims[:, 1:]) <= tol
+    covered = (sims[:, k - 1] - sims[:, -1] > tol[:, 0]) | (kk == usable)
+    rows = (tie[:, :k].any(dim=1) & covered).nonzero().flatten()  # a near-tie in or at the top k
+    if rows.numel():
+        tie, idx_r = tie[rows], idx[rows]
+        run = torch.cat([torch.zeros_like(idx_r[:, :1]), (~tie).cumsum(dim=1)], dim=1)  # runs of near-ties
+        near = torch.zeros(idx_r.shape, dtype=torch.bool, device=idx.device)  # in a run of two or more
+        near[:, :-1] |= tie
+        near[:, 1:] |= tie
+        near &= run <= run[:, k - 1 : k]  # the top k come from these runs
+        if labels is not None:  # runs whose items are all relevant, or none, need no float64
+            relevant = (labels[idx_r] == query_labels[rows].unsqueeze(1)).long()
+            n_relevant = torch.zeros_like(run).scatter_add_(1, run, relevant)
+            size = torch.zeros_like(run).scatter_add_(1, run, torch.ones_like(run))
+            near &= ((n_relevant > 0) & (n_relevant < size)).gather(1, run)
+        some = near.any(dim=1).nonzero().flatten()
+        rows, near, run, idx_r = rows[some], near[some], run[some], idx_r[some]
+        r, c = near.nonzero(as_tuple=True)
+        value = sims[rows].double()
+        value[r, c] = _float64_dots(query, rows[r], gallery, idx_r[r, c])
+        order = value.argsort(dim=1, descending=True, stable=True)  # each run re-sorted in place
         order = order.gather(1, run.gather(1, order).argsort(dim=1, stable=True))
-        out[rows] = idx[rows].gather(1, order[:, :k])
+        out[rows] = idx_r.gather(1, order[:, :k])
     redo = (~covered).nonzero().flatten()
     if redo.numel():
         g64 = gallery.double()
@@ -278,6 +288,30 @@ def _exact_neighbours(
             _, out[r] = knn(query[r].double(), g64, k, exclude=r if self_search else None,
                             chunk_size=chunk_size)
     return out
+
+
+def _float64_dots(a: Tensor, i: Tensor, b: Tensor, j: Tensor) -> Tensor:
+    """float64 inner products of rows ``a[i]`` and ``b[j]`` (float64 [len(i)]), in blocks: fresh
+    large arrays cost page faults. On the CPU with numpy, measured 2-3 times faster than torch's
+    small operations on a busy 2-core machine."""
+    out = torch.empty(i.numel(), dtype=torch.float64, device=a.device)
+    on_cpu = a.device.type == "cpu"
+    if on_cpu:
+        a, b, i, j, out = a.detach().numpy(), b.detach().numpy(), i.numpy(), j.numpy(), out.numpy()
+    for s in range(0, len(out), 4096):
+        x, y = a[i[s : s + 4096]], b[j[s : s + 4096]]
+        if on_cpu:
+            out[s : s + 4096] = np.einsum("ij,ij->i", x.astype(np.float64), y.astype(np.float64))
+        else:
+            out[s : s + 4096] = torch.linalg.vecdot(x.double(), y.double())
+    return torch.from_numpy(out) if on_cpu else out
+
+
+def _tiled(n: int, k: int, tile: int) -> bool:
+    """Whether ``_self_knn`` is worth it over ``knn`` on N x N with k neighbours: measured on 2
+    cores, with at least 4 tiles a side (it skips 3/8 to 1/2 of the products) and k small against
+    a tile (its merges and the diagonal tiles' top k grow with k)."""
+    return n >= 4 * tile and 16 * k <= tile
 
 
 def _float32_tolerance(query: Tensor, gallery: Tensor) -> Tensor:
