@@ -19,6 +19,7 @@ Then (unless ``--no-check``) a float64 brute force over all queries: its Recall@
 Writes ``--output`` (default benchmarks/results/eval_vs_pml_cpu.json) with the times, their medians, the ratio, the
 metric values, the load average and the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,9 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import machine, sync
 from scale import make_data
+
 from udml.evaluation import _average_precision_at_r, evaluate, knn, map_at_r, recall_at_k
 
 
@@ -101,11 +102,24 @@ def main() -> None:
     r = counts[labels] - 1
     k = int(r.max())
     chunk = args.chunk_size or evaluate.__kwdefaults__["chunk_size"]
-    info = {"n": args.n, "dim": args.dim, "classes": classes, "class_size_min": int(counts.min()),
-            "class_size_max": int(counts.max()), "max_r": k, "noise": args.noise, "seed": args.seed,
-            "chunk_size": chunk, "torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads()}
-    print(f"{args.n} x {args.dim}, {classes} classes of {int(counts.min())}-{int(counts.max())}; torch threads "
-          f"{info['torch_threads']}, faiss threads {info['faiss_threads']}; load {load()}", flush=True)
+    info = {
+        "n": args.n,
+        "dim": args.dim,
+        "classes": classes,
+        "class_size_min": int(counts.min()),
+        "class_size_max": int(counts.max()),
+        "max_r": k,
+        "noise": args.noise,
+        "seed": args.seed,
+        "chunk_size": chunk,
+        "torch_threads": torch.get_num_threads(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+    }
+    print(
+        f"{args.n} x {args.dim}, {classes} classes of {int(counts.min())}-{int(counts.max())}; torch threads "
+        f"{info['torch_threads']}, faiss threads {info['faiss_threads']}; load {load()}",
+        flush=True,
+    )
 
     contenders = {"udml": lambda: udml_metrics(x, labels, chunk), "pml": lambda: pml_metrics(x, labels)}
     if args.knn_loop:
@@ -124,8 +138,11 @@ def main() -> None:
         loads.append(load())
     median = {name: statistics.median(v) for name, v in times.items()}
     ratio = median["udml"] / median["pml"]
-    print(f"medians: {', '.join(f'{n} {v:.1f} s' for n, v in median.items())}; udml / pml = {ratio:.3f} "
-          f"({1 / ratio:.2f}x faster)", flush=True)
+    print(
+        f"medians: {', '.join(f'{n} {v:.1f} s' for n, v in median.items())}; udml / pml = {ratio:.3f} "
+        f"({1 / ratio:.2f}x faster)",
+        flush=True,
+    )
 
     check = None
     if not args.no_check:
@@ -135,11 +152,20 @@ def main() -> None:
         ours = metrics["udml"]
         equal = all(abs(ours[key] - brute[key]) <= 1e-12 for key in brute)
         check = {"float64_brute_force": brute, "udml": ours, "equal": equal, "seconds": seconds}
-        print(f"float64 brute force over all queries ({seconds:.0f} s): {brute}; udml {ours}; equal: {equal}",
-              flush=True)
+        print(
+            f"float64 brute force over all queries ({seconds:.0f} s): {brute}; udml {ours}; equal: {equal}", flush=True
+        )
 
-    record = {"info": info, "times_s": times, "median_s": median, "udml_over_pml": ratio, "metrics": metrics,
-              "brute_force_check": check, "load_average_1_5_15": loads, **machine()}
+    record = {
+        "info": info,
+        "times_s": times,
+        "median_s": median,
+        "udml_over_pml": ratio,
+        "metrics": metrics,
+        "brute_force_check": check,
+        "load_average_1_5_15": loads,
+        **machine(),
+    }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.output}")

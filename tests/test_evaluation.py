@@ -275,7 +275,8 @@ def test_every_tiling_gives_the_float64_metrics(chunk_size, tiled):
         assert got[key] == pytest.approx(ref[key], abs=1e-12), key
     if chunk_size == 64:  # float64 inputs are computed in float64 without the re-check
         assert evaluate(x.double(), labels, compute_nmi=False, chunk_size=chunk_size) == pytest.approx(
-            evaluate(x, labels, compute_nmi=False, chunk_size=chunk_size), abs=1e-12)
+            evaluate(x, labels, compute_nmi=False, chunk_size=chunk_size), abs=1e-12
+        )
 
 
 @pytest.mark.parametrize("tile", [1, 3, 16, 37, 64, 200])

@@ -185,8 +185,15 @@ def evaluate(
     hit_counts = {k: 0 for k in ks}
     ap_sum, ap_count = 0.0, 0
     if k_max > 0:
-        idx = _exact_neighbours(queries, embeddings, k_max, self_search=exclude is not None,
-                                chunk_size=chunk_size, labels=labels, query_labels=q_labels)
+        idx = _exact_neighbours(
+            queries,
+            embeddings,
+            k_max,
+            self_search=exclude is not None,
+            chunk_size=chunk_size,
+            labels=labels,
+            query_labels=q_labels,
+        )
         nl = labels[idx]
         for k, h in _recall_hits(nl, q_labels, ks).items():
             hit_counts[k] = int(h.sum())
@@ -285,8 +292,7 @@ def _exact_neighbours(
         g64 = gallery.double()
         for start in range(0, redo.numel(), chunk_size):
             r = redo[start : start + chunk_size]
-            _, out[r] = knn(query[r].double(), g64, k, exclude=r if self_search else None,
-                            chunk_size=chunk_size)
+            _, out[r] = knn(query[r].double(), g64, k, exclude=r if self_search else None, chunk_size=chunk_size)
     return out
 
 

@@ -18,8 +18,8 @@ loss. For a batch of N embeddings with labels y and cosine similarities S (the d
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def cosine_similarity(embeddings: torch.Tensor) -> torch.Tensor:
