@@ -103,3 +103,35 @@ def test_training_forward_joint_or_separate_batchnorm_passes():
     assert torch.allclose(emb_separate, model(x), atol=1e-5)
     assert not torch.allclose(emb_joint, emb_separate, atol=1e-3)
     assert logits.shape == (2, 4)
+
+
+def test_freeze_stages_fixes_the_stem_and_first_stages_and_trains_the_rest():
+    from udml.config import Config
+    from udml.models import build_model
+
+    cfg = Config(backbone="efficientnet_lite0", pretrained=False, freeze_stages=5, embedding_dim=16)
+    model = build_model(cfg)
+    net = model.backbone
+    frozen = [net.conv_stem, net.bn1, *net.blocks[:5]]
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for m in net.blocks[5:] for p in m.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    emb, logits = model(torch.randint(0, 255, (4, 3, 64, 64), dtype=torch.uint8), torch.rand(4, 3, 64, 64))
+    (emb.sum() + logits.sum()).backward()
+    opt.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any(k.startswith(("backbone.conv_stem", "backbone.bn1", "backbone.blocks.0.")) for k in changed)
+    assert any(k.startswith("backbone.blocks.6.") for k in changed) and "embedding.weight" in changed
+
+
+def test_freeze_stages_errors_name_the_valid_choice():
+    from udml.config import Config
+    from udml.models import build_model
+
+    with pytest.raises(ValueError, match="no sequence of stages.*freeze_stages=0"):
+        build_model(Config(backbone="smallconv", pretrained=False, freeze_stages=1))
+    with pytest.raises(ValueError, match="has 7 stages; use a number from 0 to 7"):
+        build_model(Config(backbone="efficientnet_lite0", pretrained=False, freeze_stages=8))

@@ -39,6 +39,8 @@ class Config:
     rotation_hidden: int = 256
     freeze_bn: bool = True  # keep BatchNorm running statistics fixed while training
     grad_checkpointing: bool = False  # recompute activations in the backward pass (timm backbones): less memory
+    freeze_stages: int = 0  # the backbone's stem and first N stages keep their weights (timm backbones with
+    # `blocks`, e.g. EfficientNet): less compute and memory per step, fewer weights to move
 
     # pseudo-labels
     num_clusters: int | None = 100  # K; null = default_num_clusters(N training images): N / 50, clipped
@@ -265,6 +267,7 @@ def validate(cfg: Config) -> None:
     )
     need(cfg.rotation_images >= 1, f"rotation_images must be at least 1, got {cfg.rotation_images}")
     need(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
+    need(cfg.freeze_stages >= 0, f"freeze_stages must be 0 (train everything) or more, got {cfg.freeze_stages}")
     need(cfg.pseudo_epochs >= 1 and cfg.recluster_every >= 1, "pseudo_epochs and recluster_every must be at least 1")
     need(0 < cfg.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {cfg.crop_scale_min}")
     need(

@@ -264,6 +264,25 @@ class UDMLNet(nn.Module):
         return self.embed(pooled[: len(x)]), self.rotation(pooled[len(x) :])
 
 
+def freeze_stages(net: nn.Module, n: int, name: str = "backbone") -> None:
+    """Fix the weights of the stem and the first ``n`` stages (``net.blocks[:n]``, timm's EfficientNet/MobileNet
+    family). Autograd then keeps no activations of those layers for the backward pass and computes no gradients
+    through them: a training step costs less time and memory, which is what a CPU needs."""
+    blocks = getattr(net, "blocks", None)
+    if not isinstance(blocks, nn.Sequential):
+        raise ValueError(
+            f"backbone {name!r} has no sequence of stages (timm's `blocks`) to freeze; freeze_stages works with "
+            "efficientnet_lite0 and timm's EfficientNet/MobileNet models; set freeze_stages=0"
+        )
+    if n > len(blocks):
+        raise ValueError(
+            f"freeze_stages={n} but backbone {name!r} has {len(blocks)} stages; use a number from 0 to {len(blocks)}"
+        )
+    stem = [m for key, m in net.named_children() if key in ("conv_stem", "bn1")]
+    for module in stem + list(blocks[:n]):
+        module.requires_grad_(False)
+
+
 def build_model(cfg) -> UDMLNet:
     backbone = create_backbone(cfg.backbone, cfg.pretrained)
     if cfg.grad_checkpointing:
@@ -273,6 +292,8 @@ def build_model(cfg) -> UDMLNet:
                 "for timm backbones (efficientnet_lite0, timm:<name>); set grad_checkpointing=false"
             )
         backbone.module.set_grad_checkpointing(True)
+    if cfg.freeze_stages:
+        freeze_stages(backbone.module, cfg.freeze_stages, cfg.backbone)
     return UDMLNet(
         backbone,
         cfg.embedding_dim,

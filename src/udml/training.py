@@ -271,7 +271,7 @@ def prepare(cfg: Config, device: torch.device) -> Session:
         metric_loss = metric_loss.across_processes()
     optimizer = torch.optim.Adam(
         [
-            {"params": model.backbone.parameters(), "lr": cfg.lr},
+            {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": cfg.lr},
             {
                 "params": list(model.embedding.parameters()) + list(model.rotation.parameters()),
                 "lr": cfg.head_lr or cfg.lr,
