@@ -105,11 +105,13 @@ def test_training_forward_joint_or_separate_batchnorm_passes():
     assert logits.shape == (2, 4)
 
 
-def test_freeze_stages_fixes_the_stem_and_first_stages_and_trains_the_rest():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_freeze_stages_fixes_the_stem_and_first_stages_and_trains_the_rest(checkpointing):
     from udml.config import Config
     from udml.models import build_model
 
     cfg = Config(backbone="efficientnet_lite0", pretrained=False, freeze_stages=5, embedding_dim=16)
+    cfg.grad_checkpointing = checkpointing  # with it, the trainable stages get no input that requires grad
     model = build_model(cfg)
     net = model.backbone
     frozen = [net.conv_stem, net.bn1, *net.blocks[:5]]
@@ -135,3 +137,15 @@ def test_freeze_stages_errors_name_the_valid_choice():
         build_model(Config(backbone="smallconv", pretrained=False, freeze_stages=1))
     with pytest.raises(ValueError, match="has 7 stages; use a number from 0 to 7"):
         build_model(Config(backbone="efficientnet_lite0", pretrained=False, freeze_stages=8))
+
+
+def test_grad_checkpointing_auto_is_on_for_cpu_training_with_frozen_batchnorm():
+    from udml.config import Config
+    from udml.models import use_grad_checkpointing
+
+    lite0 = Config(backbone="efficientnet_lite0", freeze_bn=True)
+    assert use_grad_checkpointing(lite0, "cpu") and not use_grad_checkpointing(lite0, "cuda")
+    assert not use_grad_checkpointing(lite0, None)
+    assert not use_grad_checkpointing(Config(backbone="efficientnet_lite0", freeze_bn=False), "cpu")
+    assert not use_grad_checkpointing(Config(backbone="smallconv"), "cpu")
+    assert not use_grad_checkpointing(Config(backbone="efficientnet_lite0", grad_checkpointing=False), "cpu")

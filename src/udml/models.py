@@ -283,9 +283,19 @@ def freeze_stages(net: nn.Module, n: int, name: str = "backbone") -> None:
         module.requires_grad_(False)
 
 
-def build_model(cfg) -> UDMLNet:
+def use_grad_checkpointing(cfg, device) -> bool:
+    """grad_checkpointing, with null (auto) resolved: on for CPU training of a backbone that supports it, when
+    BatchNorm statistics are frozen (then the recomputed forward pass is exactly the first one)."""
+    if cfg.grad_checkpointing is not None:
+        return cfg.grad_checkpointing
+    timm_family = cfg.backbone == "efficientnet_lite0" or cfg.backbone.startswith("timm:")
+    return device is not None and torch.device(device).type == "cpu" and timm_family and cfg.freeze_bn
+
+
+def build_model(cfg, device=None) -> UDMLNet:
+    """The network of a configuration; ``device`` (where it will train) only decides grad_checkpointing=null."""
     backbone = create_backbone(cfg.backbone, cfg.pretrained)
-    if cfg.grad_checkpointing:
+    if use_grad_checkpointing(cfg, device):
         if not hasattr(backbone.module, "set_grad_checkpointing"):
             raise ValueError(
                 f"backbone {cfg.backbone!r} does not support gradient checkpointing; it is available "

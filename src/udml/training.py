@@ -234,7 +234,7 @@ def prepare(cfg: Config, device: torch.device) -> Session:
         # similarities (tiny; the miner thresholds them), k-means assignments and the exact evaluation, and the
         # network's linear layers run in bf16 under autocast anyway.
         torch.backends.cudnn.allow_tf32 = True
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, device).to(device)
     if use_amp:
         model = model.to(memory_format=torch.channels_last)
     metric_loss = create_loss(cfg.loss, cfg.loss_params).to(device)  # a bad loss name fails before decoding
