@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import time
@@ -123,6 +124,7 @@ class ImageStore:
     """Read access to one built store: ``array(i)`` is image i of the list the store was built from."""
 
     def __init__(self, path: str | os.PathLike):
+        self._fd = None
         self.path = Path(path)
         try:
             manifest = json.loads((self.path / MANIFEST).read_text())
@@ -138,7 +140,6 @@ class ImageStore:
         self.name = manifest["name"]
         self.nbytes = size
         self.unreadable = [(int(i), item, err) for i, item, err in manifest["unreadable"]]
-        self._fd = None
         self._file()  # opened now, so that forked DataLoader workers inherit it
 
     def __len__(self) -> int:
@@ -283,8 +284,7 @@ def build(items: list, files: list[list], short_side: int | None, path: Path, na
     """Decode ``items`` into a new store at ``path``, through a temporary folder renamed into place at the end.
     Returns False when another build's store was renamed there first (then that one is used)."""
     workers = workers or min(16, os.cpu_count() or 1)
-    tmp = path.parent / f"{BUILD_PREFIX}{path.name}-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = path.parent / f"{BUILD_PREFIX}{path.name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     t0 = last = time.time()
     log.info("building the image store of %s (%d images, short side %s) in %s", name, len(items), short_side, path)
