@@ -391,3 +391,46 @@ def test_the_default_store_dir_follows_xdg_cache_home(monkeypatch, tmp_path):
     assert store.default_store_dir() == tmp_path / "udml" / "stores"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert store.default_store_dir() == Path.home() / ".cache" / "udml" / "stores"
+
+
+def test_a_full_disk_while_building_is_a_clear_error_and_leaves_nothing(cub_files, tmp_path, monkeypatch):
+    import errno
+
+    root = tmp_path / "stores"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store.os, "fsync", full)
+    with pytest.raises(OSError, match=r"No space left on device.*needs about 0\.0 GB.*store_dir") as e:
+        ImageDataset(cub_files, None, cache="disk", short_side=SHORT, store_dir=root)
+    assert e.value.errno == errno.ENOSPC
+    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.slow
+def test_torchrun_with_the_store(cub_root, tmp_path):
+    """Two processes (gloo) start together: the stores are built once under the lock, both processes read them,
+    and the run ends with its final evaluation."""
+    train_dir = folder_of_links(cub_root, "train", 6, 8, tmp_path / "train", by_class=False)
+    test_dir = folder_of_links(cub_root, "test", 4, 6, tmp_path / "test", by_class=True)
+    root = tmp_path / "stores"
+    options = [o for o in TINY if not o.startswith(("clusters_per_batch", "rotation_images"))]
+    options += ["clusters_per_batch=2", "rotation_images=2", "num_workers=0", "cache_images=disk"]
+    options += [f"store_dir={root}", f"data_root={train_dir}", f"test_root={test_dir}", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        cmd + ["-m", "udml", "train", *options, "run_name=ddp"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "x 2 processes" in proc.stdout  # which process builds a store is whichever takes its lock first
+    assert len(stores(root)) == 2 and list(root.glob(".build-*")) == []
+    records = [json.loads(r) for r in (tmp_path / "ddp" / METRICS).open()]
+    assert any(r.get("final") for r in records)

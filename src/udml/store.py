@@ -288,11 +288,13 @@ def build(items: list, files: list[list], short_side: int | None, path: Path, na
     tmp.mkdir()
     t0 = last = time.time()
     log.info("building the image store of %s (%d images, short side %s) in %s", name, len(items), short_side, path)
+    done = offset = 0
     try:
         index = np.zeros((len(items), 3), dtype=np.int64)
-        bad, offset = [], 0
+        bad = []
         with open(tmp / PIXELS, "wb") as f:
             for i, arr, err in _decoded_in_order(items, short_side, workers):
+                done = i + 1
                 if arr is None:
                     bad.append([i, str(items[i]), err])
                     continue
@@ -335,6 +337,15 @@ def build(items: list, files: list[list], short_side: int | None, path: Path, na
                 return False
             raise
         _fsync_dir(path.parent)
+    except OSError as e:  # decoding errors are caught per image: this is the store's own disk (full, read-only)
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = f"about {offset / done * len(items) / 1e9:.1f} GB" if offset else "height x width x 3 bytes an image"
+        raise OSError(
+            e.errno,
+            f"cannot write the image store of {name} in {path.parent} ({e.strerror or e}); the store needs {need}: "
+            "free space there, set store_dir to a folder with room, or set cache_images=false (decode at every "
+            "read); nothing half-written was kept",
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
