@@ -103,6 +103,50 @@ def mb(kb: int | None) -> float | None:
     return None if kb is None else round(kb / 1024, 1)
 
 
+class TreeSampler:
+    """Samples a process and its descendants every ``interval`` seconds in a thread, from ``start()`` to
+    ``stop()``: ``rows`` of (t_s since ``t_start``, main RSS MB, summed RSS MB, summed PSS MB, processes)."""
+
+    COLUMNS = ["t_s", "main_rss_mb", "tree_rss_mb", "tree_pss_mb", "processes"]
+
+    def __init__(self, pid: int, interval: float, t_start: float | None = None):
+        self.pid, self.interval = pid, interval
+        self.t_start = time.time() if t_start is None else t_start
+        self.rows: list[tuple] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            pids = descendants(self.pid)
+            rss = [status_kb("VmRSS", p) for p in pids]
+            pss = [pss_kb(p) for p in pids]
+            self.rows.append(
+                (
+                    round(time.time() - self.t_start, 2),
+                    mb(rss[0]),
+                    mb(sum(r or 0 for r in rss)),
+                    mb(sum(p or 0 for p in pss)),
+                    len(pids),
+                )
+            )
+            self._done.wait(self.interval)
+
+    def start(self) -> "TreeSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[tuple]:
+        self._done.set()
+        self._thread.join()
+        return self.rows
+
+    def peak(self, column: str, t0: float = float("-inf"), t1: float = float("inf")):
+        """Largest value of ``column`` among the samples taken between t0 and t1 (seconds since t_start)."""
+        k = self.COLUMNS.index(column)
+        return max((r[k] for r in self.rows if t0 <= r[0] <= t1 and r[k] is not None), default=None)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the child: udml train with probes
 
@@ -248,31 +292,11 @@ def run(argv: list[str], interval: float, work: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src")] + [p for p in [env.get("PYTHONPATH")] if p])
     t_start = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    samples, done = [], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            pids = descendants(proc.pid)
-            rss = [status_kb("VmRSS", p) for p in pids]
-            pss = [pss_kb(p) for p in pids]
-            samples.append(
-                (
-                    round(time.time() - t_start, 2),
-                    mb(rss[0]),
-                    mb(sum(r or 0 for r in rss)),
-                    mb(sum(p or 0 for p in pss)),
-                    len(pids),
-                )
-            )
-            done.wait(interval)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    sampler = TreeSampler(proc.pid, interval, t_start).start()
     log = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # the child's own resource usage
     proc.returncode = rc = os.waitstatus_to_exitcode(status)
-    done.set()
-    sampler.join()
+    samples = sampler.stop()
     wall = time.time() - t_start
     if rc != 0:
         print(log[-4000:], file=sys.stderr)
@@ -306,7 +330,7 @@ def run(argv: list[str], interval: float, work: Path) -> dict:
         "stacked_mb": round(stacked, 1),
         "log_tail": log.splitlines()[-12:],
         "phases": phases,
-        "samples": {"columns": ["t_s", "main_rss_mb", "tree_rss_mb", "tree_pss_mb", "processes"], "rows": samples},
+        "samples": {"columns": TreeSampler.COLUMNS, "rows": samples},
     }
 
 

@@ -28,7 +28,10 @@ class Config:
     crop_scale_min: float = 0.16  # RandomResizedCrop lower scale bound
     crop_rule: str = "torchvision"  # torchvision: redraw boxes that do not fit; clamped: clamp them to the image
     hflip: bool = True
-    cache_images: bool = True  # keep decoded images in memory
+    cache_images: bool | str = True  # true: decoded images kept in memory; false: decoded at every read; disk:
+    # decoded once into a store on disk (udml.store), reused by later runs: memory does not grow with N
+    store_dir: str | None = None  # where cache_images=disk keeps its stores; None = $XDG_CACHE_HOME/udml/stores
+    # (else ~/.cache/udml/stores)
     stack_budget_gb: float = 4.0  # keep test-transformed images as one tensor when they fit in this
     num_workers: int = -1  # -1: one per CPU core, at most 8
 
@@ -109,6 +112,7 @@ RUNTIME_FIELDS = {
     "test_root",
     "eval_batch_size",
     "cache_images",
+    "store_dir",
     "stack_budget_gb",
     "eval_every",
     "checkpoint_every",
@@ -176,7 +180,8 @@ def _check_keys(data: dict[str, Any], where: str) -> None:
 
 
 def check_paths(cfg: Config) -> None:
-    """The data folders named by the configuration exist (the data set's own layout is checked when it loads)."""
+    """The data folders named by the configuration exist (the data set's own layout is checked when it loads),
+    and with cache_images=disk the store directory can be written."""
     for key in ("data_root", "test_root"):
         value = getattr(cfg, key)
         if value is not None and not Path(value).exists():
@@ -184,6 +189,25 @@ def check_paths(cfg: Config) -> None:
                 f"{key}: {value} does not exist; give the folder that holds the "
                 f"{cfg.dataset} data (--data sets data_root)"
             )
+    if cfg.cache_images == "disk":
+        from .store import check_store_dir  # numpy only: torch is not imported yet
+
+        check_store_dir(cfg.store_dir)
+
+
+CACHE_MODES = (
+    "true (decoded images kept in memory), false (decoded at every read) or disk (decoded once into a store on "
+    "disk under store_dir, reused by later runs: for collections larger than memory)"
+)
+
+
+def _cache_mode(value: Any) -> Any:
+    """cache_images as True, False or "disk"; anything else is returned as given, for validate to report."""
+    if isinstance(value, str):
+        return {"true": True, "false": False, "1": True, "0": False, "disk": "disk"}.get(value.strip().lower(), value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    return value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -202,6 +226,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _coerce(key: str, value: Any) -> Any:
+    if key == "cache_images":
+        return _cache_mode(value)
     default = getattr(Config(), key)
     if value is None or default is None:
         return value
@@ -287,6 +313,15 @@ def validate(cfg: Config) -> None:
     )
     need(
         cfg.recluster_init in ("warm", "fresh"), f"recluster_init must be 'warm' or 'fresh', got {cfg.recluster_init!r}"
+    )
+    need(
+        isinstance(cfg.cache_images, bool) or cfg.cache_images == "disk",
+        f"cache_images must be {CACHE_MODES}; got {cfg.cache_images!r}",
+    )
+    need(
+        cfg.store_dir is None or (isinstance(cfg.store_dir, str) and cfg.store_dir.strip() != ""),
+        f"store_dir must be a folder path, or null for the default ($XDG_CACHE_HOME/udml/stores, else "
+        f"~/.cache/udml/stores); got {cfg.store_dir!r}",
     )
     need(
         cfg.kmeans_backend in KMEANS_BACKENDS,

@@ -97,6 +97,12 @@ def _shrink(img: Image.Image, short_side: int | None) -> Image.Image:
     return img
 
 
+def decode_one(item, short_side: int | None = None) -> np.ndarray:
+    """One image (a path or PIL image) as the (height, width, 3) uint8 array that the caches hold: RGB, shrunk
+    to ``short_side`` when larger. The in-memory cache and the disk store (udml.store) both decode with this."""
+    return np.asarray(_shrink(open_rgb(item), short_side))
+
+
 def decode_all(images: list, short_side: int | None = None, workers: int | None = None, transform=None):
     """Decode every image once (threads: Pillow releases the GIL while decoding).
 
@@ -107,8 +113,9 @@ def decode_all(images: list, short_side: int | None = None, workers: int | None 
 
     def load(i):
         try:
-            img = _shrink(open_rgb(images[i]), short_side)
-            return (np.asarray(img) if transform is None else transform(img)), None
+            if transform is None:
+                return decode_one(images[i], short_side), None
+            return transform(_shrink(open_rgb(images[i]), short_side)), None
         except Exception as e:  # noqa: BLE001 - any decoder failure means: skip and report this file
             return None, (i, images[i], f"{type(e).__name__}: {e}")
 
@@ -176,11 +183,20 @@ class ImageDataset(torch.utils.data.Dataset):
 
     ``cache``: True keeps the decoded images (shrunk to ``short_side``), for a random transform; "transformed"
     keeps only the outputs of a deterministic transform (the test transform), all in one uint8 tensor
-    ``stacked`` (what inference.stack returns, without a copy), never all the decoded images; False decodes
-    every image when it is read.
+    ``stacked`` (what inference.stack returns, without a copy), never all the decoded images; "disk" reads the
+    decoded images from a store on disk (udml.store, under ``store_dir``), built once and reused, so that memory
+    does not grow with the number of images (images given as PIL images rather than files are cached in memory
+    instead); False decodes every image when it is read.
     """
 
-    def __init__(self, image_set: ImageSet, transform, cache: bool | str = True, short_side: int | None = None):
+    def __init__(
+        self,
+        image_set: ImageSet,
+        transform,
+        cache: bool | str = True,
+        short_side: int | None = None,
+        store_dir: str | None = None,
+    ):
         self.image_set, self.transform = image_set, transform
         if len(image_set) == 0:
             raise ValueError(
@@ -189,8 +205,16 @@ class ImageDataset(torch.utils.data.Dataset):
             )
         items = list(image_set.images)
         keep = np.arange(len(items))
-        self.arrays = self.stacked = None
-        if cache == "transformed":
+        self.arrays = self.stacked = self.store = None
+        if cache == "disk" and not all(isinstance(x, (str, os.PathLike)) for x in items):
+            log.info("%s: images held in memory, not files: cached in memory rather than on disk", image_set.name)
+            cache = True
+        if cache == "disk":
+            from .store import open_or_build
+
+            self.store = open_or_build(items, short_side, store_dir, image_set.name)
+            bad = self.store.unreadable
+        elif cache == "transformed":
             self.stacked, bad = decode_stacked(items, transform, short_side)
         elif cache:
             self.arrays, bad = decode_all(items, short_side)
@@ -219,6 +243,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def image(self, i: int) -> Image.Image:
         if self.arrays is not None:
             return Image.fromarray(self.arrays[i])
+        if self.store is not None:
+            return Image.fromarray(self.store.array(self.kept[i]))
         try:
             return open_rgb(self.items[i])
         except Exception as e:  # noqa: BLE001

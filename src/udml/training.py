@@ -93,7 +93,8 @@ def build_datasets(cfg: Config, image_size: int):
     """(train set with the train transform, train set with the test transform, test set)."""
     train_set = load_split(cfg.dataset, cfg.data_root, cfg.train_split)
     short = resize_for(image_size, cfg.resize_size)
-    train = ImageDataset(train_set, None, cache=cfg.cache_images, short_side=short)
+    disk = cfg.cache_images == "disk"
+    train = ImageDataset(train_set, None, cache=cfg.cache_images, short_side=short, store_dir=cfg.store_dir)
     test = None
     if cfg.dataset == "folder" and cfg.test_root is None:  # a folder's own sub-folders need not be classes
         log.info(
@@ -104,8 +105,9 @@ def build_datasets(cfg: Config, image_size: int):
         test = ImageDataset(
             test_set,
             test_transform(image_size, resize_size=cfg.resize_size),
-            cache="transformed" if cfg.cache_images else False,
+            cache="disk" if disk else "transformed" if cfg.cache_images else False,
             short_side=short,
+            store_dir=cfg.store_dir,
         )
     if test is not None and test.labels is None:
         raise ValueError(
@@ -249,8 +251,11 @@ def prepare(cfg: Config, device: torch.device) -> Session:
     if test is not None:  # before the images are stacked and the start evaluation runs
         n = len(test)
         check_recall_ks(cfg.recall_ks, n - 1, f"the test split has {n} images, so each query has {n - 1} neighbours")
-    train_plain = stack(plain, num_workers=workers, budget_gb=cfg.stack_budget_gb)
-    test_plain = stack(test, num_workers=workers, budget_gb=cfg.stack_budget_gb) if test is not None else None
+    # Images read from a disk store are transformed when read, never stacked: memory must not grow with N.
+    train_plain = plain if plain.store is not None else stack(plain, num_workers=workers, budget_gb=cfg.stack_budget_gb)
+    test_plain = test
+    if test is not None and test.store is None:
+        test_plain = stack(test, num_workers=workers, budget_gb=cfg.stack_budget_gb)
     if device.type == "cuda":  # stacked images live on the GPU: re-embedding costs no transfer
         train_plain = train_plain.to(device) if isinstance(train_plain, torch.Tensor) else train_plain
         test_plain = test_plain.to(device) if isinstance(test_plain, torch.Tensor) else test_plain
