@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train an embedding network without labels",
         description="Train by UDML-SS. With no arguments: the default job, a small convnet from "
-        "scratch on the Omniglot subset shipped inside the package (about a minute on 2 CPU "
+        "scratch on the Omniglot subset shipped inside the package (about 2.5 minutes on 2 CPU "
         "cores).",
         epilog="Several GPUs or machines: torchrun --nproc_per_node=N -m udml train ... "
         "(DistributedDataParallel; clusters_per_batch must be divisible by the number of "
