@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import suite
@@ -44,11 +45,15 @@ def main() -> None:
     info = machine()
     result = {"config": args.config, "overrides": args.overrides, "parallel": args.parallel, **info, "rows": records}
     if args.sweep == "val":  # the rule written in suite.VAL_ROWS, applied to the validation numbers only
-        winner = suite.choose([r for r in records if not r["row"].startswith("pretrained")])
-        result["choice"] = {
-            "row": winner["row"],
-            "overrides": [o for o in rows[winner["row"]] if o not in suite.VAL_SPLITS],
-        }
+        candidates = [r for r in records if not r["row"].startswith("pretrained")]
+        if any(r.get("finished") for r in candidates):
+            winner = suite.choose(candidates)
+            result["choice"] = {
+                "row": winner["row"],
+                "overrides": [o for o in rows[winner["row"]] if o not in suite.VAL_SPLITS],
+            }
+        else:  # the rule compares final models only: nothing to choose, and the results are still written
+            result["choice"] = None
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(result, indent=2))
 
@@ -62,10 +67,17 @@ def main() -> None:
         ]
         note = "" if r.get("finished", True) else " (unfinished: last evaluation)"
         print(f"| {r['row']}{note} | {r['seed']} | " + " | ".join(cells) + f" | {r['step']} | {r.get('wall_s', '-')} |")
-    if "choice" in result:
+    if result.get("choice"):
         print(
             f"chosen on the validation classes: {result['choice']['row']} -> {' '.join(result['choice']['overrides'])}"
         )
+    elif "choice" in result:
+        print(
+            f"no row finished within --timeout {args.timeout} s, so nothing was chosen (the rule compares final "
+            "models); raise the timeout, run fewer rows at once (--rows), or shorten the schedule",
+            file=sys.stderr,
+        )
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 #   call 2: bash benchmarks/gpu_cub_plan.sh DATA OUT test "0 1"
 #           METHOD.md's full schedule on the test classes with the chosen settings: UDML-SS and UDML (lambda = 0)
 #           for each seed given, all side by side. Seed 2 in a third call if device time is left.
-# Before spending device time, the same commands run on a CPU with TINY=1 (a tiny schedule at 64 px).
+# Before spending device time, the same commands run on a CPU with TINY=1 (a tiny schedule at 64 px, evaluated at
+# the start and the end only; on a 2-core CPU with two of the val rows: TINY=1 ROWS="paper head_lr" ...: six
+# processes at once there spend ten minutes in each clustering and all run out of time).
 # Runs stopped by TIMEOUT (default 540 s) are recorded as unfinished; their metrics so far are kept.
 set -uo pipefail
 data=${1:?data root}; out=${2:?results folder}; part=${3:?val or test}; seeds=${4:-0}
@@ -17,7 +19,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU: $(nproc) CPU cores"
 extra=(eval_every=10 checkpoint_every=10)
 if [ "${TINY:-0}" = 1 ]; then  # the dry run on a CPU: same commands, a schedule of minutes
-    extra=(image_size=64 resize_size=72 pseudo_epochs=2 recluster_every=1 eval_every=1 eval_batch_size=64 pictures=false)
+    extra=(image_size=64 resize_size=72 pseudo_epochs=2 recluster_every=1 eval_every=0 eval_batch_size=64 pictures=false)
 fi
 case "$part" in
   val)
