@@ -417,12 +417,13 @@ def test_torchrun_with_the_store(cub_root, tmp_path):
     root = tmp_path / "stores"
     options = [o for o in TINY if not o.startswith(("clusters_per_batch", "rotation_images"))]
     options += ["clusters_per_batch=2", "rotation_images=2", "num_workers=0", "cache_images=disk"]
-    options += [f"store_dir={root}", f"data_root={train_dir}", f"test_root={test_dir}", "--out", str(tmp_path)]
+    options += [f"store_dir={root}", f"data_root={train_dir}", f"test_root={test_dir}", "run_name=ddp"]
+    options += ["--out", str(tmp_path)]  # after every key=value: argparse takes the positionals in one run
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.run(
-        cmd + ["-m", "udml", "train", *options, "run_name=ddp"],
+        cmd + ["-m", "udml", "train", *options],
         cwd=tmp_path,
         env=env,
         capture_output=True,
