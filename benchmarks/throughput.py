@@ -19,7 +19,7 @@ from common import machine, sync
 from udml import distributed
 from udml.config import make_config
 from udml.data import make_loader
-from udml.devices import autocast, resolve_device
+from udml.devices import resolve_device
 from udml.samplers import ClusterBatchSampler
 from udml.training import cluster, prepare, resolve_num_clusters, train_round
 
@@ -29,15 +29,13 @@ def ceiling(s, iters: int, warmup: int = 5) -> float:
     cfg = s.cfg
     n = cfg.clusters_per_batch * cfg.images_per_cluster + (4 * cfg.rotation_images if cfg.rotation_weight > 0 else 0)
     size = s.model.image_size
-    x = torch.randn(n, 3, size, size, device=s.device)
-    if s.use_amp:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = s.precision.layout(torch.randn(n, 3, size, size, device=s.device))
     s.model.train()
     for i in range(warmup + iters):
         if i == warmup:
             sync()
             t = time.perf_counter()
-        with autocast(s.device, s.use_amp):
+        with s.precision.autocast():
             out = s.model.backbone(x)
         out.float().square().mean().backward()
     sync()

@@ -20,10 +20,12 @@ def main(out: str) -> None:
     torch.manual_seed(0)
     # freeze_bn: per-sample forward passes, so a split batch computes exactly what the whole batch does.
     # rotation_images = P: every cluster of the batch gives one rotated image, on whichever process holds it.
+    # amp=false: float32, where a batch split over processes gives the numbers of the whole batch to 1e-7.
     cfg = make_config(
         "digits",
         [
             "device=cpu",
+            "amp=false",
             "freeze_bn=true",
             "num_workers=0",
             "clusters_per_batch=8",

@@ -82,7 +82,7 @@ def test_cpu_extract_embeds_in_parts_with_the_numbers_of_whole_batches():
     model.backbone.register_forward_pre_hook(lambda _, args: sizes.append(len(args[0])))
     n = 3 * CPU_CHUNK + 1  # 97 images: batches of 64 and 33, in parts of 32, 32 and 17, 16
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    pooled, emb = extract(model, x, batch_size=64)
+    pooled, emb = extract(model, x, batch_size=64, amp=False)  # float32, to compare with model.pooled
     assert max(sizes) <= CPU_CHUNK and min(sizes) >= 2 and sum(sizes) == n
     with torch.no_grad():
         whole = torch.cat([model.pooled(b) for b in x.split(64)])

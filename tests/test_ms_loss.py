@@ -182,9 +182,9 @@ def test_a_training_step_makes_no_host_device_sync():
     metric_loss = create_loss(cfg.loss, cfg.loss_params)
 
     def step():
-        loss, _ = training_step(model, metric_loss, x, y, cfg, use_amp=False)
+        loss, _ = training_step(model, metric_loss, x, y, cfg)
         loss.backward()
 
     step()  # warm-up outside the profile
-    assert "rotation_loss" in training_step(model, metric_loss, x, y, cfg, use_amp=False)[1]
+    assert "rotation_loss" in training_step(model, metric_loss, x, y, cfg)[1]
     assert count_syncs(step) == {}

@@ -103,11 +103,11 @@ def test_rotation_weight_zero_switches_the_rotation_task_off():
     model = build_model(cfg).train()
     x = torch.randint(0, 256, (80, 3, 32, 32), dtype=torch.uint8)
     y = torch.arange(16).repeat_interleave(5)
-    loss, terms = training_step(model, create_loss(cfg.loss), x, y, cfg, use_amp=False)
+    loss, terms = training_step(model, create_loss(cfg.loss), x, y, cfg)
     loss.backward()
     assert list(terms) == ["metric_loss"] and all(p.grad is None for p in model.rotation.parameters())
     cfg = make_config("digits", ["rotation_weight=0.5"])
-    loss, terms = training_step(model, create_loss(cfg.loss), x, y, cfg, use_amp=False)
+    loss, terms = training_step(model, create_loss(cfg.loss), x, y, cfg)
     assert loss.item() == pytest.approx(terms["metric_loss"].item() + 0.5 * terms["rotation_loss"].item(), rel=1e-5)
     assert 0 <= terms["rotation_accuracy"] <= 1
 

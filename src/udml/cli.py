@@ -9,6 +9,11 @@ from pathlib import Path
 
 from .config import load_config, make_config, parse_override, preset_names
 
+FLOAT32_HELP = (
+    "run the network in float32 (NCHW): bit-stable embeddings. By default it runs in bfloat16 with channels_last "
+    "where the device computes bfloat16 natively (recent GPUs; CPUs with AVX512-BF16 or AMX), float32 elsewhere"
+)
+
 
 def _train(args) -> int:
     cfg, resume_dir = _train_config(args)  # before importing torch: a bad argument is reported at once
@@ -76,7 +81,7 @@ def _evaluate(args) -> int:
     ds = ImageDataset(
         image_set, test_transform(model.image_size, resize_size=model.resize_size), short_side=model.resize_size
     )
-    _, emb = extract(model, ds, batch_size=args.batch_size, num_workers=args.workers)
+    _, emb = extract(model, ds, batch_size=args.batch_size, num_workers=args.workers, amp=not args.float32)
     metrics = evaluate(emb, torch.as_tensor(ds.labels, device=emb.device), recall_ks=args.recall_ks)
     print(f"{image_set.name} ({len(ds)} images, {image_set.num_classes} classes): {format_metrics(metrics)}")
     if args.output:
@@ -87,7 +92,7 @@ def _evaluate(args) -> int:
 def _embed(args) -> int:
     from .retrieval import Embedder, embed_folder, save_embeddings
 
-    embedder = Embedder.from_file(args.model, args.device or "auto")
+    embedder = Embedder.from_file(args.model, args.device or "auto", amp=not args.float32)
     emb = embed_folder(embedder, args.folder, batch_size=args.batch_size, num_workers=args.workers, progress=True)
     save_embeddings(args.output, emb)
     skipped = f", {len(emb.skipped)} unreadable file(s) skipped" if emb.skipped else ""
@@ -120,7 +125,7 @@ def _search(args) -> int:
             f"no model to embed the queries: pass --model (the model that embedded {args.index}"
             + (f"; {model} is gone)" if model else ")")
         )
-    embedder = Embedder.from_file(model, args.device or "auto")
+    embedder = Embedder.from_file(model, args.device or "auto", amp=not args.float32)
     check_model_matches(embedder, meta, str(args.index), allow_other=args.allow_other_model)
     queries = []
     for q in args.queries:
@@ -180,6 +185,7 @@ def _serve(args) -> int:
         args.index,
         model=args.model,
         device=args.device or "auto",
+        amp=not args.float32,
         cache_dir=args.cache_dir,
         thumb_size=args.thumb_size,
         map_fit_points=args.map_points,
@@ -239,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--workers", type=int, default=0)
     e.add_argument("--device")
+    e.add_argument("--float32", action="store_true", help=FLOAT32_HELP)
     e.add_argument("--output", "-o", help="write the metrics as JSON here")
     e.set_defaults(func=_evaluate)
 
@@ -253,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=64)
     m.add_argument("--workers", type=int, default=0, help="image-decoding processes")
     m.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    m.add_argument("--float32", action="store_true", help=FLOAT32_HELP)
     m.set_defaults(func=_embed)
 
     i = sub.add_parser("index", help="build a faiss index (exact by default) over an embeddings file")
@@ -298,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         "error: the neighbours would be meaningless)",
     )
     s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    s.add_argument("--float32", action="store_true", help=FLOAT32_HELP)
     s.set_defaults(func=_search)
 
     v = sub.add_parser(
@@ -331,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the others are placed by their nearest fitted neighbours (default 5000)",
     )
     v.add_argument("--device", help="for embedding uploads: auto (default), cpu, cuda or cuda:N")
+    v.add_argument("--float32", action="store_true", help=FLOAT32_HELP)
     v.set_defaults(func=_serve)
 
     x = sub.add_parser("export", help="export a model to ONNX (images in, L2-normalised embeddings out)")

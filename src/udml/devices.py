@@ -1,6 +1,17 @@
-"""Where tensors run: the device a configuration asks for, and mixed precision on CUDA."""
+"""Where tensors run and in what precision: the device a configuration asks for, and the fast path on it.
+
+``amp=true`` (the default) means, on every device: the network in bfloat16 autocast where the hardware computes
+bfloat16 natively (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX), with channels_last activations and
+weights. A CPU without native bfloat16 emulates it more slowly than float32, so it gets float32 channels_last.
+``amp=false`` keeps float32 in the plain NCHW layout: bit-stable, the numbers of earlier udml versions.
+Losses, miner thresholds, k-means and evaluation always run in float32 on float32 embeddings.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
 
 import torch
 
@@ -14,5 +25,79 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+# UDML_CPU_BF16=0 or 1 overrides the detection (0: a machine whose bfloat16 misbehaves; 1: a CPU the probe
+# below does not know, such as an ARM core with BF16).
+CPU_BF16_ENV = "UDML_CPU_BF16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products and convolutions in hardware (AVX512-BF16 or AMX
+    tiles, which oneDNN uses). Elsewhere PyTorch's bfloat16 kernels convert to float32 and back: slower than
+    float32, never assumed."""
+    forced = os.environ.get(CPU_BF16_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:
+        return any(bool(getattr(cpu, p)()) for p in probes if hasattr(cpu, p))
+    except RuntimeError:  # a build without cpuinfo
+        return False
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    return torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else False
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the network runs: ``dtype`` of its convolutions and linear layers (bfloat16 under autocast, or
+    float32) and whether activations and weights are channels_last."""
+
+    device_type: str
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+
+    @property
+    def autocast_on(self) -> bool:
+        return self.dtype != torch.float32
+
+    def autocast(self):
+        if not self.autocast_on:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of images or feature maps [B, C, H, W] in the memory layout the network expects."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model's 4-d weights in the layout (in place; a no-op when they already are)."""
+        return model.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def __str__(self) -> str:
+        name = "bfloat16 autocast" if self.autocast_on else "float32"
+        return f"{name}, {'channels_last' if self.channels_last else 'NCHW'}"
+
+
+FLOAT32 = Precision("cpu")  # amp=false anywhere: float32, NCHW
+
+
+def precision_for(device: torch.device | str, amp: bool = True) -> Precision:
+    """The fast path of ``device`` when ``amp``, float32 NCHW otherwise (see the module's text)."""
+    device = torch.device(device)
+    if not amp:
+        return Precision(device.type)
+    if device.type == "cuda":
+        bf16 = cuda_has_native_bf16(device)
+    elif device.type == "cpu":
+        bf16 = cpu_has_native_bf16()
+    else:  # mps and others: float32, channels_last only where it is known to help
+        return Precision(device.type)
+    return Precision(device.type, torch.bfloat16 if bf16 else torch.float32, channels_last=True)
+
+
+def precision_of(model: torch.nn.Module, amp: bool = True) -> Precision:
+    return precision_for(next(model.parameters()).device, amp)

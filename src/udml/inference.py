@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .data import make_loader
-from .devices import autocast
+from .devices import precision_of
 from .rundir import RunDir
 
 # On the CPU the model embeds a batch in parts of at most this many images: a forward pass holds about 16 MB of
@@ -25,35 +25,67 @@ def _batches(data, batch_size, num_workers, device):
             yield x
 
 
-@torch.no_grad()
-def extract(
-    model, dataset, *, batch_size: int = 256, num_workers: int = 0, amp: bool = True, pooled: bool = True, progress=None
-):
-    """(pooled features, embeddings) of every item of ``dataset`` (a Dataset or a stacked uint8 tensor) in
-    order, in eval mode, as float32 on the model's device. ``pooled=False`` returns None for the features."""
+def _parts(model, data, fn, *, batch_size, num_workers, progress):
+    """``fn(x)`` of every batch of ``data`` in order, in eval mode without autograd; on the CPU in parts of at
+    most CPU_CHUNK items. Returns the list of outputs."""
     device = next(model.parameters()).device
+    chunk = batch_size if device.type == "cuda" else CPU_CHUNK
     was_training = model.training
     model.eval()
-    feats, embs = [], []
-    channels_last = device.type == "cuda" and amp
-    chunk = batch_size if device.type == "cuda" else CPU_CHUNK
+    out = []
     try:
-        for batch in _batches(dataset, batch_size, num_workers, device):
-            for x in batch.tensor_split(-(-len(batch) // chunk)):
-                x = x.to(device, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(device, amp):
-                    p = model.pooled(x)
-                    e = model.embed(p)
-                if pooled:
-                    feats.append(p.float())
-                embs.append(e.float())
-                if progress is not None:
-                    progress.update(len(x))
+        with torch.no_grad():
+            for batch in _batches(data, batch_size, num_workers, device):
+                for x in batch.tensor_split(-(-len(batch) // chunk)):
+                    out.append(fn(x.to(device, non_blocking=True)))
+                    if progress is not None:
+                        progress.update(len(x))
     finally:
         model.train(was_training)
-    return (torch.cat(feats) if pooled else None), torch.cat(embs)
+    return out
+
+
+def extract(
+    model,
+    dataset,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    amp: bool = True,
+    pooled: bool = True,
+    progress=None,
+    frozen: bool = False,
+):
+    """(pooled features, embeddings) of every item of ``dataset`` (a Dataset or a stacked uint8 tensor) in
+    order, in eval mode, as float32 on the model's device. ``pooled=False`` returns None for the features.
+    ``amp``: the device's fast path (udml.devices), else float32. ``frozen``: ``dataset`` holds the outputs of
+    the model's frozen stages (:func:`frozen_features`), and only the layers after them run."""
+    precision = precision_of(model, amp)
+    precision.prepare(model)
+
+    def fn(x):
+        with precision.autocast():
+            p = model.pooled_from_frozen(x) if frozen else model.pooled(precision.layout(x))
+            e = model.embed(p)
+        return (p.float() if pooled else None), e
+
+    out = _parts(model, dataset, fn, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    feats = torch.cat([p for p, _ in out]) if pooled else None
+    return feats, torch.cat([e for _, e in out])
+
+
+def frozen_features(model, dataset, *, batch_size: int = 256, num_workers: int = 0, amp: bool = True, progress=None):
+    """The output of the model's frozen stem and stages (``UDMLNet.frozen_stages``) for every item of
+    ``dataset``, in order, in the dtype and layout they are computed in: what :func:`extract` with
+    ``frozen=True`` takes, the same numbers as running the whole network on the images."""
+    precision = precision_of(model, amp)
+    precision.prepare(model)
+
+    def fn(x):
+        with precision.autocast():
+            return model.frozen_features(precision.layout(x))
+
+    return torch.cat(_parts(model, dataset, fn, batch_size=batch_size, num_workers=num_workers, progress=progress))
 
 
 def load_model(path, device: str | torch.device = "cpu"):

@@ -200,6 +200,35 @@ def create_backbone(name: str, pretrained: bool = True) -> Backbone:
     return BACKBONES[name](pretrained)
 
 
+def splits_at_stages(net: nn.Module) -> bool:
+    """Whether :func:`stem_and_stages` / :func:`after_stages` know how to cut ``net``: timm's EfficientNet
+    class (EfficientNet-B*, -Lite*, MixNet, ...), whose forward is stem, ``blocks``, ``conv_head``, ``bn2``, pool."""
+    try:
+        from timm.models.efficientnet import EfficientNet
+    except ImportError:
+        return False
+    return isinstance(net, EfficientNet)
+
+
+def stem_and_stages(net: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The feature maps after the stem and the first ``n`` stages of an EfficientNet."""
+    return net.blocks[:n](net.bn1(net.conv_stem(x)))
+
+
+def after_stages(net: nn.Module, h: torch.Tensor, n: int) -> torch.Tensor:
+    """The pooled features from :func:`stem_and_stages`'s output: stages n+1.., head convolution, pooling;
+    the same operations as ``net(x)`` (timm's ``forward_features`` + ``forward_head``), gradient checkpointing
+    included."""
+    from timm.models import checkpoint_seq
+
+    rest = net.blocks[n:]
+    if net.grad_checkpointing and torch.is_grad_enabled() and len(rest):
+        h = checkpoint_seq(rest, h, flatten=True)
+    else:
+        h = rest(h)
+    return net.forward_head(net.bn2(net.conv_head(h)), pre_logits=True)
+
+
 class UDMLNet(nn.Module):
     """Backbone with two heads on its pooled features: a linear, L2-normalised embedding and a rotation MLP."""
 
@@ -210,11 +239,18 @@ class UDMLNet(nn.Module):
         rotation_hidden: int = 256,
         freeze_bn: bool = False,
         image: ImageConfig | None = None,
+        frozen_stages: int = 0,
     ):
         """``embedding_dim=None``: no embedding layer, the L2-normalised pooled features are the embedding (the
-        pretrained backbone alone, for embedding without training)."""
+        pretrained backbone alone, for embedding without training). ``frozen_stages=N`` (set by build_model for
+        ``freeze_stages=N`` on backbones that :func:`splits_at_stages`): the stem and first N stages run without
+        autograd and in eval mode, and their outputs (:meth:`frozen_features`) can be computed once and reused
+        (:meth:`pooled_from_frozen`)."""
         super().__init__()
         self.backbone = backbone.module
+        if frozen_stages and not splits_at_stages(self.backbone):
+            raise ValueError(f"frozen_stages={frozen_stages}: this backbone cannot be cut after its stages")
+        self.frozen_stages = frozen_stages
         self.embedding = nn.Linear(backbone.feature_dim, embedding_dim) if embedding_dim else nn.Identity()
         self.embedding_dim = embedding_dim or backbone.feature_dim
         self.rotation = nn.Sequential(
@@ -240,17 +276,37 @@ class UDMLNet(nn.Module):
             for m in self.backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
+        if mode and self.frozen_stages:  # fixed layers, fixed statistics: their outputs can be computed once
+            net = self.backbone
+            for m in [net.conv_stem, net.bn1, *net.blocks[: self.frozen_stages]]:
+                m.eval()
         return self
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, 3, H, W] in 0-255 -> the backbone's normalised float input."""
         return (x.float() - self.mean) / self.std if x.dtype == torch.uint8 else x
 
+    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen stem and stages' output for images ``x``, without autograd."""
+        with torch.no_grad():
+            return stem_and_stages(self.backbone, self.normalize(x), self.frozen_stages)
+
+    def pooled_from_frozen(self, h: torch.Tensor) -> torch.Tensor:
+        return after_stages(self.backbone, h, self.frozen_stages).flatten(1)
+
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen_stages:
+            return self.pooled_from_frozen(self.frozen_features(x))
         return self.backbone(self.normalize(x)).flatten(1)
 
     def embed(self, pooled: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.embedding(pooled).float(), dim=1)
+        # The heads are small: float32 even under autocast, so the embedding is not rounded to bfloat16.
+        with torch.autocast(pooled.device.type, enabled=False):
+            return F.normalize(self.embedding(pooled.float()), dim=1)
+
+    def rotation_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(pooled.device.type, enabled=False):
+            return self.rotation(pooled.float())
 
     def forward(self, x: torch.Tensor, rotated: torch.Tensor | None = None, separate: bool = False):
         """Embeddings of ``x``; with ``rotated`` images also their rotation logits (the training step: one
@@ -259,9 +315,9 @@ class UDMLNet(nn.Module):
         if rotated is None:
             return self.embed(self.pooled(x))
         if separate:
-            return self.embed(self.pooled(x)), self.rotation(self.pooled(rotated))
+            return self.embed(self.pooled(x)), self.rotation_logits(self.pooled(rotated))
         pooled = self.pooled(torch.cat([x, rotated]))
-        return self.embed(pooled[: len(x)]), self.rotation(pooled[len(x) :])
+        return self.embed(pooled[: len(x)]), self.rotation_logits(pooled[len(x) :])
 
 
 def freeze_stages(net: nn.Module, n: int, name: str = "backbone") -> None:
@@ -310,4 +366,5 @@ def build_model(cfg, device=None) -> UDMLNet:
         cfg.rotation_hidden,
         cfg.freeze_bn,
         ImageConfig.for_backbone(backbone, cfg.image_size, cfg.resize_size),
+        frozen_stages=cfg.freeze_stages if splits_at_stages(backbone.module) else 0,
     )

@@ -277,6 +277,7 @@ def write_run_pictures(
     class_names: Sequence[str] | None = None,
     batch_size: int = 256,
     num_workers: int = 0,
+    amp: bool = True,
     max_gallery: int = 10_000,
     seed: int = 0,
 ) -> list[Path]:
@@ -306,7 +307,7 @@ def write_run_pictures(
             source = data[torch.as_tensor(subset, device=data.device)] if len(subset) < n else data
         else:
             source = torch.utils.data.Subset(data, subset.tolist()) if len(subset) < n else data
-        _, emb = extract(model, source, batch_size=batch_size, num_workers=num_workers, pooled=False)
+        _, emb = extract(model, source, batch_size=batch_size, num_workers=num_workers, amp=amp, pooled=False)
         emb = emb.cpu()
         lab = None if labels is None else np.asarray(torch.as_tensor(labels).cpu())[subset]
 

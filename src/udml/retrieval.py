@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .data import open_rgb, report_unreadable, test_transform
-from .devices import resolve_device
+from .devices import precision_for, resolve_device
 
 log = logging.getLogger("udml")
 
@@ -51,9 +51,14 @@ class Embedder:
     L2-normalised row per image. Images are resized and centre-cropped exactly as at test time.
     """
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", source: str | None = None):
+    def __init__(
+        self, model: torch.nn.Module, device: str | torch.device = "cpu", source: str | None = None, amp: bool = True
+    ):
+        """``amp``: the device's fast path (bfloat16 where native, channels_last; see udml.devices); False:
+        float32, for bit-stable embeddings."""
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        self.precision = precision_for(self.device, amp)
+        self.model = self.precision.prepare(model.to(self.device).eval())
         self.image = model.image  # crop and resize sizes, normalisation: the model's own
         self.image_size = model.image.crop_size
         self.transform = test_transform(model.image.crop_size, resize_size=model.image.resize_size)
@@ -68,18 +73,18 @@ class Embedder:
         return self._fingerprint
 
     @classmethod
-    def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> "Embedder":
+    def from_file(cls, path: str | Path, device: str | torch.device = "cpu", amp: bool = True) -> "Embedder":
         """From model.pt, checkpoint.pt or a run folder (see :func:`udml.inference.load_model`), or
         ``pretrained:NAME``: the pretrained backbone NAME alone (see :func:`pretrained_backbone`)."""
         from .inference import load_model
 
         if str(path).startswith(PRETRAINED):
-            return cls(pretrained_backbone(str(path)[len(PRETRAINED) :]), device, source=str(path))
+            return cls(pretrained_backbone(str(path)[len(PRETRAINED) :]), device, source=str(path), amp=amp)
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no model at {path}; give a model.pt, a checkpoint.pt or a run folder")
         model = load_model(path, "cpu")
-        return cls(model, device, source=str(path.resolve()))
+        return cls(model, device, source=str(path.resolve()), amp=amp)
 
     @property
     def dim(self) -> int:
@@ -97,7 +102,8 @@ class Embedder:
     @torch.no_grad()
     def embed_tensors(self, x: torch.Tensor) -> np.ndarray:
         """Embeddings of a uint8 batch [B, 3, H, W] already transformed to ``image_size``."""
-        return self.model(x.to(self.device)).float().cpu().numpy()
+        with self.precision.autocast():
+            return self.model(self.precision.layout(x.to(self.device))).float().cpu().numpy()
 
     def embed(self, images, batch_size: int = 64) -> np.ndarray:
         """Float32 [N, D] embeddings of a list of PIL images or paths (or of one of them: [1, D])."""
@@ -189,6 +195,7 @@ def embed_folder(
         "image_size": embedder.image_size,
         "model": embedder.source,
         "model_fingerprint": embedder.fingerprint,
+        "precision": str(embedder.precision),
     }
     return Embeddings(
         np.ascontiguousarray(emb[ok], dtype=np.float32), [p for p, k in zip(paths, ok) if k], meta, skipped

@@ -387,6 +387,7 @@ def open_collection(
     model: str | Path | None = None,
     device: str = "cpu",
     cache_dir: str | Path | None = None,
+    amp: bool = True,
     **options,
 ) -> Collection:
     """A :class:`Collection` from an index file or an embeddings ``.npz``, with the model for uploads when
@@ -397,9 +398,9 @@ def open_collection(
     index, paths, meta = load_index(path)
     embedder, disabled = None, None
     if model is not None:
-        embedder = Embedder.from_file(model, device)  # given explicitly: a missing file is an error
+        embedder = Embedder.from_file(model, device, amp=amp)  # given explicitly: a missing file is an error
     elif meta.get("model") and os.path.exists(meta["model"]):
-        embedder = Embedder.from_file(meta["model"], device)
+        embedder = Embedder.from_file(meta["model"], device, amp=amp)
     elif meta.get("model"):
         disabled = (
             f"the model that embedded the collection ({meta['model']}) is gone; start udml serve with "

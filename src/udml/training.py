@@ -22,9 +22,9 @@ from .clustering import assignment_nmi, kmeans
 from .config import RUNTIME_FIELDS, Config, default_num_clusters, save_config, validate
 from .data import ImageDataset, default_workers, make_loader, resize_for, stack, test_transform, train_transform
 from .datasets import load_split
-from .devices import autocast, resolve_device
+from .devices import Precision, precision_for, resolve_device
 from .evaluation import check_recall_ks, evaluate
-from .inference import extract
+from .inference import extract, frozen_features
 from .losses import create_loss, rotation_batch, rotation_loss
 from .models import build_model
 from .plots import write_run_pictures
@@ -132,7 +132,7 @@ def evaluate_model(s: "Session", *, with_pooled: bool) -> dict:
     and on the non-main processes of a torchrun job (they only embed their share of the images)."""
     if s.test_labels is None:
         return {}
-    pooled, emb = extract_all(s, s.test_plain, pooled=with_pooled)
+    pooled, emb = extract_all(s, "test", pooled=with_pooled)
     if not distributed.is_main():
         return {}
     labels = s.test_labels.to(emb.device)
@@ -142,13 +142,21 @@ def evaluate_model(s: "Session", *, with_pooled: bool) -> dict:
     return results
 
 
-def extract_all(s: "Session", data, pooled: bool):
-    """extract() of every item of ``data``; under torchrun each process embeds its contiguous share and the
-    shares are gathered in order, so every process ends with the same features."""
+def extract_all(s: "Session", split: str, pooled: bool):
+    """extract() of every image of ``split`` ("train" or "test", with the test transform); under torchrun each
+    process embeds its contiguous share and the shares are gathered in order, so every process ends with the
+    same features. With frozen stages, their outputs are computed at the first pass and reused after."""
+    data = s.train_plain if split == "train" else s.test_plain
     if distributed.world_size() > 1:
         part = distributed.shard(len(data))
         data = data[part.start : part.stop] if isinstance(data, torch.Tensor) else torch.utils.data.Subset(data, part)
-    p, e = extract(s.model, data, batch_size=s.cfg.eval_batch_size, num_workers=s.workers, amp=s.cfg.amp, pooled=pooled)
+    kw = dict(batch_size=s.cfg.eval_batch_size, num_workers=s.workers, amp=s.cfg.amp)
+    if s.frozen_cache and split not in s.frozen:
+        s.frozen[split] = frozen_features(s.model, data, **kw)
+    if split in s.frozen:
+        p, e = extract(s.model, s.frozen[split], pooled=pooled, frozen=True, **kw)
+    else:
+        p, e = extract(s.model, data, pooled=pooled, **kw)
     return (distributed.gather_rows(p) if pooled else None), distributed.gather_rows(e)
 
 
@@ -195,7 +203,7 @@ class Session:
 
     cfg: Config
     device: torch.device
-    use_amp: bool
+    precision: Precision  # the network's dtype and layout on this device (udml.devices)
     workers: int
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -207,6 +215,10 @@ class Session:
     test_classes: list | None = None
     train_labels: torch.Tensor | None = None  # true classes of a benchmark's training split: diagnostics only
     train_model: torch.nn.Module | None = None  # what the training step calls: the model, or its DDP wrapper
+    # With frozen stages: their outputs for this process's share of "train" / "test" images, computed once per run
+    # (frozen_cache_gb bounds them; None: they do not fit and are recomputed at every pass).
+    frozen: dict = dataclasses.field(default_factory=dict)
+    frozen_cache: bool = False
 
     def __post_init__(self):
         self.train_model = self.train_model or self.model
@@ -228,7 +240,7 @@ def prepare(cfg: Config, device: torch.device) -> Session:
     world = distributed.world_size()
     check_world_size(cfg.clusters_per_batch, world)
     workers = max(1, default_workers() // distributed.local_world_size()) if cfg.num_workers < 0 else cfg.num_workers
-    use_amp = cfg.amp and device.type == "cuda"
+    precision = precision_for(device, cfg.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         # TF32 where it is safe: convolutions (PyTorch's default, made explicit; it matters with amp=false, as bf16
@@ -236,9 +248,7 @@ def prepare(cfg: Config, device: torch.device) -> Session:
         # similarities (tiny; the miner thresholds them), k-means assignments and the exact evaluation, and the
         # network's linear layers run in bf16 under autocast anyway.
         torch.backends.cudnn.allow_tf32 = True
-    model = build_model(cfg, device).to(device)
-    if use_amp:
-        model = model.to(memory_format=torch.channels_last)
+    model = precision.prepare(build_model(cfg, device).to(device))
     metric_loss = create_loss(cfg.loss, cfg.loss_params).to(device)  # a bad loss name fails before decoding
     aug, plain, test = build_datasets(cfg, model.image_size)
     if cfg.num_clusters is None:
@@ -251,10 +261,13 @@ def prepare(cfg: Config, device: torch.device) -> Session:
     if test is not None:  # before the images are stacked and the start evaluation runs
         n = len(test)
         check_recall_ks(cfg.recall_ks, n - 1, f"the test split has {n} images, so each query has {n - 1} neighbours")
-    # Images read from a disk store are transformed when read, never stacked: memory must not grow with N.
-    train_plain = plain if plain.store is not None else stack(plain, num_workers=workers, budget_gb=cfg.stack_budget_gb)
+    # Images read from a disk store are transformed when read, never stacked: memory must not grow with N. With
+    # the frozen stages' outputs kept instead, the images are read once more for them and need not be stacked.
+    frozen_cache = frozen_cache_fits(model, precision, len(plain) + (len(test) if test else 0), cfg.frozen_cache_gb)
+    keep = plain.store is not None or frozen_cache
+    train_plain = plain if keep else stack(plain, num_workers=workers, budget_gb=cfg.stack_budget_gb)
     test_plain = test
-    if test is not None and test.store is None:
+    if test is not None and not (test.store is not None or frozen_cache):
         test_plain = stack(test, num_workers=workers, budget_gb=cfg.stack_budget_gb)
     if device.type == "cuda":  # stacked images live on the GPU: re-embedding costs no transfer
         train_plain = train_plain.to(device) if isinstance(train_plain, torch.Tensor) else train_plain
@@ -287,10 +300,11 @@ def prepare(cfg: Config, device: torch.device) -> Session:
     )  # fused: one kernel per step on CUDA
     # A folder's sub-folders need not be classes; the benchmarks' training classes are.
     train_labels = torch.as_tensor(aug.labels) if aug.labels is not None and cfg.dataset != "folder" else None
+    log.info("network: %s on %s", precision, device)
     return Session(
         cfg,
         device,
-        use_amp,
+        precision,
         workers,
         model,
         optimizer,
@@ -302,7 +316,29 @@ def prepare(cfg: Config, device: torch.device) -> Session:
         test_classes=None if test is None else test.image_set.class_names,
         train_labels=train_labels,
         train_model=train_model,
+        frozen_cache=frozen_cache,
     )
+
+
+def frozen_cache_fits(model, precision: Precision, n_images: int, budget_gb: float) -> bool:
+    """Whether the frozen stages' outputs of ``n_images`` test-transformed images fit ``budget_gb``; says so."""
+    if not getattr(model, "frozen_stages", 0):
+        return False
+    size = model.image_size
+    with torch.no_grad(), precision.autocast():
+        probe = model.frozen_features(precision.layout(torch.zeros(2, 3, size, size, dtype=torch.uint8)))
+    gb = n_images * probe[0].numel() * probe.element_size() / 2**30
+    if gb > budget_gb:
+        log.info(
+            "the frozen stages' outputs of %d images would take %.2f GB, over frozen_cache_gb=%g: recomputed at "
+            "every clustering and evaluation (raise frozen_cache_gb to keep them)",
+            n_images,
+            gb,
+            budget_gb,
+        )
+        return False
+    log.info("the frozen stages' outputs are computed once and kept: %.2f GB for %d images", gb, n_images)
+    return True
 
 
 def cluster(s: Session, previous: torch.Tensor | None, seed: int):
@@ -315,7 +351,7 @@ def cluster(s: Session, previous: torch.Tensor | None, seed: int):
     are gathered from every process, the main process clusters and broadcasts the labels (the others get
     result None and stats {})."""
     cfg = s.cfg
-    pooled, emb = extract_all(s, s.train_plain, pooled=previous is None)
+    pooled, emb = extract_all(s, "train", pooled=previous is None)
     features = pooled if previous is None else emb
     if not bool(torch.isfinite(features).all()):
         raise NonFiniteError("the network's outputs on the training images are NaN or infinite")
@@ -381,7 +417,7 @@ def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, p
     for x, idx in loader:
         x = x.to(s.device, non_blocking=True)
         y = label_dev[idx.to(s.device, non_blocking=True)]
-        loss, terms = training_step(s.train_model, s.metric_loss, x, y, s.cfg, s.use_amp, distributed.world_size())
+        loss, terms = training_step(s.train_model, s.metric_loss, x, y, s.cfg, s.precision, distributed.world_size())
         step += 1
         finite = torch.isfinite(loss)
         bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
@@ -696,6 +732,7 @@ def finish(s: Session, loop: Loop, progress: Progress) -> dict:
             class_names=s.test_classes,
             batch_size=s.cfg.eval_batch_size,
             num_workers=s.workers,
+            amp=s.cfg.amp,
         )
     return result
 
@@ -732,22 +769,24 @@ def report_progress(s: Session, clock: ScheduleClock, rnd: int, step: int) -> No
         log.info("%s", line, extra={"progress": True})
 
 
-def training_step(model, metric_loss, x, y, cfg: Config, use_amp: bool, world_size: int = 1):
+def training_step(model, metric_loss, x, y, cfg: Config, precision: Precision | None = None, world_size: int = 1):
     """Forward both tasks in one pass over [batch; rotated images]; returns (total loss, named terms).
 
     The terms are detached, for logging: ``metric_loss``, and with the rotation task ``rotation_loss`` and
     ``rotation_accuracy``; the total is ``metric_loss + rotation_weight * rotation_loss``. Under torchrun ``x``
     is this process's share of the batch, ``model`` the DDP wrapper and ``metric_loss`` the loss over the batch
     gathered from all processes, scaled by ``world_size`` because DDP averages the gradients while each process
-    back-propagates only through its own share."""
-    if use_amp:
-        x = x.contiguous(memory_format=torch.channels_last)
+    back-propagates only through its own share. ``precision``: the network's dtype and layout (default
+    float32, NCHW)."""
+    precision = precision or Precision(x.device.type)
+    x = precision.layout(x)
     rotate = cfg.rotation_weight > 0
-    with autocast(x.device, use_amp):
+    with precision.autocast():
         if rotate:  # one image of each of the first R clusters of the batch
             xr, yr = rotation_batch(
                 one_per_cluster(x, cfg.images_per_cluster)[: max(1, cfg.rotation_images // world_size)]
             )
+            xr = precision.layout(xr)
             emb, logits = model(x, xr, separate=cfg.rotation_pass == "separate")
         else:
             emb = model(x)
