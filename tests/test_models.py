@@ -149,3 +149,6 @@ def test_grad_checkpointing_auto_is_on_for_cpu_training_with_frozen_batchnorm():
     assert not use_grad_checkpointing(Config(backbone="efficientnet_lite0", freeze_bn=False), "cpu")
     assert not use_grad_checkpointing(Config(backbone="smallconv"), "cpu")
     assert not use_grad_checkpointing(Config(backbone="efficientnet_lite0", grad_checkpointing=False), "cpu")
+    # most stages frozen: what is trained is small, recomputing it would only cost time
+    assert use_grad_checkpointing(Config(backbone="efficientnet_lite0", freeze_stages=3), "cpu")
+    assert not use_grad_checkpointing(Config(backbone="efficientnet_lite0", freeze_stages=4), "cpu")

@@ -16,7 +16,7 @@ from udml.devices import FLOAT32, Precision, precision_for
 from udml.evaluation import evaluate
 from udml.inference import extract, frozen_features
 from udml.models import build_model
-from udml.training import prepare, resolve_num_clusters, train
+from udml.training import frozen_cache_fits, prepare, resolve_num_clusters, train
 
 BF16_CL = Precision("cpu", torch.bfloat16, channels_last=True)
 FP32_CL = Precision("cpu", torch.float32, channels_last=True)
@@ -198,3 +198,17 @@ def test_a_run_with_the_frozen_outputs_kept_equals_one_that_recomputes_them(tmp_
     kept, recomputed = runs[2], runs[0]
     assert kept["final"] == recomputed["final"] and kept["start"] == recomputed["start"]
     assert np.isfinite(kept["final"]["embedding"]["recall@1"])
+
+
+def test_probing_the_frozen_stages_leaves_the_pretrained_network_as_it_is():
+    """Sizing the frozen stages' outputs (a forward pass of blank images) changes no weight nor BatchNorm
+    statistic, even on a model in training mode: the run starts from the pretrained network itself."""
+    pretrained = build_model(make_config("folder", ["embedding_dim=null"]), "cpu").state_dict()
+    for freeze_bn in (True, False):
+        cfg = make_config("folder", ["embedding_dim=null", "freeze_stages=5", f"freeze_bn={freeze_bn}"])
+        model = build_model(cfg, "cpu")
+        assert not model.backbone.blocks[0].training  # frozen stages in eval mode from construction on
+        model.train()
+        assert frozen_cache_fits(model, precision_for("cpu"), 10, 2.0)
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in pretrained.items() if k.startswith("backbone."))

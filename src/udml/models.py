@@ -260,6 +260,7 @@ class UDMLNet(nn.Module):
         self.image = image or ImageConfig.for_backbone(backbone)
         self.register_buffer("mean", torch.tensor(self.image.mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(self.image.std).view(1, 3, 1, 1) * 255)
+        self.train()  # frozen BatchNorm and stages in eval mode from the start, not from the first train() call
 
     @property
     def image_size(self) -> int:
@@ -339,13 +340,20 @@ def freeze_stages(net: nn.Module, n: int, name: str = "backbone") -> None:
         module.requires_grad_(False)
 
 
+# With this many stages frozen, what is trained runs at 1/16 of the input's side or less: its activations are a few
+# hundred MB for a CPU batch (Lite0, 80 + 64 images at 224 px), and recomputing them would only cost time.
+CHECKPOINT_BELOW_FROZEN_STAGES = 4
+
+
 def use_grad_checkpointing(cfg, device) -> bool:
     """grad_checkpointing, with null (auto) resolved: on for CPU training of a backbone that supports it, when
-    BatchNorm statistics are frozen (then the recomputed forward pass is exactly the first one)."""
+    BatchNorm statistics are frozen (then the recomputed forward pass is exactly the first one), unless the
+    first CHECKPOINT_BELOW_FROZEN_STAGES stages or more are frozen."""
     if cfg.grad_checkpointing is not None:
         return cfg.grad_checkpointing
     timm_family = cfg.backbone == "efficientnet_lite0" or cfg.backbone.startswith("timm:")
-    return device is not None and torch.device(device).type == "cpu" and timm_family and cfg.freeze_bn
+    few_frozen = cfg.freeze_stages < CHECKPOINT_BELOW_FROZEN_STAGES
+    return device is not None and torch.device(device).type == "cpu" and timm_family and cfg.freeze_bn and few_frozen
 
 
 def build_model(cfg, device=None) -> UDMLNet:
