@@ -68,6 +68,31 @@ def test_train_without_arguments_uses_the_omniglot_mini_preset(monkeypatch, tmp_
     assert seen[0].backbone == "smallconv" and not seen[0].pretrained and seen[0].data_root is None
 
 
+def test_data_alone_picks_the_folder_preset_or_its_cpu_variant(monkeypatch, tmp_path, capsys):
+    """`udml train --data DIR`: the folder preset's GPU recipe where CUDA is found, its CPU variant (folder_cpu:
+    frozen stages, a time budget) elsewhere, said on the first line; --config and --device decide when given."""
+    import udml.cli
+    import udml.training
+
+    seen = []
+    monkeypatch.setattr(udml.training, "train", lambda cfg, **kw: seen.append(cfg))
+    for gpu in (False, True):
+        monkeypatch.setattr(udml.cli, "_has_gpu", lambda gpu=gpu: gpu)
+        assert main(["train", "--data", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("no GPU in use: the folder_cpu preset") and "--config folder" in out[0]
+    assert out[1].startswith("the folder preset (METHOD.md")
+    cpu, gpu = seen
+    assert cpu.to_dict() == make_config("folder_cpu", {"data_root": str(tmp_path)}).to_dict()
+    assert (cpu.freeze_stages, cpu.embedding_dim, cpu.time_budget) == (5, None, "20m")
+    assert gpu.to_dict() == make_config("folder", {"data_root": str(tmp_path)}).to_dict()
+    monkeypatch.setattr(udml.cli, "_has_gpu", lambda: True)
+    assert main(["train", "--data", str(tmp_path), "--device", "cpu"]) == 0  # asked for the CPU: its variant
+    assert main(["train", "--data", str(tmp_path), "device=cpu"]) == 0
+    assert main(["train", "--data", str(tmp_path), "--config", "folder", "--device", "cpu"]) == 0  # as asked
+    assert [c.freeze_stages for c in seen[2:]] == [5, 5, 0]
+
+
 @pytest.mark.slow
 def test_default_job_learns(tmp_path):
     """`udml train` with no preset argument: the Omniglot subset, and training clearly beats the untrained

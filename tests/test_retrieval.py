@@ -290,6 +290,7 @@ def test_train_on_an_unlabelled_folder(tmp_path, cub3, capsys):
         "lr=1e-3",
         "num_workers=0",
         "cache_images=false",
+        "freeze_stages=0",  # the CPU variant (folder_cpu) freezes Lite0's stages; smallconv has none
         "run_name=r",
     ]
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "runs"), "--device", "cpu", *small]) == 0

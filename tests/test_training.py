@@ -153,3 +153,38 @@ def test_supervised_ceiling_trains_on_the_true_labels(tmp_path):
     run = tmp_path / "sup"
     assert records(run, "cluster") == []  # no clustering at all
     assert len(records(run, "train")) == 2 and result["step"] > 0
+
+
+def test_a_time_budget_stops_training_cleanly_with_a_finished_model(tmp_path, udml_log):
+    """A schedule far too long for the budget: training stops at a step boundary with time left for the final
+    evaluation; the run folder holds a checkpoint and a model like any finished run, and the run resumes."""
+    import time
+
+    budget = 12
+    overrides = ["pseudo_epochs=100000", "recluster_every=5", "num_workers=0", "pictures=false", "device=cpu"]
+    cfg = make_config("digits", overrides + [f"time_budget={budget}s", f"out_dir={tmp_path}", "run_name=b"])
+    t = time.time()
+    result = train(cfg)
+    wall = time.time() - t
+    total = cfg.num_rounds() * cfg.iterations_per_round()
+    assert 0 < result["step"] < total
+    assert wall <= budget * 1.25 + 3, wall  # the closing evaluation was planned for, within its timing's noise
+    assert f"time budget {budget}s: about" in udml_log.text and "training stopped at step" in udml_log.text
+    run = tmp_path / "b"
+    assert (run / MODEL).exists() and load_model(run / MODEL) is not None
+    final = [r for r in records(run, "eval") if r.get("final")]
+    assert len(final) == 1 and final[0]["step"] == result["step"]
+    saved = ckpt.load(run / CHECKPOINT)
+    assert saved["step"] == result["step"]
+    # resumed with another budget, it goes on from the checkpoint's step
+    again = train(make_config(None, {**cfg.to_dict(), "time_budget": "6s"}), run_dir=run, resume=True)
+    assert again["step"] > result["step"]
+
+
+def test_time_budget_values():
+    from udml.config import parse_duration
+
+    assert [parse_duration(v) for v in ("90", "90s", "20m", "20 min", "1.5h")] == [90, 90, 1200, 1200, 5400]
+    for bad in ("soon", "-5m", "0"):
+        with pytest.raises(ValueError, match="is not a duration; write a positive number with a unit"):
+            make_config("digits", [f"time_budget={bad}"])

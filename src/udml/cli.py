@@ -18,9 +18,11 @@ FLOAT32_HELP = (
 def _train(args) -> int:
     cfg, resume_dir = _train_config(args)  # before importing torch: a bad argument is reported at once
     from . import distributed
-    from .training import log_to_console, train
+    from .training import log, log_to_console, train
 
     log_to_console()
+    if getattr(args, "picked", None):  # --data without --config: say which recipe, and how to get the other
+        log.info("%s", FOLDER_PRESET_NOTE[args.picked])
     try:
         train(cfg, run_dir=resume_dir, resume=resume_dir is not None)
     finally:
@@ -43,13 +45,40 @@ def _train_config(args):
         cfg = make_config(None, {**cfg.to_dict(), **overrides, **_flag_overrides(args)})
         check_paths(cfg)
         return cfg, run.path
-    # --data alone: a folder of the user's own images, with the folder preset
-    cfg = make_config(args.config or ("folder" if args.data else "omniglot_mini"), args.overrides and [*args.overrides])
+    # --data alone: a folder of the user's own images, with the folder preset, or its CPU variant without a GPU
+    overrides = dict(parse_override(o) for o in args.overrides)
+    cfg = _checked(args.config or ("folder" if args.data else "omniglot_mini"), overrides, args)
+    if args.data and not args.config:  # every argument checked: now torch may be imported to look for a GPU
+        device = str(cfg.device)
+        args.picked = "folder" if device.startswith("cuda") or (device == "auto" and _has_gpu()) else "folder_cpu"
+        if args.picked == "folder_cpu":
+            cfg = _checked("folder_cpu", overrides, args)
+    return cfg, None
+
+
+def _checked(preset: str, overrides: dict, args):
+    """The preset, the key=value overrides, then the command-line options; keys and folders checked."""
+    from .config import check_paths
+
+    cfg = make_config(preset, overrides)
     extra = _flag_overrides(args)
     if extra:
         cfg = make_config(None, {**cfg.to_dict(), **extra})
     check_paths(cfg)
-    return cfg, None
+    return cfg
+
+
+FOLDER_PRESET_NOTE = {
+    "folder_cpu": "no GPU in use: the folder_cpu preset (Lite0 with its first 5 stages frozen, one clustering, "
+    "a 20-minute time_budget; see README). For the GPU recipe: udml train --config folder --data DIR",
+    "folder": "the folder preset (METHOD.md's recipe on Lite0, a GPU job); on a CPU udml uses folder_cpu instead",
+}
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _flag_overrides(args) -> dict:
@@ -93,7 +122,10 @@ def _embed(args) -> int:
     from .retrieval import Embedder, embed_folder, save_embeddings
 
     embedder = Embedder.from_file(args.model, args.device or "auto", amp=not args.float32)
-    emb = embed_folder(embedder, args.folder, batch_size=args.batch_size, num_workers=args.workers, progress=True)
+    from .data import default_workers
+
+    workers = default_workers() if args.workers < 0 else args.workers
+    emb = embed_folder(embedder, args.folder, batch_size=args.batch_size, num_workers=workers, progress=True)
     save_embeddings(args.output, emb)
     skipped = f", {len(emb.skipped)} unreadable file(s) skipped" if emb.skipped else ""
     print(f"{len(emb.paths)} images embedded ({emb.embeddings.shape[1]}-d){skipped} -> {args.output}")
@@ -218,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train an embedding network without labels",
         description="Train by UDML-SS. With no arguments: the default job, a small convnet from "
-        "scratch on the Omniglot subset shipped inside the package (about 2.5 minutes on 2 CPU "
+        "scratch on the Omniglot subset shipped inside the package (under a minute on 2 CPU "
         "cores).",
         epilog="Several GPUs or machines: torchrun --nproc_per_node=N -m udml train ... "
         "(DistributedDataParallel; clusters_per_batch must be divisible by the number of "
@@ -258,7 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("folder", help="folder of images (any nesting); unreadable files are reported and skipped")
     m.add_argument("--output", "-o", required=True, help="embeddings file to write (.npz)")
     m.add_argument("--batch-size", type=int, default=64)
-    m.add_argument("--workers", type=int, default=0, help="image-decoding processes")
+    m.add_argument(
+        "--workers",
+        type=int,
+        default=-1,
+        help="image-decoding processes, beside the network (default -1: one per CPU core, at most 8; 0: none)",
+    )
     m.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     m.add_argument("--float32", action="store_true", help=FLOAT32_HELP)
     m.set_defaults(func=_embed)

@@ -43,7 +43,7 @@ class Config:
     freeze_bn: bool = True  # keep BatchNorm running statistics fixed while training
     grad_checkpointing: bool | None = None  # recompute activations in the backward pass (timm backbones): less
     # memory, more compute. null (auto): on when training on a CPU with freeze_bn, where a batch of 80 + 64
-    # images at 224 px otherwise holds about 10 GB of activations; off on GPUs
+    # images at 224 px otherwise holds about 10 GB of activations; off on GPUs and with freeze_stages >= 4
     freeze_stages: int = 0  # the backbone's stem and first N stages keep their weights (timm backbones with
     # `blocks`, e.g. EfficientNet): less compute and memory per step, fewer weights to move. On timm's EfficientNet
     # family they also keep their BatchNorm statistics and run without autograd, and their outputs for the
@@ -89,6 +89,9 @@ class Config:
     out_dir: str = "runs"
     pictures: bool = True  # retrieval grid, curves and t-SNE map written at the end of a run
     checkpoint_every: int = 1  # clustering rounds between checkpoints (the last round always writes one)
+    time_budget: str | None = None  # e.g. 20m, 90s, 1.5h: the whole `udml train` fits in it. Training stops at a
+    # step boundary when the final evaluation and model (timed from the start evaluation) would no longer fit,
+    # with a checkpoint and a finished model.pt; null: the schedule alone decides
     run_name: str | None = None
 
     def iterations_per_round(self) -> int:
@@ -124,6 +127,7 @@ RUNTIME_FIELDS = {
     "pictures",
     "grad_checkpointing",
     "frozen_cache_gb",
+    "time_budget",
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -234,6 +238,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _coerce(key: str, value: Any) -> Any:
     if key == "cache_images":
         return _cache_mode(value)
+    if key == "time_budget" and value is not None:
+        parse_duration(value, key)  # checked here, kept as written
+        return str(value)
     default = getattr(Config(), key)
     if value is None or default is None:
         return value
@@ -253,6 +260,25 @@ def _coerce(key: str, value: Any) -> Any:
     except (ValueError, KeyError):
         raise ValueError(f"configuration key {key!r}: {value!r} is not a valid {type(default).__name__}") from None
     return value
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(value: Any, key: str = "time_budget") -> float:
+    """Seconds of a duration written as 90, 90s, 20m, 20min or 1.5h."""
+    text = str(value).strip().lower()
+    unit = next((u for u in sorted(DURATION_UNITS, key=len, reverse=True) if text.endswith(u)), "")
+    try:
+        seconds = float(text[: len(text) - len(unit)].strip()) * DURATION_UNITS.get(unit, 1)
+    except ValueError:
+        seconds = -1
+    if not seconds > 0:
+        raise ValueError(
+            f"configuration key {key!r}: {value!r} is not a duration; write a positive number with a unit, for "
+            "example 90s, 20m or 1.5h (a bare number is seconds)"
+        )
+    return seconds
 
 
 def make_config(preset: str | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Config:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .clustering import assignment_nmi, kmeans
-from .config import RUNTIME_FIELDS, Config, default_num_clusters, save_config, validate
+from .config import RUNTIME_FIELDS, Config, default_num_clusters, parse_duration, save_config, validate
 from .data import ImageDataset, default_workers, make_loader, resize_for, stack, test_transform, train_transform
 from .datasets import load_split
 from .devices import Precision, precision_for, resolve_device
@@ -325,8 +325,11 @@ def frozen_cache_fits(model, precision: Precision, n_images: int, budget_gb: flo
     if not getattr(model, "frozen_stages", 0):
         return False
     size = model.image_size
+    was_training = model.training
+    model.eval()
     with torch.no_grad(), precision.autocast():
         probe = model.frozen_features(precision.layout(torch.zeros(2, 3, size, size, dtype=torch.uint8)))
+    model.train(was_training)
     gb = n_images * probe[0].numel() * probe.element_size() / 2**30
     if gb > budget_gb:
         log.info(
@@ -405,16 +408,19 @@ def model_is_finite(s: Session, probe_images: int = 16) -> bool:
     return bool(torch.isfinite(emb).all())
 
 
-def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, progress=None):
+def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, progress=None, stop=None):
     """One pass of the loader; returns (step, mean of each named loss term over the round, first bad step).
 
     Non-finite losses are tracked on the device (no host sync per step) and reported as the first bad step,
-    or -1; on the CPU the round stops at the first one. ``progress(step)`` is called after every step."""
+    or -1; on the CPU the round stops at the first one. ``progress(step)`` is called after every step; the round
+    ends early when ``stop()`` says so before a step (the time budget)."""
     label_dev = labels.to(s.device)
     sums, steps = {}, torch.zeros((), device=s.device)
     bad_step = torch.full((), -1, dtype=torch.long, device=s.device)
     s.model.train()
     for x, idx in loader:
+        if stop is not None and stop():
+            break
         x = x.to(s.device, non_blocking=True)
         y = label_dev[idx.to(s.device, non_blocking=True)]
         loss, terms = training_step(s.train_model, s.metric_loss, x, y, s.cfg, s.precision, distributed.world_size())
@@ -461,6 +467,8 @@ class Loop:
     bar: tqdm
     sampler: ClusterBatchSampler | None = None
     loader: torch.utils.data.DataLoader | None = None
+    deadline: float | None = None  # time.time() by which the whole run must be done (time_budget)
+    stopped: bool = False  # the time budget ended training before the schedule did
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
@@ -469,6 +477,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     The loop of DeepCluster's main: start or resume, then per round cluster, train, evaluate and checkpoint,
     then finish (final evaluation, model file, summary, pictures)."""
     validate(cfg)
+    started = time.time()
     device = distributed.init(resolve_device(cfg.device))  # joins the torchrun process group, if any
     run, state = open_run(cfg, run_dir, resume)
     cfg = resolve_num_clusters(cfg)
@@ -490,6 +499,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
             disable=None if run else True,
             mininterval=2.0,
         ),
+        deadline=started + parse_duration(cfg.time_budget) if cfg.time_budget else None,
     )
     _console.bar_drawn = not loop.bar.disable
     if state is None:
@@ -498,9 +508,33 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     else:
         loop.metrics.truncate_after(progress.rounds_done)
     for rnd in range(progress.rounds_done + 1, cfg.num_rounds() + 1):
+        loop.stopped = loop.stopped or over_budget(s, loop, loop.clock.cluster_seconds)  # a clustering must fit
+        if loop.stopped:
+            break
         run_round(s, loop, progress, rnd)
     loop.bar.close()
+    if loop.stopped:
+        log.info(
+            "time budget %s: training stopped at step %d of %d, leaving time for the final evaluation and model",
+            cfg.time_budget,
+            progress.step,
+            cfg.num_rounds() * cfg.iterations_per_round(),
+        )
     return finish(s, loop, progress)
+
+
+def over_budget(s: Session, loop: Loop, upcoming: float) -> bool:
+    """With a time budget: whether ``upcoming`` seconds of work, then the closing evaluation, model file and
+    pictures (timed by the start evaluation), would end past the deadline. Every process decides alike."""
+    if loop.deadline is None:
+        return False
+    late = time.time() + upcoming + closing_seconds(s, loop.clock) > loop.deadline
+    return distributed.any_true(late, s.device) if distributed.world_size() > 1 else late
+
+
+def closing_seconds(s: Session, clock: ScheduleClock) -> float:
+    """About how long finish() takes: the final evaluation, and with pictures one more embedding pass and a t-SNE."""
+    return clock.eval_seconds * (2 if s.cfg.pictures else 1) + (10.0 if s.cfg.pictures else 2.0)
 
 
 def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[RunDir | None, dict | None]:
@@ -630,14 +664,17 @@ def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
     loop.sampler.reset(progress.labels.numpy(), seed=round_seed)
     t = time.time()
     loop.clock.round_started(progress.step)
+    first_step = progress.step
     progress.step, means, bad = train_round(
         s,
         loop.loader,
         progress.labels,
         progress.step,
         loop.bar,
-        progress=functools.partial(report_progress, s, loop.clock, rnd),
+        progress=functools.partial(report_progress, s, loop, rnd),
+        stop=(lambda: over_budget(s, loop, loop.clock.step_seconds or 0.0)) if loop.deadline else None,
     )
+    loop.stopped = progress.step - first_step < cfg.iterations_per_round() and bad < 0
     if bad >= 0:
         raise non_finite(progress, loop.run, f"the loss became NaN or infinite at step {bad} (round {rnd})")
     loop.metrics.append(
@@ -650,7 +687,8 @@ def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
     )
     loop.bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k.endswith("loss")}, refresh=False)
 
-    if cfg.eval_every and rnd % cfg.eval_every == 0 and rnd != rounds and s.test_labels is not None:
+    due = cfg.eval_every and rnd % cfg.eval_every == 0 and rnd != rounds and s.test_labels is not None
+    if due and not loop.stopped and not over_budget(s, loop, loop.clock.eval_seconds):
         t = time.time()
         m = evaluate_model(s, with_pooled=False).get("embedding")
         if m is not None:
@@ -659,7 +697,7 @@ def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
             )
             log.info("step %6d (embedding) %s", progress.step, format_metrics(m))
 
-    if rnd % max(1, cfg.checkpoint_every) == 0 or rnd == rounds:
+    if rnd % max(1, cfg.checkpoint_every) == 0 or rnd == rounds or loop.stopped:
         if not model_is_finite(s):  # a checkpoint that only yields NaN would not be a good one
             raise non_finite(
                 progress,
@@ -737,8 +775,9 @@ def finish(s: Session, loop: Loop, progress: Progress) -> dict:
     return result
 
 
-def report_progress(s: Session, clock: ScheduleClock, rnd: int, step: int) -> None:
+def report_progress(s: Session, loop: Loop, rnd: int, step: int) -> None:
     """After a training step: the schedule's estimated duration once, then a progress line now and then."""
+    clock = loop.clock
     if clock.timed_steps(step):
         if s.device.type == "cuda":
             torch.cuda.synchronize(s.device)  # the steps were only queued
@@ -755,7 +794,9 @@ def report_progress(s: Session, clock: ScheduleClock, rnd: int, step: int) -> No
             clock.evaluations + 2,
             clock.eval_seconds,
         )
-        if s.device.type == "cpu" and total > 3600:
+        if loop.deadline is not None:
+            log.info("%s", budget_plan(s, loop, step))
+        elif s.device.type == "cpu" and total > 3600:
             rounds = clock.rounds_within(1800)
             log.warning(
                 "that is over an hour on the CPU. To shorten it: pseudo_epochs=%d (about 30 min at this "
@@ -767,6 +808,22 @@ def report_progress(s: Session, clock: ScheduleClock, rnd: int, step: int) -> No
     line = clock.progress_line(step, rnd)
     if line:
         log.info("%s", line, extra={"progress": True})
+
+
+def budget_plan(s: Session, loop: Loop, step: int) -> str:
+    """What fits in the time budget at the measured speeds."""
+    clock, cfg = loop.clock, s.cfg
+    left = loop.deadline - time.time() - closing_seconds(s, clock)
+    per_step = clock.step_seconds + clock.cluster_seconds / clock.iterations  # a clustering every round
+    total = cfg.num_rounds() * cfg.iterations_per_round()
+    fit = min(total, step + max(0, int(left // per_step)))
+    if fit >= total:
+        return f"time budget {cfg.time_budget}: the whole schedule fits ({format_duration(clock.total_seconds())})"
+    return (
+        f"time budget {cfg.time_budget}: about {fit} of the schedule's {total} steps and {-(-fit // clock.iterations)} "
+        f"clusterings fit; training stops then, leaving {format_duration(closing_seconds(s, clock))} for the "
+        "final evaluation and model"
+    )
 
 
 def training_step(model, metric_loss, x, y, cfg: Config, precision: Precision | None = None, world_size: int = 1):
