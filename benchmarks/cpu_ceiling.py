@@ -1,0 +1,226 @@
+"""udml against plain PyTorch on the CPU: the embedding pass and the training step, side by side in one process.
+
+    python benchmarks/cpu_ceiling.py --cub ../shared/data/CUB_200_2011          # Lite0 224 px and the smallconv
+
+For each model (EfficientNet-Lite0 at 224 px as the CPU recipe trains it, ``freeze_stages=5``; the default job's
+smallconv at 28 px), three ways of running the same network on the same real images, in alternating rounds
+(the median of ``--rounds`` is kept, so that a slow moment of the machine hits every column alike):
+
+- ``udml``: udml's own code path with its default precision (``amp=true``: bfloat16 autocast where the CPU has
+  native bfloat16, channels_last). Embedding pass: ``inference.extract`` over stacked uint8 images, as every
+  clustering and evaluation runs it. Training step: ``training.train_round`` over the P x M sampler and its
+  loader (data loading, augmentation, the two losses, backward, Adam).
+- ``ceiling``: plain PyTorch on the same model, batch, layout and precision, with nothing else: the backbone's
+  own ``forward`` on tensors already normalised in memory, then the heads; for training a forward of the batch
+  and its rotated copies, a simple loss, backward and Adam. What the hardware gives this network.
+- ``float32_nchw``: udml's code path with ``amp=false``: float32 in the NCHW layout, which is what udml ran on the
+  CPU before the fast path (issue #18).
+
+Writes ``benchmarks/results/cpu_ceiling.json`` (``--output``) and prints images/s and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+from udml.config import make_config  # noqa: E402
+from udml.data import make_loader  # noqa: E402
+from udml.devices import precision_for  # noqa: E402
+from udml.inference import extract  # noqa: E402
+from udml.losses import rotation_batch  # noqa: E402
+from udml.models import after_stages, stem_and_stages  # noqa: E402
+from udml.samplers import ClusterBatchSampler, one_per_cluster  # noqa: E402
+from udml.training import prepare, resolve_num_clusters, train_round  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def cub_folder(cub: Path, n: int) -> Path:
+    """A temporary folder of links to the first ``n`` of CUB's test images (classes 101-200), by class."""
+    root = Path(tempfile.mkdtemp(prefix="udml-ceiling-"))
+    classes = sorted(p for p in (cub / "images").iterdir() if int(p.name.split(".")[0]) >= 101)
+    done = 0
+    for c in classes:
+        (root / c.name).mkdir()
+        for f in sorted(c.iterdir()):
+            (root / c.name / f.name).symlink_to(f)
+            done += 1
+            if done == n:
+                return root
+    return root
+
+
+def setups(args) -> dict[str, list[str]]:
+    """{name: [preset, overrides...]}"""
+    rows = {}
+    if args.cub:
+        folder = cub_folder(Path(args.cub), args.images)
+        rows["efficientnet_lite0_224"] = [
+            "folder",
+            f"data_root={folder}",
+            "image_size=224",
+            "freeze_stages=5",
+            "rotation_images=8",
+            "num_clusters=16",
+        ]
+    rows["smallconv_28"] = ["omniglot_mini", "num_clusters=16"]
+    return rows
+
+
+def session(argv: list[str], amp: bool):
+    cfg = make_config(argv[0], argv[1:] + ["device=cpu", f"amp={str(amp).lower()}", "num_workers=2"])
+    cfg = resolve_num_clusters(cfg)
+    return prepare(cfg, torch.device("cpu"))
+
+
+def udml_embed(s, images: torch.Tensor) -> float:
+    t = time.perf_counter()
+    extract(s.model, images, batch_size=s.cfg.eval_batch_size, amp=s.cfg.amp, pooled=False)
+    return len(images) / (time.perf_counter() - t)
+
+
+def ceiling_embed(s, images: torch.Tensor) -> float:
+    """The backbone's own forward and the embedding head, on normalised float tensors, in parts of 32."""
+    p = precision_for("cpu", s.cfg.amp)
+    model = p.prepare(s.model.eval())
+    x = p.layout(model.normalize(images))
+    t = time.perf_counter()
+    with torch.no_grad(), p.autocast():
+        for part in x.split(32):
+            F.normalize(model.embedding(model.backbone(part).flatten(1).float()), dim=1)
+    return len(images) / (time.perf_counter() - t)
+
+
+def plain_pooled(model, x: torch.Tensor) -> torch.Tensor:
+    """The backbone on normalised images, with its frozen stages (if any) outside autograd, as anyone who
+    freezes layers in plain PyTorch would run it (timm's modules, called one after the other)."""
+    n = model.frozen_stages
+    if not n:
+        return model.backbone(x).flatten(1)
+    with torch.no_grad():
+        h = stem_and_stages(model.backbone, x, n)
+    return after_stages(model.backbone, h, n).flatten(1)
+
+
+class StepRunner:
+    """udml's training round of ``steps`` steps over the P x M sampler and its loader."""
+
+    def __init__(self, s, steps: int):
+        self.s, self.steps = s, steps
+        k = s.cfg.num_clusters
+        self.labels = torch.arange(len(s.aug)) % k
+        self.sampler = ClusterBatchSampler(
+            self.labels.numpy(), s.cfg.clusters_per_batch, s.cfg.images_per_cluster, steps, seed=0
+        )
+        self.loader = make_loader(s.aug, batch_sampler=self.sampler, num_workers=s.workers, persistent=True)
+        self.round = 0
+
+    def __call__(self) -> float:
+        self.round += 1
+        self.sampler.reset(self.labels.numpy(), seed=self.round)
+        t = time.perf_counter()
+        train_round(self.s, self.loader, self.labels, 0)
+        return self.steps / (time.perf_counter() - t)
+
+    def batch(self):
+        self.sampler.reset(self.labels.numpy(), seed=0)
+        return next(iter(self.loader))[0]
+
+
+def ceiling_step(s, batch: torch.Tensor, steps: int) -> float:
+    """Forward of the batch and its rotated copies through the backbone's own forward and the heads, a plain loss,
+    backward, Adam: per step, nothing else."""
+    cfg = s.cfg
+    p = precision_for("cpu", cfg.amp)
+    model = p.prepare(s.model)
+    model.train()
+    xr, yr = rotation_batch(one_per_cluster(batch, cfg.images_per_cluster)[: cfg.rotation_images])
+    x = p.layout(model.normalize(torch.cat([batch, xr])))
+    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-6)
+    n = len(batch)
+    t = time.perf_counter()
+    for _ in range(steps):
+        with p.autocast():
+            pooled = plain_pooled(model, x)
+        emb = F.normalize(model.embedding(pooled[:n].float()), dim=1)
+        loss = emb.square().mean() + F.cross_entropy(model.rotation(pooled[n:].float()), yr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps / (time.perf_counter() - t)
+
+
+def measure(name: str, argv: list[str], rounds: int, steps: int) -> dict:
+    sessions = {"udml": session(argv, True), "float32_nchw": session(argv, False)}
+    s = sessions["udml"]
+    images = s.train_plain if isinstance(s.train_plain, torch.Tensor) else None
+    if images is None:  # kept as a Dataset (frozen stages' outputs cached instead): stack a copy here
+        images = torch.stack([s.train_plain[i][0] for i in range(len(s.train_plain))])
+    runners = {k: StepRunner(v, steps) for k, v in sessions.items()}
+    batch = runners["udml"].batch()
+    ceiling = session(argv, True)
+    cols = {what: {"udml": [], "ceiling": [], "float32_nchw": []} for what in ("embed", "step")}
+    for r in range(rounds + 1):  # round 0 warms up
+        got = {
+            ("embed", "udml"): udml_embed(sessions["udml"], images),
+            ("embed", "ceiling"): ceiling_embed(ceiling, images),
+            ("embed", "float32_nchw"): udml_embed(sessions["float32_nchw"], images),
+            ("step", "udml"): runners["udml"](),
+            ("step", "ceiling"): ceiling_step(ceiling, batch, steps),
+            ("step", "float32_nchw"): runners["float32_nchw"](),
+        }
+        if r:
+            for (what, col), v in got.items():
+                cols[what][col].append(v)
+        print(f"  {name} round {r}: " + ", ".join(f"{w}/{c} {v:.2f}" for (w, c), v in got.items()), flush=True)
+    out = {"config": argv, "images": len(images), "precision": str(s.precision), "batch": len(batch)}
+    for what, unit in (("embed", "images_per_s"), ("step", "steps_per_s")):
+        med = {c: statistics.median(v) for c, v in cols[what].items()}
+        out[what] = {
+            unit: med,
+            "rounds": cols[what],
+            "udml_over_ceiling": med["udml"] / med["ceiling"],
+            "udml_over_float32_nchw": med["udml"] / med["float32_nchw"],
+        }
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cub", help="CUB_200_2011 root: also measure EfficientNet-Lite0 at 224 px on its images")
+    ap.add_argument("--images", type=int, default=256, help="CUB test images to embed (default 256)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="training steps per round")
+    ap.add_argument("--output", type=Path, default=HERE / "results" / "cpu_ceiling.json")
+    args = ap.parse_args()
+    results = {"machine": machine(), "models": {}}
+    for name, argv in setups(args).items():
+        results["models"][name] = measure(name, argv, args.rounds, args.steps)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{'model':24} {'':6} {'udml':>9} {'ceiling':>9} {'fp32 NCHW':>10} {'udml/ceiling':>13} {'udml/fp32':>10}")
+    for name, r in results["models"].items():
+        for what, unit in (("embed", "images_per_s"), ("step", "steps_per_s")):
+            m = r[what][unit]
+            print(
+                f"{name:24} {what:6} {m['udml']:9.2f} {m['ceiling']:9.2f} {m['float32_nchw']:10.2f} "
+                f"{r[what]['udml_over_ceiling']:13.2f} {r[what]['udml_over_float32_nchw']:10.2f}"
+            )
+    print(f"(images/s for embed, steps/s for step; udml's precision: {r['precision']}) -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
