@@ -108,3 +108,21 @@ def test_default_job_learns(tmp_path):
     assert final["recall@1"] > start["recall@1"] + 0.15
     assert final["nmi"] > max(start["nmi"], pooled["nmi"]) and final["map@r"] > max(start["map@r"], pooled["map@r"])
     assert (run / "model.pt").exists()
+
+
+def test_key_value_overrides_may_follow_options(monkeypatch, tmp_path, capsys):
+    """`udml train --out DIR lr=1e-4` and `udml train lr=1e-4 --out DIR` mean the same; other stray words are
+    still errors."""
+    import udml.training
+
+    seen = []
+    monkeypatch.setattr(udml.training, "train", lambda cfg, **kw: seen.append(cfg))
+    assert main(["train", "--out", str(tmp_path), "run_name=a", "lr=0.002"]) == 0
+    assert main(["train", "run_name=a", "--out", str(tmp_path), "lr=0.002"]) == 0
+    assert seen[0].to_dict() == seen[1].to_dict()
+    assert (seen[0].run_name, seen[0].lr, seen[0].out_dir) == ("a", 0.002, str(tmp_path))
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["embed", "pretrained:x", str(tmp_path), "-o", "x.npz", "lr=1"])  # only train takes key=value

@@ -81,6 +81,10 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _is_override(word: str) -> bool:
+    return not word.startswith("-") and "=" in word
+
+
 def _flag_overrides(args) -> dict:
     out = {}
     if getattr(args, "data", None):
@@ -409,7 +413,14 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse takes a subcommand's positionals in one run, so `udml train --out DIR lr=1e-4` would leave lr=1e-4
+    # unrecognised: key=value words found after an option are the train command's overrides too.
+    args, rest = parser.parse_known_args(argv)
+    if rest and getattr(args, "command", None) == "train" and all(_is_override(w) for w in rest):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
     except Exception as e:  # noqa: BLE001 - sorted below: expected ones become one line, the rest is re-raised
