@@ -94,7 +94,7 @@ def precision_for(device: torch.device | str, amp: bool = True) -> Precision:
         bf16 = cuda_has_native_bf16(device)
     elif device.type == "cpu":
         bf16 = cpu_has_native_bf16()
-    else:  # mps and others: float32, channels_last only where it is known to help
+    else:  # mps and others: float32 NCHW, not measured there
         return Precision(device.type)
     return Precision(device.type, torch.bfloat16 if bf16 else torch.float32, channels_last=True)
 

@@ -324,12 +324,9 @@ def frozen_cache_fits(model, precision: Precision, n_images: int, budget_gb: flo
     """Whether the frozen stages' outputs of ``n_images`` test-transformed images fit ``budget_gb``; says so."""
     if not getattr(model, "frozen_stages", 0):
         return False
-    size = model.image_size
-    was_training = model.training
-    model.eval()
+    size = model.image_size  # the frozen stages are in eval mode from construction on (UDMLNet): no state changes
     with torch.no_grad(), precision.autocast():
         probe = model.frozen_features(precision.layout(torch.zeros(2, 3, size, size, dtype=torch.uint8)))
-    model.train(was_training)
     gb = n_images * probe[0].numel() * probe.element_size() / 2**30
     if gb > budget_gb:
         log.info(
