@@ -8,13 +8,18 @@ smallconv at 28 px), three ways of running the same network on the same real ima
 
 - ``udml``: udml's own code path with its default precision (``amp=true``: bfloat16 autocast where the CPU has
   native bfloat16, channels_last). Embedding pass: ``inference.extract`` over stacked uint8 images, as every
-  clustering and evaluation runs it. Training step: ``training.train_round`` over the P x M sampler and its
-  loader (data loading, augmentation, the two losses, backward, Adam).
+  clustering and evaluation runs it. Training step, two ways: ``step`` is ``training.train_round`` over the
+  P x M sampler and its loader (data loading and augmentation included, the two losses, backward, Adam);
+  ``step_only`` is ``training.training_step`` (both tasks' forward, the two losses), backward and Adam on a batch
+  already loaded, which is what the ceiling does.
 - ``ceiling``: plain PyTorch on the same model, batch, layout and precision, with nothing else: the backbone's
   own ``forward`` on tensors already normalised in memory, then the heads; for training a forward of the batch
   and its rotated copies, a simple loss, backward and Adam. What the hardware gives this network.
 - ``float32_nchw``: udml's code path with ``amp=false``: float32 in the NCHW layout, which is what udml ran on the
   CPU before the fast path (issue #18).
+
+The process runs with udml's CPU allocator setting (``devices.keep_freed_memory``) unless
+``UDML_CPU_KEEP_MEMORY=0``; it applies to every column alike.
 
 Writes ``benchmarks/results/cpu_ceiling.json`` (``--output``) and prints images/s and the ratios.
 """
@@ -35,14 +40,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
+from udml import distributed  # noqa: E402
 from udml.config import make_config  # noqa: E402
 from udml.data import make_loader  # noqa: E402
-from udml.devices import precision_for  # noqa: E402
+from udml.devices import keep_freed_memory, precision_for  # noqa: E402
 from udml.inference import extract  # noqa: E402
 from udml.losses import rotation_batch  # noqa: E402
 from udml.models import after_stages, stem_and_stages  # noqa: E402
 from udml.samplers import ClusterBatchSampler, one_per_cluster  # noqa: E402
-from udml.training import prepare, resolve_num_clusters, train_round  # noqa: E402
+from udml.training import prepare, resolve_num_clusters, train_round, training_step  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -66,7 +72,7 @@ def setups(args) -> dict[str, list[str]]:
     """{name: [preset, overrides...]}"""
     rows = {}
     if args.cub:
-        folder = cub_folder(Path(args.cub), args.images)
+        folder = cub_folder(Path(args.cub).resolve(), args.images)
         rows["efficientnet_lite0_224"] = [
             "folder",
             f"data_root={folder}",
@@ -135,8 +141,23 @@ class StepRunner:
         return self.steps / (time.perf_counter() - t)
 
     def batch(self):
+        """(images, pseudo-labels) of one batch as the loader gives it."""
         self.sampler.reset(self.labels.numpy(), seed=0)
-        return next(iter(self.loader))[0]
+        x, idx = next(iter(self.loader))
+        return x, self.labels[idx]
+
+
+def udml_step(s, batch: tuple, steps: int) -> float:
+    """udml's training step on a batch already loaded: training_step (both tasks, both losses), backward, Adam."""
+    x, y = batch
+    s.model.train()
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss, _ = training_step(s.train_model, s.metric_loss, x, y, s.cfg, s.precision, distributed.world_size())
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        s.optimizer.step()
+    return steps / (time.perf_counter() - t)
 
 
 def ceiling_step(s, batch: torch.Tensor, steps: int) -> float:
@@ -172,29 +193,32 @@ def measure(name: str, argv: list[str], rounds: int, steps: int) -> dict:
     batch = runners["udml"].batch()
     ceiling = session(argv, True)
     cols = {what: {"udml": [], "ceiling": [], "float32_nchw": []} for what in ("embed", "step")}
+    cols["step_only"] = {"udml": [], "ceiling": []}
     for r in range(rounds + 1):  # round 0 warms up
         got = {
             ("embed", "udml"): udml_embed(sessions["udml"], images),
             ("embed", "ceiling"): ceiling_embed(ceiling, images),
             ("embed", "float32_nchw"): udml_embed(sessions["float32_nchw"], images),
             ("step", "udml"): runners["udml"](),
-            ("step", "ceiling"): ceiling_step(ceiling, batch, steps),
+            ("step", "ceiling"): ceiling_step(ceiling, batch[0], steps),
             ("step", "float32_nchw"): runners["float32_nchw"](),
+            ("step_only", "udml"): udml_step(sessions["udml"], batch, steps),
         }
+        got[("step_only", "ceiling")] = got[("step", "ceiling")]
         if r:
             for (what, col), v in got.items():
                 cols[what][col].append(v)
         print(f"  {name} round {r}: " + ", ".join(f"{w}/{c} {v:.2f}" for (w, c), v in got.items()), flush=True)
-    out = {"config": argv, "images": len(images), "precision": str(s.precision), "batch": len(batch)}
-    for what, unit in (("embed", "images_per_s"), ("step", "steps_per_s")):
+    out = {"config": argv, "images": len(images), "precision": str(s.precision), "batch": len(batch[0])}
+    for what, unit in UNITS:
         med = {c: statistics.median(v) for c, v in cols[what].items()}
-        out[what] = {
-            unit: med,
-            "rounds": cols[what],
-            "udml_over_ceiling": med["udml"] / med["ceiling"],
-            "udml_over_float32_nchw": med["udml"] / med["float32_nchw"],
-        }
+        out[what] = {unit: med, "rounds": cols[what], "udml_over_ceiling": med["udml"] / med["ceiling"]}
+        if "float32_nchw" in med:
+            out[what]["udml_over_float32_nchw"] = med["udml"] / med["float32_nchw"]
     return out
+
+
+UNITS = (("embed", "images_per_s"), ("step", "steps_per_s"), ("step_only", "steps_per_s"))
 
 
 def main() -> int:
@@ -205,20 +229,24 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5, help="training steps per round")
     ap.add_argument("--output", type=Path, default=HERE / "results" / "cpu_ceiling.json")
     args = ap.parse_args()
-    results = {"machine": machine(), "models": {}}
+    results = {"machine": machine(), "cpu_allocator_keeps_freed_memory": keep_freed_memory(), "models": {}}
     for name, argv in setups(args).items():
         results["models"][name] = measure(name, argv, args.rounds, args.steps)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{'model':24} {'':6} {'udml':>9} {'ceiling':>9} {'fp32 NCHW':>10} {'udml/ceiling':>13} {'udml/fp32':>10}")
+    print(f"\n{'model':24} {'':9} {'udml':>9} {'ceiling':>9} {'fp32 NCHW':>10} {'udml/ceiling':>13} {'udml/fp32':>10}")
     for name, r in results["models"].items():
-        for what, unit in (("embed", "images_per_s"), ("step", "steps_per_s")):
-            m = r[what][unit]
+        for what, unit in UNITS:
+            m, ratio = r[what][unit], r[what].get("udml_over_float32_nchw")
+            fp32 = f"{m['float32_nchw']:10.2f}" if "float32_nchw" in m else f"{'':10}"
             print(
-                f"{name:24} {what:6} {m['udml']:9.2f} {m['ceiling']:9.2f} {m['float32_nchw']:10.2f} "
-                f"{r[what]['udml_over_ceiling']:13.2f} {r[what]['udml_over_float32_nchw']:10.2f}"
+                f"{name:24} {what:9} {m['udml']:9.2f} {m['ceiling']:9.2f} {fp32} "
+                f"{r[what]['udml_over_ceiling']:13.2f} {'' if ratio is None else f'{ratio:10.2f}'}"
             )
-    print(f"(images/s for embed, steps/s for step; udml's precision: {r['precision']}) -> {args.output}")
+    print(
+        f"(images/s for embed, steps/s for step; udml's precision: {r['precision']}; step: with the loader, "
+        f"step_only: on a loaded batch) -> {args.output}"
+    )
     return 0
 
 
