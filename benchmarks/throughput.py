@@ -158,7 +158,7 @@ def main() -> None:
     print(f"(a) ceiling, bare forward+backward: {a:.2f} it/s")
 
     t = time.perf_counter()
-    labels, _, _ = cluster(s, None, seed=cfg.seed)
+    labels, _, _, _ = cluster(s, None, seed=cfg.seed)
     sync()
     first_cluster_s = time.perf_counter() - t
     sampler = ClusterBatchSampler(labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster, iters, seed=1)

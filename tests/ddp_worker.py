@@ -37,7 +37,7 @@ def main(out: str) -> None:
     )
     s = prepare(cfg, distributed.init(torch.device("cpu")))
     _, emb = extract_all(s, s.train_plain, pooled=False)
-    labels, _, _ = cluster(s, None, seed=3)
+    labels, _, _, _ = cluster(s, None, seed=3)
     sampler = ClusterBatchSampler(
         labels.numpy(),
         cfg.clusters_per_batch,

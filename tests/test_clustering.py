@@ -287,3 +287,24 @@ def test_spherical_kmeans_ignores_the_lengths_of_the_rows(backend):
     a = kmeans(x, 8, seed=5, backend=backend, spherical=True)
     b = kmeans(x * scale, 8, seed=5, backend=backend, spherical=True)
     assert torch.equal(a.labels, b.labels)
+
+
+def test_confident_members_keep_each_clusters_images_nearest_its_centre_as_a_loop_does():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(300, 16, generator=gen), dim=1)
+    result = kmeans(x, 12, niter=10, seed=0, backend="torch", spherical=True)
+    labels, centroids = result.labels, result.centroids
+    for fraction, at_least in ((0.5, 1), (0.3, 5), (1.0, 1), (0.01, 3)):
+        keep = clustering.confident_members(x, labels, centroids, fraction, at_least)
+        expected = torch.zeros(len(x), dtype=torch.bool)
+        c = torch.nn.functional.normalize(centroids, dim=1)
+        for k in range(len(c)):
+            members = torch.nonzero(labels == k).flatten().tolist()
+            similarity = {i: float(x[i] @ c[k]) for i in members}
+            quota = max(at_least, int(np.ceil(len(members) * fraction)))
+            for i in sorted(members, key=lambda i: -similarity[i])[:quota]:
+                expected[i] = True
+        assert torch.equal(keep, expected), (fraction, at_least)
+    assert clustering.confident_members(x, labels, centroids, 0.5).sum() < len(x)
+    with pytest.raises(ValueError, match="confident_fraction must be in"):
+        clustering.confident_members(x, labels, centroids, 0.0)

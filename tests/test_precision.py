@@ -208,6 +208,28 @@ def test_the_frozen_part_runs_without_autograd_and_its_statistics_stay_fixed():
     assert all(p.grad is not None for p in net.blocks[5:].parameters())
 
 
+@pytest.mark.parametrize("frozen", [5, 0])
+def test_train_float32_runs_the_trained_layers_in_float32_under_bfloat16_autocast(frozen):
+    """train_float32: the layers that train compute in float32 (their outputs and weight gradients), the frozen
+    stages keep bfloat16; without it everything under autocast computes in bfloat16."""
+    cfg = make_config("folder", [f"freeze_stages={frozen}", "pretrained=false", "grad_checkpointing=false"])
+    model = build_model(cfg, "cpu")
+    model.train()
+    net, seen = model.backbone, {}
+    net.blocks[4].register_forward_hook(lambda m, i, o: seen.update(stage5=o.dtype))
+    net.conv_head.register_forward_hook(lambda m, i, o: seen.update(head=o.dtype))
+    x = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    for f32 in (False, True):
+        with BF16_CL.autocast():
+            emb, logits = model(BF16_CL.layout(x), BF16_CL.layout(x), trained_float32=f32)
+        (emb.sum() + logits.sum()).backward()
+        trained = torch.float32 if f32 else torch.bfloat16
+        assert seen == {"stage5": trained if frozen == 0 else torch.bfloat16, "head": trained}
+        assert emb.dtype == logits.dtype == torch.float32  # the heads are float32 either way
+        assert net.conv_head.weight.grad is not None and torch.isfinite(net.conv_head.weight.grad).all()
+        model.zero_grad()
+
+
 def test_a_run_with_the_frozen_outputs_kept_equals_one_that_recomputes_them(tmp_path, cub_eight, udml_log):
     from conftest import shared_data
 

@@ -48,3 +48,12 @@ def test_ranks_split_each_global_batch_without_overlap():
 def test_too_few_clusters_is_a_clear_error():
     with pytest.raises(ValueError, match="non-empty clusters but clusters_per_batch"):
         ClusterBatchSampler(np.array([0, 0, 1, 1, 5, 5]), 4, 2, 1)
+
+
+def test_images_labelled_minus_one_are_never_drawn():
+    labels = np.repeat(np.arange(6), 10)
+    labels[::3] = -1  # left out of the round (confident_fraction)
+    sampler = ClusterBatchSampler(labels, clusters_per_batch=4, images_per_cluster=3, num_batches=50, seed=1)
+    drawn = {i for batch in sampler for i, _ in batch}
+    assert drawn and all(labels[i] >= 0 for i in drawn)
+    assert len(sampler.members) == 6

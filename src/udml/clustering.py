@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import KMEANS_BACKENDS
 
@@ -142,6 +143,33 @@ def kmeans(
             stacklevel=2,
         )
     return result
+
+
+def confident_members(
+    features: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, fraction: float, at_least: int = 1
+) -> torch.Tensor:
+    """Bool mask [N]: in each cluster the ``fraction`` of its members most similar to its centre (cosine; the
+    features L2-normalised), at least ``at_least`` of them (or all when the cluster is smaller).
+
+    The pseudo-labels of images far from their centre are the likeliest to be wrong; leaving them out of a round's
+    batches is the simplest form of the confidence selection of ROUL and STML. ``fraction=1`` keeps every image."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if fraction >= 1:
+        return torch.ones(len(labels), dtype=torch.bool)
+    if not 0 < fraction:
+        raise ValueError(f"confident_fraction must be in (0, 1], got {fraction}")
+    f = F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1)
+    c = F.normalize(torch.as_tensor(centroids, dtype=torch.float32), dim=1)
+    similarity = (f * c[labels]).sum(1)
+    keep = torch.zeros(len(labels), dtype=torch.bool)
+    order = torch.argsort(labels.double() * 4 - similarity.double(), stable=True)  # by cluster, most similar first
+    sorted_labels = labels[order]
+    sizes = torch.bincount(labels, minlength=len(c))
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(len(labels)) - starts[sorted_labels]  # position inside its cluster
+    quota = torch.clamp(torch.ceil(sizes.float() * fraction).long(), min=at_least)
+    keep[order] = rank < quota[sorted_labels]
+    return keep
 
 
 def assignment_nmi(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:

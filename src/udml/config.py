@@ -55,6 +55,8 @@ class Config:
     num_clusters: int | None = 100  # K; null = default_num_clusters(N training images): N / 50, clipped
     kmeans_iters: int = 20
     kmeans_backend: str = "auto"  # auto | faiss | torch
+    confident_fraction: float = 1.0  # each round's batches draw from this fraction of each cluster's images, those
+    # nearest its centre (at least M); 1 = all
     recluster_init: str = "warm"  # warm: start from the previous clusters' centres; fresh: k-means++ each time
 
     # batches and losses
@@ -86,6 +88,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # the network in bfloat16 autocast where the device computes it natively (CUDA; CPUs with
     # AVX512-BF16 or AMX), channels_last on CPU and CUDA; false: float32 NCHW, bit-stable (udml.devices)
+    train_float32: bool = False  # the trained layers (those after freeze_stages, or all) run in float32 in the
+    # training step even where amp runs the network in bfloat16; the frozen stages and every embedding pass keep amp
     out_dir: str = "runs"
     pictures: bool = True  # retrieval grid, curves and t-SNE map written at the end of a run
     checkpoint_every: int = 1  # clustering rounds between checkpoints (the last round always writes one)
@@ -335,6 +339,10 @@ def validate(cfg: Config) -> None:
     need(cfg.freeze_stages >= 0, f"freeze_stages must be 0 (train everything) or more, got {cfg.freeze_stages}")
     need(cfg.frozen_cache_gb >= 0, f"frozen_cache_gb must be 0 (never keep) or more, got {cfg.frozen_cache_gb}")
     need(cfg.pseudo_epochs >= 1 and cfg.recluster_every >= 1, "pseudo_epochs and recluster_every must be at least 1")
+    need(
+        0 < cfg.confident_fraction <= 1,
+        f"confident_fraction must be in (0, 1] (1 = every image of a cluster), got {cfg.confident_fraction}",
+    )
     need(0 < cfg.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {cfg.crop_scale_min}")
     need(
         len(cfg.recall_ks) > 0 and all(int(k) >= 1 for k in cfg.recall_ks),

@@ -295,9 +295,18 @@ class UDMLNet(nn.Module):
     def pooled_from_frozen(self, h: torch.Tensor) -> torch.Tensor:
         return after_stages(self.backbone, h, self.frozen_stages).flatten(1)
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+    def pooled(self, x: torch.Tensor, trained_float32: bool = False) -> torch.Tensor:
+        """Pooled features; ``trained_float32``: the layers that train (those after the frozen stages, or all of
+        them) run in float32 even under bfloat16 autocast, while the frozen stages keep the autocast."""
         if self.frozen_stages:
-            return self.pooled_from_frozen(self.frozen_features(x))
+            h = self.frozen_features(x)
+            if trained_float32:
+                with torch.autocast(h.device.type, enabled=False):
+                    return self.pooled_from_frozen(h.float())
+            return self.pooled_from_frozen(h)
+        if trained_float32:
+            with torch.autocast(x.device.type, enabled=False):
+                return self.backbone(self.normalize(x)).flatten(1)
         return self.backbone(self.normalize(x)).flatten(1)
 
     def embed(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -309,15 +318,23 @@ class UDMLNet(nn.Module):
         with torch.autocast(pooled.device.type, enabled=False):
             return self.rotation(pooled.float())
 
-    def forward(self, x: torch.Tensor, rotated: torch.Tensor | None = None, separate: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotated: torch.Tensor | None = None,
+        separate: bool = False,
+        trained_float32: bool = False,
+    ):
         """Embeddings of ``x``; with ``rotated`` images also their rotation logits (the training step: one
         forward() call is what DistributedDataParallel synchronises). One backbone pass over both, or with
-        ``separate`` two passes, so that trained BatchNorm layers normalise each with its own statistics."""
+        ``separate`` two passes, so that trained BatchNorm layers normalise each with its own statistics.
+        ``trained_float32``: see :meth:`pooled`."""
+        f32 = trained_float32
         if rotated is None:
-            return self.embed(self.pooled(x))
+            return self.embed(self.pooled(x, f32))
         if separate:
-            return self.embed(self.pooled(x)), self.rotation_logits(self.pooled(rotated))
-        pooled = self.pooled(torch.cat([x, rotated]))
+            return self.embed(self.pooled(x, f32)), self.rotation_logits(self.pooled(rotated, f32))
+        pooled = self.pooled(torch.cat([x, rotated]), f32)
         return self.embed(pooled[: len(x)]), self.rotation_logits(pooled[len(x) :])
 
 

@@ -46,10 +46,12 @@ class ClusterBatchSampler(torch.utils.data.Sampler):
         self.reset(labels, seed)
 
     def reset(self, labels, seed: int) -> None:
-        """New pseudo-labels (after a clustering) and a new seed; takes effect at the next iteration."""
+        """New pseudo-labels (after a clustering) and a new seed; takes effect at the next iteration. Images
+        labelled -1 belong to no cluster and are never drawn."""
         labels = np.asarray(labels)
-        _, inverse = np.unique(labels, return_inverse=True)
-        order = np.argsort(inverse, kind="stable")
+        drawn = np.flatnonzero(labels >= 0)
+        _, inverse = np.unique(labels[drawn], return_inverse=True)
+        order = drawn[np.argsort(inverse, kind="stable")]
         self.members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
         if len(self.members) < self.P:
             raise ValueError(

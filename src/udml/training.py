@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .clustering import assignment_nmi, kmeans
+from .clustering import assignment_nmi, confident_members, kmeans
 from .config import RUNTIME_FIELDS, Config, default_num_clusters, parse_duration, save_config, validate
 from .data import ImageDataset, default_workers, make_loader, resize_for, stack, test_transform, train_transform
 from .datasets import load_split
@@ -342,8 +342,9 @@ def frozen_cache_fits(model, precision: Precision, n_images: int, budget_gb: flo
 
 
 def cluster(s: Session, previous: torch.Tensor | None, seed: int):
-    """Pseudo-labels: features in eval mode with the test transform, then cosine k-means; returns (labels,
-    k-means result, stats).
+    """Pseudo-labels: features in eval mode with the test transform, then cosine k-means; returns (labels, the
+    confident images' mask, k-means result, stats). The mask (all True with ``confident_fraction=1``) says which
+    images this round's batches draw from (clustering.confident_members).
 
     Every clustering works in one geometry, that of the evaluation: L2-normalised features, spherical k-means.
     The first clustering uses the pretrained pooled features (k-means++); later ones the embeddings,
@@ -371,8 +372,14 @@ def cluster(s: Session, previous: torch.Tensor | None, seed: int):
         )
         stats = cluster_stats(result, previous, cfg.images_per_cluster, s.train_labels)
         labels = torch.as_tensor(result.labels, dtype=torch.long)
-    labels = distributed.broadcast(labels, like=torch.empty(len(features), dtype=torch.long, device=features.device))
-    return labels.cpu(), result, stats
+        keep = confident_members(
+            features.cpu(), labels, result.centroids, cfg.confident_fraction, cfg.images_per_cluster
+        )
+        stats["confident"], stats["confident_only"] = int(keep.sum()), bool(not keep.all())
+        labels = torch.stack([labels, keep.long()]).to(features.device)
+    labels = distributed.broadcast(labels, like=torch.empty(2, len(features), dtype=torch.long, device=features.device))
+    labels = labels.cpu()
+    return labels[0], labels[1].bool(), result, stats
 
 
 def cluster_stats(
@@ -633,9 +640,10 @@ def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
         if s.aug.labels is None:
             raise ValueError("supervised=true needs a labelled training split; this one has no labels")
         progress.labels = torch.as_tensor(s.aug.labels)
+        keep = None
     else:
         try:
-            progress.labels, result, stats = cluster(s, progress.labels, seed=cfg.seed + rnd)
+            progress.labels, keep, result, stats = cluster(s, progress.labels, seed=cfg.seed + rnd)
         except NonFiniteError as e:  # weights blown up by the last steps, loss still finite
             raise non_finite(
                 progress, loop.run, f"{e} after step {progress.step} (at the clustering of round {rnd})"
@@ -658,7 +666,9 @@ def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
         loop.loader = make_loader(
             s.aug, batch_sampler=loop.sampler, num_workers=s.workers, device=s.device, persistent=True
         )
-    loop.sampler.reset(progress.labels.numpy(), seed=round_seed)
+    # images left out of this round's batches (confident_fraction) get the sampler's "no cluster" label -1
+    drawn = progress.labels if keep is None else torch.where(keep, progress.labels, -1)
+    loop.sampler.reset(drawn.numpy(), seed=round_seed)
     t = time.time()
     loop.clock.round_started(progress.step)
     first_step = progress.step
@@ -726,6 +736,11 @@ def describe_clusters(stats: dict) -> str:
         f"smaller than M, {stats['n_reseeded']} re-seeded, NMI to previous "
         + ("-" if stats["nmi_previous"] is None else f"{stats['nmi_previous']:.3f}")
         + ("" if nmi_true is None else f", to the true classes {nmi_true:.3f} (diagnostic)")
+        + (
+            f", batches drawn from the {stats['confident']} most confident images"
+            if stats.get("confident_only")
+            else ""
+        )
     )
 
 
@@ -841,9 +856,9 @@ def training_step(model, metric_loss, x, y, cfg: Config, precision: Precision | 
                 one_per_cluster(x, cfg.images_per_cluster)[: max(1, cfg.rotation_images // world_size)]
             )
             xr = precision.layout(xr)
-            emb, logits = model(x, xr, separate=cfg.rotation_pass == "separate")
+            emb, logits = model(x, xr, separate=cfg.rotation_pass == "separate", trained_float32=cfg.train_float32)
         else:
-            emb = model(x)
+            emb = model(x, trained_float32=cfg.train_float32)
     metric = metric_loss(emb.float(), y)
     terms = {"metric_loss": metric.detach() / world_size}
     if not rotate:
