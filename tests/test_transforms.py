@@ -1,31 +1,89 @@
-"""The two random-crop rules of the training transform."""
+"""The training transform (udml.data.TrainCrop): torchvision's Resize -> RandomResizedCrop -> flip -> tensor in one
+resampling, checked against torchvision itself; and the two random-crop rules."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from udml.data import ClampedRandomResizedCrop, train_transform
+from udml.data import TrainCrop, crop_box, train_transform
+
+SCALE, RATIO = (0.16, 1.0), (3 / 4, 4 / 3)
+
+
+def boxes(rule: str, size, n: int = 3000):
+    gen = torch.Generator().manual_seed(0)
+    return [crop_box(size[0], size[1], SCALE, RATIO, rule, torch.rand(22, generator=gen).tolist()) for _ in range(n)]
+
+
+def mean_area(bs, size) -> float:
+    return sum(h * w for _, _, h, w in bs) / len(bs) / (size[0] * size[1])
+
+
+@pytest.mark.parametrize("size", [(384, 256), (256, 384), (300, 300), (900, 200)])
+def test_the_torchvision_rule_draws_boxes_as_torchvisions_random_resized_crop(size):
+    ours = boxes("torchvision", size)
+    torch.manual_seed(0)
+    img = Image.new("RGB", size)
+    theirs = [T.RandomResizedCrop.get_params(img, SCALE, RATIO) for _ in range(3000)]
+    for i, j, h, w in ours:
+        assert 0 <= i <= size[1] - h and 0 <= j <= size[0] - w and h >= 1 and w >= 1
+    for k in (2, 3):  # heights, widths: the same distribution (3,000 draws each)
+        a, b = np.array([x[k] for x in ours]), np.array([x[k] for x in theirs])
+        assert abs(a.mean() - b.mean()) < 0.04 * b.mean() and abs(a.std() - b.std()) < 0.06 * b.std()
+    assert abs(mean_area(ours, size) - mean_area(theirs, size)) < 0.015
 
 
 @pytest.mark.parametrize("size", [(384, 256), (256, 384), (300, 300)])
 def test_clamped_crop_boxes_lie_in_the_image_and_are_larger_than_torchvisions(size):
-    img = Image.new("RGB", size)
     areas = {}
-    for rule in (T.RandomResizedCrop, ClampedRandomResizedCrop):
-        torch.manual_seed(0)
-        boxes = [rule.get_params(img, (0.16, 1.0), (3 / 4, 4 / 3)) for _ in range(3000)]
-        for i, j, h, w in boxes:
+    for rule in ("torchvision", "clamped"):
+        bs = boxes(rule, size)
+        for i, j, h, w in bs:
             assert 0 <= i <= size[1] - h and 0 <= j <= size[0] - w and h >= 1 and w >= 1
-        areas[rule] = sum(h * w for _, _, h, w in boxes) / len(boxes) / (size[0] * size[1])
+        areas[rule] = mean_area(bs, size)
     # expected area fraction without any rejection: E[scale] = 0.58, less what the clamp cuts off
-    assert 0.50 < areas[ClampedRandomResizedCrop] < 0.58
+    assert 0.50 < areas["clamped"] < 0.58
     if size[0] != size[1]:  # torchvision's redraws favour small boxes on non-square images
-        assert areas[T.RandomResizedCrop] < areas[ClampedRandomResizedCrop] - 0.05
+        assert areas["torchvision"] < areas["clamped"] - 0.05
 
 
-def test_train_transform_crop_rule():
+def photo(size=(300, 200)) -> Image.Image:
+    """A smooth real-looking test image (gradients and a disc), so that resampling differences stay small."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    r = ((x - w / 2) ** 2 + (y - h / 3) ** 2) < (h / 4) ** 2
+    a = np.stack([x * 255 / w, y * 255 / h, 128 + 100 * r], axis=2)
+    return Image.fromarray(a.astype(np.uint8))
+
+
+@pytest.mark.parametrize("source", [(300, 200), (200, 300), (73, 64)])
+def test_one_resampling_gives_the_pixels_of_torchvisions_four_transforms(source, monkeypatch):
+    """Same box: TrainCrop's single resampling against Resize -> crop -> resize -> flip -> PILToTensor."""
+    img, size, resize = photo(source), 64, 73
+    crop = TrainCrop(size, resize)
+    rw, rh = crop.resized_size(*img.size)
+    assert T.Resize(resize)(img).size == (rw, rh)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        ours = crop(img)
+        torch.manual_seed(seed)
+        u = torch.rand(23).tolist()
+        i, j, h, w = crop_box(rw, rh, SCALE, RATIO, "torchvision", u[:-1])
+        ref = T.functional.resized_crop(T.Resize(resize)(img), i, j, h, w, [size, size])
+        if u[-1] < 0.5:
+            ref = T.functional.hflip(ref)
+        ref = T.PILToTensor()(ref)
+        assert ours.shape == ref.shape == (3, size, size) and ours.dtype == torch.uint8 and ours.is_contiguous()
+        assert (ours.float() - ref.float()).abs().mean() < 2.0  # of 255: two resamplings against one
+
+
+def test_train_transform_crop_rule_and_grayscale():
     img = Image.new("RGB", (300, 200))
     for rule in ("torchvision", "clamped"):
         x = train_transform(64, crop_rule=rule)(img)
         assert x.shape == (3, 64, 64) and x.dtype == torch.uint8
+    assert train_transform(32)(Image.new("L", (50, 40))).shape == (1, 32, 32)
+    with pytest.raises(ValueError, match="crop_rule must be one of"):
+        TrainCrop(64, 73, rule="center")
