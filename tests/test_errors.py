@@ -443,6 +443,42 @@ def test_bad_train_arguments_are_reported_before_torch_is_imported(argv, message
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_embedding_with_a_download_backbone_offline_is_one_line_without_a_traceback(tmp_path):
+    """`udml embed pretrained:resnet50` on a machine that cannot reach the weights' server: one clear line, in a
+    fresh process where udml.training was never imported. The network is made unreachable by a proxy on a closed
+    local port and an empty torch hub cache."""
+    import os
+    import subprocess
+    import sys
+
+    make_folder(tmp_path / "photos", n_classes=1, per_class=2)
+    dead = "http://127.0.0.1:9"
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf")}
+    env.update(http_proxy=dead, https_proxy=dead, HTTP_PROXY=dead, HTTPS_PROXY=dead, no_proxy="", NO_PROXY="")
+    for backbone in ("resnet50", "googlenet"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "udml", "embed", f"pretrained:{backbone}", str(tmp_path / "photos"), "-o", "x.npz"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.startswith("udml embed: error: could not download the ImageNet weights of backbone")
+        assert "efficientnet_lite0" in proc.stderr  # the way out that works offline
+        assert not (tmp_path / "x.npz").exists()
+
+
+def test_every_udml_error_shares_one_base_the_command_line_knows():
+    from udml import cli, errors
+
+    kinds = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
+    assert len(kinds) >= 7 and all(issubclass(k, errors.UdmlError) for k in kinds)
+    assert errors.UdmlError in cli.expected_errors()
+
+
 @pytest.mark.parametrize(
     "error, expected",
     [

@@ -401,15 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
 def expected_errors() -> tuple[type[BaseException], ...]:
     """What a user can cause and fix (bad arguments, configuration, data, files, a full disk, a missing package,
     a diverging run): one line. Anything else, a bug or CUDA running out of memory, keeps its traceback."""
-    from .config import UnknownKey
+    from .errors import UdmlError
 
-    kinds: list[type[BaseException]] = [ValueError, OSError, ImportError, UnknownKey]
-    if "udml.training" in sys.modules:  # imported only by the commands that can raise these
-        from .models import PretrainedWeightsUnavailable
-        from .training import NonFiniteError
-
-        kinds += [NonFiniteError, PretrainedWeightsUnavailable]
-    return tuple(kinds)
+    return (UdmlError, ValueError, OSError, ImportError)
 
 
 def main(argv: list[str] | None = None) -> int:

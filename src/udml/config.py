@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from .errors import UnknownKey
+
 KMEANS_BACKENDS = ("auto", "faiss", "torch")
 
 
@@ -170,13 +172,6 @@ def _read_yaml(path_or_name: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping of configuration keys to values, got {type(data).__name__}")
     return data
-
-
-class UnknownKey(KeyError):
-    """A configuration key that udml does not know (a KeyError whose text is the plain message)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 def _check_keys(data: dict[str, Any], where: str) -> None:

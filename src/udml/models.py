@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import PretrainedWeightsUnavailable
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -54,10 +56,6 @@ class ImageConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ImageConfig":
         return cls(int(d["crop_size"]), int(d["resize_size"]), tuple(d["mean"]), tuple(d["std"]))
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    pass
 
 
 def _build_fetching_weights(name: str, fn: Callable[[], nn.Module]) -> nn.Module:

@@ -25,6 +25,7 @@ import torch
 
 from .data import open_rgb, report_unreadable, test_transform
 from .devices import precision_for, resolve_device
+from .errors import ModelMismatch
 
 log = logging.getLogger("udml")
 
@@ -352,10 +353,6 @@ def search(
             rows.append({"rank": len(rows) + 1, "path": paths[i], "score": float(s)})
         out.append(rows[:k])
     return out
-
-
-class ModelMismatch(ValueError):
-    """The query model is not the network that embedded the collection."""
 
 
 def check_model_matches(embedder: Embedder, meta: dict, where: str, allow_other: bool = False) -> None:

@@ -35,6 +35,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from .errors import ServeError
+
 log = logging.getLogger("udml")
 
 MAX_UPLOAD_BYTES = 10 * 2**20
@@ -45,14 +47,6 @@ THUMB_SIZE = 192
 MAP_FIT_POINTS = 5000
 MAP_NEIGHBOURS = 10
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1"]
-
-
-class ServeError(Exception):
-    """An error answered as ``{"detail": message}`` with an HTTP status."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 class Collection:

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import StoreError
+
 try:
     import fcntl
 except ImportError:  # not on Windows: builds are then made safe by the atomic rename alone
@@ -114,10 +116,6 @@ def store_names(name: str, files: list[list], short_side: int | None) -> tuple[s
     root = os.path.commonpath(dirs) if dirs else ""
     prefix = f"{slug}-{_digest(root)[:8]}-{short_side or 'full'}px"
     return prefix, f"{prefix}-{_digest([FORMAT, short_side, files])[:20]}"
-
-
-class StoreError(ValueError):
-    """A store folder that is incomplete or damaged."""
 
 
 class ImageStore:

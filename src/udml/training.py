@@ -23,6 +23,7 @@ from .config import RUNTIME_FIELDS, Config, default_num_clusters, parse_duration
 from .data import ImageDataset, default_workers, make_loader, resize_for, stack, test_transform, train_transform
 from .datasets import load_split
 from .devices import Precision, precision_for, resolve_device
+from .errors import NonFiniteError
 from .evaluation import check_recall_ks, evaluate
 from .inference import extract, frozen_features
 from .losses import create_loss, rotation_batch, rotation_loss
@@ -33,10 +34,6 @@ from .rundir import CHECKPOINT, LOG, MetricsFile, RunDir, remove_temporaries
 from .samplers import ClusterBatchSampler, check_world_size, one_per_cluster
 
 log = logging.getLogger("udml")
-
-
-class NonFiniteError(RuntimeError):
-    """The loss, the weights or the network's outputs became NaN or infinite."""
 
 
 class _ConsoleHandler(logging.Handler):
