@@ -5,24 +5,49 @@ from pathlib import Path
 import pytest
 
 
-def shared_data() -> Path:
-    return Path(os.environ.get("UDML_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+def shared_data(*parts: str) -> Path:
+    """The one rule by which tests find the shared data: ../shared/data beside the repository, or
+    $UDML_SHARED_DATA; with ``parts``, a path inside it, and the test is skipped when that is absent."""
+    base = Path(os.environ.get("UDML_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    path = base.joinpath(*parts)
+    if parts and not path.exists():
+        pytest.skip(f"shared data {path} not available (../shared/data beside the repository, or $UDML_SHARED_DATA)")
+    return path
 
 
 @pytest.fixture
 def cub_root() -> Path:
-    root = shared_data() / "CUB_200_2011"
-    if not root.is_dir():
-        pytest.skip(f"CUB-200-2011 not found at {root}")
-    return root
+    return shared_data("CUB_200_2011")
 
 
 @pytest.fixture
 def omniglot_root() -> Path:
-    root = shared_data() / "omniglot"
-    if not root.is_dir():
-        pytest.skip(f"Omniglot not found at {root}")
-    return root
+    return shared_data("omniglot")
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """An untrained small convnet at 32 px, as a model file: enough to test the plumbing exactly."""
+    import torch
+
+    from udml.config import make_config
+    from udml.models import build_model
+    from udml.training import save_model
+
+    cfg = make_config("digits", ["embedding_dim=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_model(model, cfg, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def embedded(photos, model_file):
+    """The module's ``photos`` folder embedded by ``model_file`` (udml.retrieval.embed_folder)."""
+    from udml.retrieval import Embedder, embed_folder
+
+    return embed_folder(Embedder.from_file(model_file), photos)
 
 
 @pytest.fixture

@@ -5,20 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+from conftest import shared_data
 from PIL import Image
 
 from udml.datasets import DATASETS, ImageSet, load_split
-
-
-def shared_data(name: str) -> Path:
-    """A folder of /work/shared/data (../shared/data beside the repo, or $UDML_SHARED_DATA);
-    skips the test when it is absent."""
-    base = os.environ.get("UDML_SHARED_DATA")
-    base = Path(base) if base else Path(__file__).resolve().parents[2] / "shared" / "data"
-    path = base / name
-    if not path.is_dir():
-        pytest.skip(f"shared data {path} not available")
-    return path
 
 
 def tiny_image(path: Path, value: int = 0) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data
 from PIL import Image
 
 from udml.cli import main
@@ -14,7 +15,6 @@ from udml.config import default_num_clusters, load_config, make_config
 from udml.models import build_model
 from udml.retrieval import (
     Embedder,
-    Embeddings,
     build_index,
     embed_folder,
     load_embeddings,
@@ -31,11 +31,7 @@ CLASSES = ("001.Black_footed_Albatross", "017.Cardinal", "036.Northern_Flicker")
 @pytest.fixture(scope="module")
 def cub3(tmp_path_factory) -> Path:
     """Three CUB classes as a folder of symlinked class folders, plus a nested copy and a damaged file."""
-    base = os.environ.get("UDML_SHARED_DATA")
-    base = Path(base) if base else Path(__file__).resolve().parents[2] / "shared" / "data"
-    images = base / "CUB_200_2011" / "images"
-    if not images.is_dir():
-        pytest.skip(f"CUB-200-2011 not found at {images}")
+    images = shared_data("CUB_200_2011", "images")
     root = tmp_path_factory.mktemp("cub3")
     for c in CLASSES:
         (root / c).symlink_to(images / c, target_is_directory=True)
@@ -43,19 +39,9 @@ def cub3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    """An untrained small convnet at 32 px: enough to test the plumbing exactly."""
-    cfg = make_config("digits", ["embedding_dim=32"])
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_model(model, cfg, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def embedded(cub3, model_file) -> Embeddings:
-    return embed_folder(Embedder.from_file(model_file), cub3)
+def photos(cub3) -> Path:
+    """What conftest's ``embedded`` embeds."""
+    return cub3
 
 
 def brute_force(x: np.ndarray, q: np.ndarray, k: int):

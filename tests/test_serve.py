@@ -12,17 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import shared_data
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from udml.cli import main
-from udml.config import make_config
-from udml.models import build_model
 from udml.retrieval import Embedder, Embeddings, build_index, embed_folder, save_embeddings, save_index
 from udml.serve import LOOPBACK_HOSTS, Collection, bind, create_app, map_2d, open_collection
-from udml.training import save_model
 
 CLASSES = ("001.Black_footed_Albatross", "017.Cardinal", "036.Northern_Flicker")
 PER_CLASS = 12
@@ -32,9 +28,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 @pytest.fixture(scope="module")
 def birds(tmp_path_factory) -> Path:
     """36 CUB images (12 of each of 3 species) as symlinks in one folder per species."""
-    images = shared_data() / "CUB_200_2011" / "images"
-    if not images.is_dir():
-        pytest.skip(f"CUB-200-2011 not found at {images}")
+    images = shared_data("CUB_200_2011", "images")
     root = tmp_path_factory.mktemp("birds")
     for c in CLASSES:
         (root / c).mkdir()
@@ -44,19 +38,9 @@ def birds(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    """An untrained small convnet at 32 px: enough to test the plumbing exactly."""
-    cfg = make_config("digits", ["embedding_dim=32"])
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_model(model, cfg, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def embedded(birds, model_file) -> Embeddings:
-    return embed_folder(Embedder.from_file(model_file), birds)
+def photos(birds) -> Path:
+    """What conftest's ``embedded`` embeds."""
+    return birds
 
 
 @pytest.fixture(scope="module")
