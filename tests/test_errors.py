@@ -12,9 +12,10 @@ from PIL import Image
 
 from udml import checkpoint as ckpt
 from udml.config import Config, make_config
-from udml.data import ImageDataset, open_rgb
+from udml.data import ImageDataset
 from udml.datasets import ImageSet, load_split
 from udml.evaluation import evaluate, knn
+from udml.images import open_rgb
 from udml.losses import create_loss
 from udml.models import create_backbone
 from udml.samplers import ClusterBatchSampler

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from udml import data, store
+from udml import images, store
 from udml.cli import main as cli
 from udml.config import check_paths, make_config
 from udml.data import ImageDataset, make_loader
@@ -52,15 +52,15 @@ def cub_files(cub_root, tmp_path):
 
 @pytest.fixture
 def decodes(monkeypatch):
-    """Counts the images decoded (the store decodes through data.decode_one)."""
+    """Counts the images decoded (the store decodes through images.decode_one)."""
     calls = []
-    real = data.decode_one
+    real = images.decode_one
 
     def counted(item, short_side=None):
         calls.append(item)
         return real(item, short_side)
 
-    monkeypatch.setattr(data, "decode_one", counted)
+    monkeypatch.setattr(images, "decode_one", counted)
     return calls
 
 
@@ -155,30 +155,30 @@ def test_unreadable_files_are_skipped_and_reported_on_every_run(cub_files, tmp_p
 
 def test_an_aborted_build_leaves_nothing_that_is_reused(cub_files, tmp_path, monkeypatch, decodes):
     root = tmp_path / "stores"
-    real = data.decode_one
+    real = images.decode_one
 
     def failing(item, short_side=None):
         if len(decodes) > 10:
             raise KeyboardInterrupt  # Ctrl-C in the middle of the build
         return real(item, short_side)
 
-    monkeypatch.setattr(data, "decode_one", failing)
+    monkeypatch.setattr(images, "decode_one", failing)
     with pytest.raises(KeyboardInterrupt):
         ImageDataset(cub_files, None, cache="disk", short_side=SHORT, store_dir=root)
     assert [p for p in root.iterdir() if not p.name.endswith(".lock")] == []  # the temporary folder is gone
-    monkeypatch.setattr(data, "decode_one", real)
+    monkeypatch.setattr(images, "decode_one", real)
     ds = ImageDataset(cub_files, None, cache="disk", short_side=SHORT, store_dir=root)
     assert len(ds) == 24
 
 
 KILLED_BUILD = """
 import sys, time
-from udml import data, store
-real = data.decode_one
+from udml import images, store
+real = images.decode_one
 def slow(item, short_side=None):
     time.sleep(0.2)
     return real(item, short_side)
-data.decode_one = slow
+images.decode_one = slow
 store.open_or_build(sys.argv[3:], int(sys.argv[2]), sys.argv[1], "cub/train", workers=1)
 """
 
@@ -243,14 +243,14 @@ def test_without_file_locks_concurrent_builds_are_still_safe(cub_files, tmp_path
     monkeypatch.setattr(store, "fcntl", None)
     root = tmp_path / "stores"
     barrier = threading.Barrier(2)
-    real = data.decode_one
+    real = images.decode_one
 
     def together(item, short_side=None):  # both builds decode their first image before either finishes
         if item == cub_files.images[0]:
             barrier.wait(timeout=30)
         return real(item, short_side)
 
-    monkeypatch.setattr(data, "decode_one", together)
+    monkeypatch.setattr(images, "decode_one", together)
     out = []
     threads = [
         threading.Thread(target=lambda: out.append(store.open_or_build(cub_files.images, SHORT, root, "cub/train")))

@@ -38,7 +38,7 @@ def as_array(image) -> np.ndarray:
     """A displayable HxWx3 uint8 array from a path, a PIL image, a uint8 [3, H, W] tensor or an HxWx3 array."""
     from PIL import Image
 
-    from .data import open_rgb
+    from .images import open_rgb
 
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()

@@ -23,9 +23,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import open_rgb, report_unreadable, test_transform
+from .data import test_transform
 from .devices import precision_for, resolve_device
 from .errors import ModelMismatch
+from .images import open_rgb, report_unreadable
 
 log = logging.getLogger("udml")
 

@@ -178,7 +178,7 @@ class Collection:
     def embed_upload(self, data: bytes) -> np.ndarray:
         from PIL import Image
 
-        from .data import open_rgb
+        from .images import open_rgb
 
         if self.embedder is None:
             raise ServeError(503, f"searching by an uploaded image is disabled: {self.upload_disabled}")
@@ -198,7 +198,7 @@ class Collection:
 
     def thumbnail(self, image_id: int) -> Path:
         """A JPEG of at most ``thumb_size`` pixels a side, made once; the cache key holds the file's mtime and size."""
-        from .data import open_rgb
+        from .images import open_rgb
 
         path = self.paths[self.check_id(image_id)]
         try:

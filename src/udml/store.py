@@ -4,7 +4,7 @@ A store is one folder under the store directory (``store_dir``; by default ``$XD
 else ``~/.cache/udml/stores``):
 
 - ``pixels.u8``: the RGB bytes (height x width x 3) of every readable image, back to back, each decoded and
-  shrunk to ``short_side`` exactly as the in-memory cache does (``data.decode_one``): the same pixels.
+  shrunk to ``short_side`` exactly as the in-memory cache does (``images.decode_one``): the same pixels.
 - ``index.npy``: int64 (N, 3), byte offset, height and width of each image of the list; height 0: unreadable.
 - ``manifest.json``: format, short side, data set name, every file's path, size and mtime_ns, the unreadable
   files with their errors, the byte count.
@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import images
 from .errors import StoreError
 
 try:
@@ -260,11 +261,10 @@ def _fsync_dir(path: Path) -> None:
 def _decoded_in_order(items: list, short_side: int | None, workers: int):
     """(i, array or None, error or None) for every item in order, decoded by ``workers`` threads with at most
     ``4 * workers`` images decoded ahead of the consumer."""
-    from .data import decode_one
 
     def load(i):
         try:
-            return i, decode_one(items[i], short_side), None
+            return i, images.decode_one(items[i], short_side), None
         except Exception as e:  # noqa: BLE001 - any decoder failure means: skip and report this file
             return i, None, f"{type(e).__name__}: {e}"
 
