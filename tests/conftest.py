@@ -30,9 +30,9 @@ def model_file(tmp_path_factory) -> Path:
     """An untrained small convnet at 32 px, as a model file: enough to test the plumbing exactly."""
     import torch
 
+    from udml.checkpoint import save_model
     from udml.config import make_config
     from udml.models import build_model
-    from udml.training import save_model
 
     cfg = make_config("digits", ["embedding_dim=32"])
     torch.manual_seed(0)

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 import udml
+from udml.checkpoint import save_model
 from udml.cli import main
 from udml.config import make_config
 from udml.data import test_transform as eval_transform  # not collected as a test
 from udml.export import export_onnx, onnx_metadata, run_onnx
 from udml.models import build_model
-from udml.training import save_model
 
 
 def make_model(tmp_path, backbone="smallconv", size=32, resize=None):

@@ -9,10 +9,10 @@ import torch
 
 import udml
 from udml import checkpoint as ckpt
+from udml.checkpoint import save_model
 from udml.cli import main
 from udml.config import make_config
 from udml.models import build_model
-from udml.training import save_model
 
 
 class RunsCode:

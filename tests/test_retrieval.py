@@ -10,6 +10,7 @@ import torch
 from conftest import shared_data
 from PIL import Image
 
+from udml.checkpoint import save_model
 from udml.cli import main
 from udml.config import default_num_clusters, load_config, make_config
 from udml.models import build_model
@@ -23,7 +24,6 @@ from udml.retrieval import (
     save_index,
     search,
 )
-from udml.training import save_model
 
 CLASSES = ("001.Black_footed_Albatross", "017.Cardinal", "036.Northern_Flicker")
 

@@ -1,8 +1,12 @@
-"""Checkpoints and model files: written atomically, read as tensors and plain data only.
+"""The two file formats of a run, written and read here only: atomically written, read as tensors and plain data.
+
+- The **checkpoint** (checkpoint.pt, what ``--resume`` reads): the model's and the optimiser's state, the
+  pseudo-labels, the rounds and steps done, the configuration, the start metrics and the CPU thread count.
+- The **model file** (model.pt, format ``MODEL_FORMAT``): the weights and what rebuilds the network (backbone,
+  heads, image settings), without the training set-up.
 
 Files are read with ``torch.load(weights_only=True)``: unpickling anything else could run code from a file
-received from someone else. A checkpoint holds the model's and the optimiser's state, the pseudo-labels, the
-rounds and steps done, the configuration, the start metrics and the CPU thread count.
+received from someone else.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from .rundir import atomic_write
 
 # Saved by udml before 0.2 and never read back; they made the files need full unpickling.
 OBSOLETE_KEYS = ("rng", "centroids")
+MODEL_FORMAT = "udml-model-1"
+CHECKPOINT_KEYS = ("model", "optimizer", "rounds_done", "step", "labels", "config", "start_metrics")
 
 
 def atomic_save(obj, path: str | Path) -> None:
@@ -46,6 +52,80 @@ def load(path: str | Path, map_location="cpu") -> dict:
         raise ValueError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is damaged or not a udml checkpoint"
         ) from e
+
+
+def save_checkpoint(
+    path: str | Path, model, optimizer, *, rounds_done: int, step: int, labels, config: dict, start_metrics: dict
+) -> None:
+    """The checkpoint after ``rounds_done`` clustering rounds (``step`` steps): what a resumed run restores."""
+    atomic_save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rounds_done": rounds_done,
+            "step": step,
+            "labels": labels,
+            "config": config,
+            "start_metrics": start_metrics,
+            "cpu_threads": torch.get_num_threads(),
+        },
+        path,
+    )
+
+
+def read_checkpoint(path: str | Path, keys=CHECKPOINT_KEYS) -> dict:
+    """A checkpoint's contents (see the module's text); a file without ``keys`` is refused with the reason."""
+    state = load(path)
+    check_checkpoint(state, path, keys)
+    return state
+
+
+def check_checkpoint(state: dict, path: str | Path, keys=CHECKPOINT_KEYS) -> None:
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(
+            f"{path} is not a udml training checkpoint (it has no {', '.join(missing)}); resume a run folder that "
+            "udml train wrote, or start a new run without --resume"
+        )
+
+
+def save_model(model, cfg, path: str | Path) -> None:
+    """The model file of ``model`` (a UDMLNet) trained with configuration ``cfg``."""
+    atomic_save(
+        {
+            "format": MODEL_FORMAT,
+            "state_dict": model.state_dict(),
+            "arch": {
+                "backbone": cfg.backbone,
+                "embedding_dim": cfg.embedding_dim,
+                "rotation_hidden": cfg.rotation_hidden,
+                "image": model.image.to_dict(),
+            },
+        },
+        path,
+    )
+
+
+def read_model(path: str | Path) -> tuple[dict, dict]:
+    """(arch, state_dict) of a model file or of a training checkpoint. ``arch`` holds ``backbone``,
+    ``embedding_dim``, ``rotation_hidden`` and ``image`` (an ImageConfig's dict), or for files from before
+    ImageConfig ``image_size`` and ``resize_size`` instead."""
+    state = load(path)
+    if state.get("format") == MODEL_FORMAT:
+        return state["arch"], state["state_dict"]
+    if "model" in state and "config" in state:
+        from .config import Config
+
+        cfg = Config(**state["config"])
+        arch = {
+            "backbone": cfg.backbone,
+            "embedding_dim": cfg.embedding_dim,
+            "rotation_hidden": cfg.rotation_hidden,
+            "image_size": cfg.image_size,
+            "resize_size": cfg.resize_size,
+        }
+        return arch, state["model"]
+    raise ValueError(f"{path} is neither a udml model file nor a udml training checkpoint")
 
 
 def upgrade(path: str | Path) -> list[str]:

@@ -92,29 +92,14 @@ def load_model(path, device: str | torch.device = "cpu"):
     """A UDMLNet from a model file (model.pt) or a training checkpoint (checkpoint.pt), in eval mode."""
     from pathlib import Path
 
-    from . import checkpoint as ckpt
-    from .config import Config
+    from .checkpoint import read_model
     from .models import ImageConfig, UDMLNet, create_backbone
 
     path = Path(path)
     if path.is_dir():
         run = RunDir(path)
         path = run.model if run.model.exists() else run.checkpoint
-    state = ckpt.load(path)
-    if state.get("format") == "udml-model-1":
-        arch, weights = state["arch"], state["state_dict"]
-    elif "model" in state and "config" in state:
-        cfg = Config(**state["config"])
-        arch = {
-            "backbone": cfg.backbone,
-            "embedding_dim": cfg.embedding_dim,
-            "rotation_hidden": cfg.rotation_hidden,
-            "image_size": cfg.image_size,
-            "resize_size": cfg.resize_size,
-        }
-        weights = state["model"]
-    else:
-        raise ValueError(f"{path} is neither a udml model file nor a udml training checkpoint")
+    arch, weights = read_model(path)
     backbone = create_backbone(arch["backbone"], pretrained=False)
     if "image" in arch:
         image = ImageConfig.from_dict(arch["image"])

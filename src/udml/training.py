@@ -552,8 +552,9 @@ def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[RunDir | 
         remove_temporaries(run.checkpoint)  # left by a process killed while writing a checkpoint
     state = None
     if resume:
-        state = ckpt.load(run.checkpoint)
-        check_resumable(cfg, state["config"], run.checkpoint)
+        state = ckpt.read_checkpoint(run.checkpoint, keys=("config",))
+        check_resumable(cfg, state["config"], run.checkpoint)  # a changed configuration is the likelier mistake
+        ckpt.check_checkpoint(state, run.checkpoint)
     return (run if main else None), state
 
 
@@ -709,18 +710,15 @@ def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
                 f"the weights or the network's outputs became NaN or infinite by step {progress.step} (round {rnd})",
             )
         if loop.run is not None:
-            ckpt.atomic_save(
-                {
-                    "model": s.model.state_dict(),
-                    "optimizer": s.optimizer.state_dict(),
-                    "rounds_done": rnd,
-                    "step": progress.step,
-                    "labels": progress.labels,
-                    "config": cfg.to_dict(),
-                    "start_metrics": progress.start_metrics,
-                    "cpu_threads": torch.get_num_threads(),
-                },
+            ckpt.save_checkpoint(
                 loop.run.checkpoint,
+                s.model,
+                s.optimizer,
+                rounds_done=rnd,
+                step=progress.step,
+                labels=progress.labels,
+                config=cfg.to_dict(),
+                start_metrics=progress.start_metrics,
             )
         progress.saved_round = rnd
     progress.rounds_done = rnd
@@ -763,7 +761,7 @@ def finish(s: Session, loop: Loop, progress: Progress) -> dict:
             seconds=time.time() - t,
             **final["embedding"],
         )
-    save_model(s.model, s.cfg, loop.run.model)
+    ckpt.save_model(s.model, s.cfg, loop.run.model)
     table, worse = summary(progress.start_metrics, final.get("embedding"))
     for line in table:
         log.info("%s", line)
@@ -864,20 +862,3 @@ def training_step(model, metric_loss, x, y, cfg: Config, precision: Precision | 
     terms["rotation_loss"] = rotation.detach()
     terms["rotation_accuracy"] = (logits.argmax(1) == yr).float().mean()
     return metric + cfg.rotation_weight * rotation, terms
-
-
-def save_model(model, cfg: Config, path: Path) -> None:
-    """The inference file: weights plus what is needed to rebuild the network, without the training setup."""
-    ckpt.atomic_save(
-        {
-            "format": "udml-model-1",
-            "state_dict": model.state_dict(),
-            "arch": {
-                "backbone": cfg.backbone,
-                "embedding_dim": cfg.embedding_dim,
-                "rotation_hidden": cfg.rotation_hidden,
-                "image": model.image.to_dict(),
-            },
-        },
-        path,
-    )
