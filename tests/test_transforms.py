@@ -87,3 +87,16 @@ def test_train_transform_crop_rule_and_grayscale():
     assert train_transform(32)(Image.new("L", (50, 40))).shape == (1, 32, 32)
     with pytest.raises(ValueError, match="crop_rule must be one of"):
         TrainCrop(64, 73, rule="center")
+
+
+def test_train_crop_size_makes_the_training_crops_smaller_than_the_test_crops():
+    from udml.config import make_config
+    from udml.training import build_datasets
+
+    cfg = make_config("digits", ["image_size=32", "train_crop_size=24"])
+    aug, plain, test = build_datasets(cfg, 32)
+    assert aug[0][0].shape == (3, 24, 24)
+    assert plain[0][0].shape == test[0][0].shape == (3, 32, 32)
+    assert aug.transform.resize == plain.transform.transforms[0].size  # both from the images resized for 32 px
+    with pytest.raises(ValueError, match="train_crop_size must be"):
+        make_config("digits", ["train_crop_size=2"])

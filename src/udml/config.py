@@ -27,6 +27,8 @@ class Config:
     test_split: str = "test"
     image_size: int | None = None  # crop size; None = the backbone's default
     resize_size: int | None = None  # shorter side before cropping; None = image_size * 256 / 227
+    train_crop_size: int | None = None  # the training crops' size; None = image_size. Smaller crops (e.g. 160 for
+    # 224 at test) make a step cheaper; the crops still come from the images resized for image_size
     crop_scale_min: float = 0.16  # RandomResizedCrop lower scale bound
     crop_rule: str = "torchvision"  # torchvision: redraw boxes that do not fit; clamped: clamp them to the image
     hflip: bool = True
@@ -337,6 +339,10 @@ def validate(cfg: Config) -> None:
     need(
         0 < cfg.confident_fraction <= 1,
         f"confident_fraction must be in (0, 1] (1 = every image of a cluster), got {cfg.confident_fraction}",
+    )
+    need(
+        cfg.train_crop_size is None or cfg.train_crop_size >= 8,
+        f"train_crop_size must be null (= image_size) or at least 8 pixels, got {cfg.train_crop_size}",
     )
     need(0 < cfg.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {cfg.crop_scale_min}")
     need(

@@ -113,8 +113,8 @@ def build_datasets(cfg: Config, image_size: int):
         )
     aug = train.with_transform(
         train_transform(
-            image_size,
-            resize_size=cfg.resize_size,
+            cfg.train_crop_size or image_size,
+            resize_size=resize_for(image_size, cfg.resize_size),
             crop_scale_min=cfg.crop_scale_min,
             hflip=cfg.hflip,
             crop_rule=cfg.crop_rule,
