@@ -48,7 +48,7 @@ from udml.inference import extract  # noqa: E402
 from udml.losses import rotation_batch  # noqa: E402
 from udml.models import after_stages, stem_and_stages  # noqa: E402
 from udml.samplers import ClusterBatchSampler, one_per_cluster  # noqa: E402
-from udml.training import prepare, resolve_num_clusters, train_round, training_step  # noqa: E402
+from udml.training import StepSettings, prepare, resolve_num_clusters, train_round, training_step  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -153,7 +153,9 @@ def udml_step(s, batch: tuple, steps: int) -> float:
     s.model.train()
     t = time.perf_counter()
     for _ in range(steps):
-        loss, _ = training_step(s.train_model, s.metric_loss, x, y, s.cfg, s.precision, distributed.world_size())
+        loss, _ = training_step(
+            s.train_model, s.metric_loss, x, y, StepSettings.of(s.cfg), s.precision, distributed.world_size()
+        )
         s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         s.optimizer.step()

@@ -29,7 +29,7 @@ from udml.config import make_config  # noqa: E402
 from udml.data import ImageDataset, resize_for, test_transform  # noqa: E402
 from udml.datasets import load_split  # noqa: E402
 from udml.inference import extract  # noqa: E402
-from udml.models import build_model  # noqa: E402
+from udml.models import model_from_config  # noqa: E402
 
 
 def pooled_features(cfg, cache: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -37,7 +37,7 @@ def pooled_features(cfg, cache: Path) -> tuple[np.ndarray, np.ndarray]:
         z = np.load(cache)
         return z["features"], z["labels"]
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
+    model = model_from_config(cfg)
     size = cfg.image_size or model.image_size
     data = ImageDataset(
         load_split(cfg.dataset, cfg.data_root, cfg.train_split),

@@ -246,7 +246,7 @@ def child(marks: str, argv: list[str]) -> int:
     from udml.cli import main
 
     probes = Probes(marks)
-    probes.wrap(udml.training, "build_model", "model")
+    probes.wrap(udml.training, "model_from_config", "model")
     probes.wrap(udml.data.ImageDataset, "__init__", "decode", lambda args, _: nbytes(args[0]))
     probes.wrap(udml.training, "stack", "stack", lambda _, result: nbytes(result))
     probes.wrap(udml.training, "evaluate_model", "evaluation")

@@ -237,9 +237,9 @@ def child(args) -> dict:
         out["embed_img_s"] = round(n / (time.time() - p["t0"]), 1)
     if args.model:
         from udml.inference import extract
-        from udml.models import build_model
+        from udml.models import model_from_config
 
-        model = build_model(make_config("folder", ["pretrained=false"]))
+        model = model_from_config(make_config("folder", ["pretrained=false"]))
         part = min(args.model_images, len(ds))
         data = (
             plain_data[:part]

@@ -32,11 +32,11 @@ def model_file(tmp_path_factory) -> Path:
 
     from udml.checkpoint import save_model
     from udml.config import make_config
-    from udml.models import build_model
+    from udml.models import model_from_config
 
     cfg = make_config("digits", ["embedding_dim=32"])
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = model_from_config(cfg)
     path = tmp_path_factory.mktemp("model") / "model.pt"
     save_model(model, cfg, path)
     return path

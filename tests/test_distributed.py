@@ -45,10 +45,10 @@ def test_two_processes_gather_cluster_and_step_like_one(tmp_path):
         torch.testing.assert_close(two["weights"][k], w, rtol=0, atol=1e-4, msg=f"weight {k} after one step")
     # the step did something: the weights differ from a fresh network's
     from udml.config import make_config
-    from udml.models import build_model
+    from udml.models import model_from_config
 
     torch.manual_seed(0)
-    fresh = build_model(make_config("digits", ["freeze_bn=true"])).state_dict()
+    fresh = model_from_config(make_config("digits", ["freeze_bn=true"])).state_dict()
     assert any(not torch.allclose(fresh[k].float(), w.float()) for k, w in one["weights"].items())
 
 

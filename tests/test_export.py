@@ -14,7 +14,7 @@ from udml.cli import main
 from udml.config import make_config
 from udml.data import test_transform as eval_transform  # not collected as a test
 from udml.export import export_onnx, onnx_metadata, run_onnx
-from udml.models import build_model
+from udml.models import model_from_config
 
 
 def make_model(tmp_path, backbone="smallconv", size=32, resize=None):
@@ -29,7 +29,7 @@ def make_model(tmp_path, backbone="smallconv", size=32, resize=None):
         },
     )
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = model_from_config(cfg)
     if backbone == "smallconv":  # non-trivial BatchNorm statistics, so that eval mode matters
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):

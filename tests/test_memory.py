@@ -14,7 +14,7 @@ from udml.config import make_config
 from udml.data import ImageDataset, decode_stacked, stack
 from udml.datasets import ImageSet
 from udml.inference import CPU_CHUNK, extract
-from udml.models import build_model
+from udml.models import model_from_config
 from udml.training import build_datasets, prepare
 
 
@@ -77,7 +77,7 @@ def test_decoding_into_one_tensor_in_chunks(image_set):
 def test_cpu_extract_embeds_in_parts_with_the_numbers_of_whole_batches():
     """On the CPU the backbone never sees more than CPU_CHUNK images (nor a part of one image cut from a larger
     batch: CPU convolutions of a single image round differently), and the outputs are those of whole batches."""
-    model = build_model(make_config("digits")).eval()
+    model = model_from_config(make_config("digits")).eval()
     sizes = []
     model.backbone.register_forward_pre_hook(lambda _, args: sizes.append(len(args[0])))
     n = 3 * CPU_CHUNK + 1  # 97 images: batches of 64 and 33, in parts of 32, 32 and 17, 16

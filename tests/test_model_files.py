@@ -12,7 +12,7 @@ from udml import checkpoint as ckpt
 from udml.checkpoint import save_model
 from udml.cli import main
 from udml.config import make_config
-from udml.models import build_model
+from udml.models import model_from_config
 
 
 class RunsCode:
@@ -29,7 +29,7 @@ class RunsCode:
 def evil(tmp_path):
     cfg = make_config("digits", ["embedding_dim=16"])
     good = tmp_path / "good.pt"
-    save_model(build_model(cfg), cfg, good)
+    save_model(model_from_config(cfg), cfg, good)
     state = torch.load(good, weights_only=True)
     marker = tmp_path / "code_ran"
     state["payload"] = RunsCode(marker)
@@ -62,7 +62,7 @@ def test_the_command_line_refuses_it_too(evil, tmp_path, command, capsys):
 
 def test_an_older_checkpoint_is_explained_and_can_be_upgraded(tmp_path):
     cfg = make_config("digits", ["embedding_dim=16"])
-    model = build_model(cfg)
+    model = model_from_config(cfg)
     old = {
         "model": model.state_dict(),
         "config": cfg.to_dict(),

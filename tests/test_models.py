@@ -108,11 +108,11 @@ def test_training_forward_joint_or_separate_batchnorm_passes():
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_freeze_stages_fixes_the_stem_and_first_stages_and_trains_the_rest(checkpointing):
     from udml.config import Config
-    from udml.models import build_model
+    from udml.models import model_from_config
 
     cfg = Config(backbone="efficientnet_lite0", pretrained=False, freeze_stages=5, embedding_dim=16)
     cfg.grad_checkpointing = checkpointing  # with it, the trainable stages get no input that requires grad
-    model = build_model(cfg)
+    model = model_from_config(cfg)
     net = model.backbone
     frozen = [net.conv_stem, net.bn1, *net.blocks[:5]]
     assert all(not p.requires_grad for m in frozen for p in m.parameters())
@@ -131,12 +131,12 @@ def test_freeze_stages_fixes_the_stem_and_first_stages_and_trains_the_rest(check
 
 def test_freeze_stages_errors_name_the_valid_choice():
     from udml.config import Config
-    from udml.models import build_model
+    from udml.models import model_from_config
 
     with pytest.raises(ValueError, match="no sequence of stages.*freeze_stages=0"):
-        build_model(Config(backbone="smallconv", pretrained=False, freeze_stages=1))
+        model_from_config(Config(backbone="smallconv", pretrained=False, freeze_stages=1))
     with pytest.raises(ValueError, match="has 7 stages; use a number from 0 to 7"):
-        build_model(Config(backbone="efficientnet_lite0", pretrained=False, freeze_stages=8))
+        model_from_config(Config(backbone="efficientnet_lite0", pretrained=False, freeze_stages=8))
 
 
 def test_grad_checkpointing_auto_is_on_for_cpu_training_with_frozen_batchnorm():
@@ -152,3 +152,13 @@ def test_grad_checkpointing_auto_is_on_for_cpu_training_with_frozen_batchnorm():
     # most stages frozen: what is trained is small, recomputing it would only cost time
     assert use_grad_checkpointing(Config(backbone="efficientnet_lite0", freeze_stages=3), "cpu")
     assert not use_grad_checkpointing(Config(backbone="efficientnet_lite0", freeze_stages=4), "cpu")
+
+
+def test_build_model_takes_what_it_uses_and_model_from_config_reads_a_configuration():
+    from udml.config import make_config
+    from udml.models import build_model, model_from_config
+
+    direct = build_model("smallconv", pretrained=False, embedding_dim=16, rotation_hidden=8, image_size=28)
+    via = model_from_config(make_config("digits", ["embedding_dim=16", "rotation_hidden=8", "image_size=28"]))
+    assert {k: v.shape for k, v in direct.state_dict().items()} == {k: v.shape for k, v in via.state_dict().items()}
+    assert direct.image == via.image and direct.embedding_dim == 16

@@ -170,21 +170,21 @@ def test_the_loss_makes_no_host_device_sync_and_pml_does():
 
 def test_a_training_step_makes_no_host_device_sync():
     from udml.config import make_config
-    from udml.models import build_model
-    from udml.training import training_step
+    from udml.models import model_from_config
+    from udml.training import StepSettings, training_step
 
     torch.manual_seed(0)
     cfg = make_config("digits", ["device=cpu"])
-    model = build_model(cfg)
+    model = model_from_config(cfg)
     p, m = cfg.clusters_per_batch, cfg.images_per_cluster
     x = torch.randn(p * m, 3, cfg.image_size, cfg.image_size)
     y = torch.arange(p).repeat_interleave(m)
     metric_loss = create_loss(cfg.loss, cfg.loss_params)
 
     def step():
-        loss, _ = training_step(model, metric_loss, x, y, cfg)
+        loss, _ = training_step(model, metric_loss, x, y, StepSettings.of(cfg))
         loss.backward()
 
     step()  # warm-up outside the profile
-    assert "rotation_loss" in training_step(model, metric_loss, x, y, cfg)[1]
+    assert "rotation_loss" in training_step(model, metric_loss, x, y, StepSettings.of(cfg))[1]
     assert count_syncs(step) == {}

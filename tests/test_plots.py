@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from udml.config import make_config
-from udml.models import build_model
+from udml.models import model_from_config
 from udml.plots import (
     GREEN,
     RED,
@@ -134,7 +134,7 @@ def test_tsne_keeps_separated_classes_apart(tmp_path):
 @pytest.mark.parametrize("stacked,labelled", [(True, True), (False, False)])
 def test_write_run_pictures(tmp_path, stacked, labelled):
     cfg = make_config("digits", ["embedding_dim=16"])
-    model = build_model(cfg).eval()
+    model = model_from_config(cfg).eval()
     x = images(40, size=32)
     labels = torch.arange(40) % 4 if labelled else None
     data = x if stacked else torch.utils.data.TensorDataset(x, torch.arange(40))
@@ -151,7 +151,7 @@ def test_write_run_pictures(tmp_path, stacked, labelled):
 
 
 def test_write_run_pictures_logs_instead_of_raising(tmp_path, udml_log):
-    model = build_model(make_config("digits", ["embedding_dim=16"])).eval()
+    model = model_from_config(make_config("digits", ["embedding_dim=16"])).eval()
     assert write_run_pictures(tmp_path, model, images(1, size=32)) == []  # no metrics, a single image
     assert "could not draw curves.png" in udml_log.text
     assert "could not draw the retrieval pictures" in udml_log.text

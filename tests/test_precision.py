@@ -20,7 +20,7 @@ from udml.datasets import load_folder
 from udml.devices import FLOAT32, Precision, precision_for
 from udml.evaluation import evaluate
 from udml.inference import extract, frozen_features
-from udml.models import build_model
+from udml.models import model_from_config
 from udml.training import frozen_cache_fits, prepare, resolve_num_clusters, train
 
 BF16_CL = Precision("cpu", torch.bfloat16, channels_last=True)
@@ -135,7 +135,7 @@ def cub_eight(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lite0():
-    return build_model(make_config("folder", ["embedding_dim=null"]), "cpu").eval()
+    return model_from_config(make_config("folder", ["embedding_dim=null"]), "cpu").eval()
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_extract_runs_the_fast_path_and_float32_on_request(cub_eight, lite0):
 def test_frozen_stages_outputs_reused_give_the_numbers_of_recomputing_them(cub_eight):
     images, _ = cub_eight
     x = images[:40]
-    model = build_model(make_config("folder", ["freeze_stages=5", "embedding_dim=null"]), "cpu").eval()
+    model = model_from_config(make_config("folder", ["freeze_stages=5", "embedding_dim=null"]), "cpu").eval()
     assert model.frozen_stages == 5
     for amp in (True, False):
         h = frozen_features(model, x, amp=amp)
@@ -188,12 +188,12 @@ def test_frozen_stages_outputs_reused_give_the_numbers_of_recomputing_them(cub_e
         reused = extract(model, h, amp=amp, frozen=True)
         assert torch.equal(direct[0], reused[0]) and torch.equal(direct[1], reused[1])
     # and the split network computes what the whole one does (float32: the same operations, in one order)
-    whole = build_model(make_config("folder", ["freeze_stages=0", "embedding_dim=null"]), "cpu").eval()
+    whole = model_from_config(make_config("folder", ["freeze_stages=0", "embedding_dim=null"]), "cpu").eval()
     torch.testing.assert_close(extract(whole, x, amp=False)[1], extract(model, x, amp=False)[1], rtol=0, atol=1e-5)
 
 
 def test_the_frozen_part_runs_without_autograd_and_its_statistics_stay_fixed():
-    model = build_model(make_config("folder", ["freeze_stages=5", "pretrained=false", "freeze_bn=false"]), "cpu")
+    model = model_from_config(make_config("folder", ["freeze_stages=5", "pretrained=false", "freeze_bn=false"]), "cpu")
     model.train()
     net = model.backbone
     assert not net.bn1.training and not net.blocks[4].training and net.blocks[5].training
@@ -213,7 +213,7 @@ def test_train_float32_runs_the_trained_layers_in_float32_under_bfloat16_autocas
     """train_float32: the layers that train compute in float32 (their outputs and weight gradients), the frozen
     stages keep bfloat16; without it everything under autocast computes in bfloat16."""
     cfg = make_config("folder", [f"freeze_stages={frozen}", "pretrained=false", "grad_checkpointing=false"])
-    model = build_model(cfg, "cpu")
+    model = model_from_config(cfg, "cpu")
     model.train()
     net, seen = model.backbone, {}
     net.blocks[4].register_forward_hook(lambda m, i, o: seen.update(stage5=o.dtype))
@@ -269,10 +269,10 @@ def test_a_run_with_the_frozen_outputs_kept_equals_one_that_recomputes_them(tmp_
 def test_probing_the_frozen_stages_leaves_the_pretrained_network_as_it_is():
     """Sizing the frozen stages' outputs (a forward pass of blank images) changes no weight nor BatchNorm
     statistic, even on a model in training mode: the run starts from the pretrained network itself."""
-    pretrained = build_model(make_config("folder", ["embedding_dim=null"]), "cpu").state_dict()
+    pretrained = model_from_config(make_config("folder", ["embedding_dim=null"]), "cpu").state_dict()
     for freeze_bn in (True, False):
         cfg = make_config("folder", ["embedding_dim=null", "freeze_stages=5", f"freeze_bn={freeze_bn}"])
-        model = build_model(cfg, "cpu")
+        model = model_from_config(cfg, "cpu")
         assert not model.backbone.blocks[0].training  # frozen stages in eval mode from construction on
         model.train()
         assert frozen_cache_fits(model, precision_for("cpu"), 10, 2.0)

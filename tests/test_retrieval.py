@@ -13,7 +13,7 @@ from PIL import Image
 from udml.checkpoint import save_model
 from udml.cli import main
 from udml.config import default_num_clusters, load_config, make_config
-from udml.models import build_model
+from udml.models import model_from_config
 from udml.retrieval import (
     Embedder,
     build_index,
@@ -200,7 +200,7 @@ def test_command_line_search_errors(tmp_path, embedded, capsys):
     save_embeddings(emb, embedded)
     other = tmp_path / "other.pt"
     cfg = make_config("digits", ["embedding_dim=16"])
-    save_model(build_model(cfg), cfg, other)
+    save_model(model_from_config(cfg), cfg, other)
     assert main(["search", str(emb), embedded.paths[0], "--model", str(other)]) == 2
     assert "32-d embeddings" in capsys.readouterr().err
     assert main(["search", str(emb), str(tmp_path / "nope.jpg")]) == 2
@@ -216,10 +216,10 @@ def test_search_with_another_network_is_an_error(tmp_path, cub3, model_file, cap
     run.mkdir()
     cfg = make_config("digits", ["embedding_dim=32"])
     torch.manual_seed(0)
-    same = build_model(cfg)
+    same = model_from_config(cfg)
     save_model(same, cfg, run / "model.pt")
     torch.manual_seed(1)
-    other = build_model(cfg)
+    other = model_from_config(cfg)
     save_model(other, cfg, tmp_path / "other.pt")
     few = tmp_path / "few"
     (few / CLASSES[0]).mkdir(parents=True)

@@ -8,9 +8,9 @@ from udml.cli import main as cli
 from udml.config import make_config
 from udml.inference import load_model
 from udml.losses import create_loss
-from udml.models import build_model
+from udml.models import model_from_config
 from udml.rundir import CHECKPOINT, METRICS, MODEL
-from udml.training import train, training_step
+from udml.training import StepSettings, train, training_step
 
 QUICK = ["pseudo_epochs=4", "recluster_every=2", "num_workers=0", "pictures=false"]
 
@@ -54,7 +54,7 @@ def test_default_job_writes_a_run_folder(tmp_path, capsys):
     model = load_model(run / MODEL)
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     state = ckpt.load(run / CHECKPOINT)
-    trained = build_model(make_config("digits"))
+    trained = model_from_config(make_config("digits"))
     trained.load_state_dict(state["model"])
     assert torch.allclose(model(x), trained.eval()(x), atol=1e-6)
     # udml evaluate on the saved model reproduces the run's final evaluation
@@ -100,14 +100,14 @@ def test_resume_continues_and_reaches_the_same_result(tmp_path):
 
 def test_rotation_weight_zero_switches_the_rotation_task_off():
     cfg = make_config("digits", ["rotation_weight=0"])
-    model = build_model(cfg).train()
+    model = model_from_config(cfg).train()
     x = torch.randint(0, 256, (80, 3, 32, 32), dtype=torch.uint8)
     y = torch.arange(16).repeat_interleave(5)
-    loss, terms = training_step(model, create_loss(cfg.loss), x, y, cfg)
+    loss, terms = training_step(model, create_loss(cfg.loss), x, y, StepSettings.of(cfg))
     loss.backward()
     assert list(terms) == ["metric_loss"] and all(p.grad is None for p in model.rotation.parameters())
     cfg = make_config("digits", ["rotation_weight=0.5"])
-    loss, terms = training_step(model, create_loss(cfg.loss), x, y, cfg)
+    loss, terms = training_step(model, create_loss(cfg.loss), x, y, StepSettings.of(cfg))
     assert loss.item() == pytest.approx(terms["metric_loss"].item() + 0.5 * terms["rotation_loss"].item(), rel=1e-5)
     assert 0 <= terms["rotation_accuracy"] <= 1
 

@@ -18,7 +18,8 @@ FLOAT32_HELP = (
 def _train(args) -> int:
     cfg, resume_dir = _train_config(args)  # before importing torch: a bad argument is reported at once
     from . import distributed
-    from .training import log, log_to_console, train
+    from .logs import log, log_to_console
+    from .training import train
 
     log_to_console()
     if getattr(args, "picked", None):  # --data without --config: say which recipe, and how to get the other

@@ -336,7 +336,7 @@ class UDMLNet(nn.Module):
         return self.embed(pooled[: len(x)]), self.rotation_logits(pooled[len(x) :])
 
 
-def freeze_stages(net: nn.Module, n: int, name: str = "backbone") -> None:
+def freeze_first_stages(net: nn.Module, n: int, name: str = "backbone") -> None:
     """Fix the weights of the stem and the first ``n`` stages (``net.blocks[:n]``, timm's EfficientNet/MobileNet
     family). Autograd then keeps no activations of those layers for the backward pass and computes no gradients
     through them: a training step costs less time and memory, which is what a CPU needs."""
@@ -371,23 +371,50 @@ def use_grad_checkpointing(cfg, device) -> bool:
     return device is not None and torch.device(device).type == "cpu" and timm_family and cfg.freeze_bn and few_frozen
 
 
-def build_model(cfg, device=None) -> UDMLNet:
-    """The network of a configuration; ``device`` (where it will train) only decides grad_checkpointing=null."""
-    backbone = create_backbone(cfg.backbone, cfg.pretrained)
-    if use_grad_checkpointing(cfg, device):
-        if not hasattr(backbone.module, "set_grad_checkpointing"):
+def build_model(
+    backbone: str,
+    *,
+    pretrained: bool = True,
+    embedding_dim: int | None = 512,
+    rotation_hidden: int = 256,
+    freeze_bn: bool = True,
+    freeze_stages: int = 0,
+    image_size: int | None = None,
+    resize_size: int | None = None,
+    grad_checkpointing: bool = False,
+) -> UDMLNet:
+    """The network: backbone ``backbone`` (a name in BACKBONES or ``timm:<name>``) with its two heads."""
+    net = create_backbone(backbone, pretrained)
+    if grad_checkpointing:
+        if not hasattr(net.module, "set_grad_checkpointing"):
             raise ValueError(
-                f"backbone {cfg.backbone!r} does not support gradient checkpointing; it is available "
+                f"backbone {backbone!r} does not support gradient checkpointing; it is available "
                 "for timm backbones (efficientnet_lite0, timm:<name>); set grad_checkpointing=false"
             )
-        backbone.module.set_grad_checkpointing(True)
-    if cfg.freeze_stages:
-        freeze_stages(backbone.module, cfg.freeze_stages, cfg.backbone)
+        net.module.set_grad_checkpointing(True)
+    if freeze_stages:
+        freeze_first_stages(net.module, freeze_stages, backbone)
     return UDMLNet(
-        backbone,
-        cfg.embedding_dim,
-        cfg.rotation_hidden,
-        cfg.freeze_bn,
-        ImageConfig.for_backbone(backbone, cfg.image_size, cfg.resize_size),
-        frozen_stages=cfg.freeze_stages if splits_at_stages(backbone.module) else 0,
+        net,
+        embedding_dim,
+        rotation_hidden,
+        freeze_bn,
+        ImageConfig.for_backbone(net, image_size, resize_size),
+        frozen_stages=freeze_stages if splits_at_stages(net.module) else 0,
+    )
+
+
+def model_from_config(cfg, device=None) -> UDMLNet:
+    """build_model with a configuration's fields; ``device`` (where it will train) only resolves
+    grad_checkpointing=null (use_grad_checkpointing)."""
+    return build_model(
+        cfg.backbone,
+        pretrained=cfg.pretrained,
+        embedding_dim=cfg.embedding_dim,
+        rotation_hidden=cfg.rotation_hidden,
+        freeze_bn=cfg.freeze_bn,
+        freeze_stages=cfg.freeze_stages,
+        image_size=cfg.image_size,
+        resize_size=cfg.resize_size,
+        grad_checkpointing=use_grad_checkpointing(cfg, device),
     )

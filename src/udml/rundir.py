@@ -53,6 +53,35 @@ class RunDir:
             )
 
 
+def new_run_dir(out_dir: str | Path, run_name: str | None, default_name: str) -> Path:
+    """A new run folder ``out_dir/run_name`` (or ``default_name``); refuses one that holds a checkpoint."""
+    run_dir = Path(out_dir) / (run_name or default_name)
+    if (run_dir / CHECKPOINT).exists():
+        raise FileExistsError(
+            f"run folder {run_dir} already holds a checkpoint; continue it with "
+            f"--resume {run_dir}, or choose another run_name"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def check_same_configuration(now: dict, saved: dict, path: str | Path, ignore=()) -> None:
+    """A resumed run must have the configuration its checkpoint was written with, except the keys ``ignore``
+    (config.RUNTIME_FIELDS: those that do not change the result)."""
+    diff = [
+        f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now"
+        for k in now
+        if k not in ignore and saved.get(k) != now[k]
+    ]
+    if diff:
+        raise ValueError(
+            f"checkpoint {path} was written with a different configuration ("
+            + "; ".join(diff)
+            + "). Resume with the run folder's own config.yaml "
+            "(udml train --resume RUN_DIR) or start a new run."
+        )
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str = "file") -> None:
     """Write a file so that ``path`` holds either the old or the new content, never a torn one: ``write(f)``
     fills a temporary file in the same folder, which is flushed to disk and renamed over ``path``.

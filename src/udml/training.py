@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,64 +24,15 @@ from .devices import Precision, precision_for, resolve_device
 from .errors import NonFiniteError
 from .evaluation import check_recall_ks, evaluate
 from .inference import extract, frozen_features
+from .logs import progress_bar_drawn, setup_logging
 from .losses import create_loss, rotation_batch, rotation_loss
-from .models import build_model
+from .models import model_from_config
 from .plots import write_run_pictures
 from .report import ScheduleClock, format_duration, format_metrics, summary
-from .rundir import CHECKPOINT, LOG, MetricsFile, RunDir, remove_temporaries
+from .rundir import CHECKPOINT, MetricsFile, RunDir, check_same_configuration, new_run_dir, remove_temporaries
 from .samplers import ClusterBatchSampler, check_world_size, one_per_cluster
 
 log = logging.getLogger("udml")
-
-
-class _ConsoleHandler(logging.Handler):
-    """Prints through tqdm, so that a line never tears a progress bar; progress lines (``extra={"progress":
-    True}``) only when no bar is drawn (not a terminal): the bar shows the same."""
-
-    def __init__(self):
-        super().__init__()
-        self.bar_drawn = False
-
-    def emit(self, record):
-        if getattr(record, "progress", False) and self.bar_drawn:
-            return
-        try:
-            tqdm.write(self.format(record), file=sys.stdout)
-        except Exception:  # noqa: BLE001 - logging must not raise
-            self.handleError(record)
-
-
-_console = _ConsoleHandler()
-
-
-def log_to_console() -> None:
-    """udml's messages on stdout, for the command line. A program that imports udml configures logging itself:
-    the library adds no console handler of its own and leaves the root logger alone."""
-    if _console not in log.handlers:
-        log.addHandler(_console)
-    log.setLevel(logging.INFO)
-
-
-def setup_logging(run_dir: Path | None, quiet: bool = False, resume: bool = False) -> None:
-    """run_dir/train.log gets every message of the run, after a line that marks where this start or resume
-    begins; ``quiet``: warnings only, for the non-main processes of a torchrun job."""
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
-    _console.setFormatter(logging.Formatter("%(message)s"))
-    _console.bar_drawn = False
-    for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:  # an earlier run in this process
-        log.removeHandler(h)
-        h.close()
-    if run_dir is not None:
-        handler = logging.FileHandler(run_dir / LOG)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(handler)
-        if handler.stream.tell() > 0:  # a folder reused after a kill, or resumed
-            handler.stream.write("\n")
-        handler.stream.write(
-            f"{datetime.now():%Y-%m-%d %H:%M:%S} ===== udml train "
-            f"{'--resume' if resume else 'started'} (pid {os.getpid()}) =====\n"
-        )
-        handler.flush()
 
 
 def build_datasets(cfg: Config, image_size: int):
@@ -166,34 +115,6 @@ def warm_start(features: torch.Tensor, previous_labels: torch.Tensor, k: int) ->
     return sums / counts
 
 
-def new_run_dir(cfg: Config) -> Path:
-    name = cfg.run_name or f"{cfg.dataset}-{cfg.backbone.replace(':', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = Path(cfg.out_dir) / name
-    if (run_dir / CHECKPOINT).exists():
-        raise FileExistsError(
-            f"run folder {run_dir} already holds a checkpoint; continue it with "
-            f"--resume {run_dir}, or choose another run_name"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def check_resumable(cfg: Config, saved: dict, path: Path) -> None:
-    now = cfg.to_dict()
-    diff = [
-        f"{k}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now"
-        for k in now
-        if k not in RUNTIME_FIELDS and saved.get(k) != now[k]
-    ]
-    if diff:
-        raise ValueError(
-            f"checkpoint {path} was written with a different configuration ("
-            + "; ".join(diff)
-            + "). Resume with the run folder's own config.yaml "
-            "(udml train --resume RUN_DIR) or start a new run."
-        )
-
-
 @dataclass
 class Session:
     """Everything a run builds once: model, optimiser, loss, data (train with both transforms, test)."""
@@ -245,7 +166,7 @@ def prepare(cfg: Config, device: torch.device) -> Session:
         # similarities (tiny; the miner thresholds them), k-means assignments and the exact evaluation, and the
         # network's linear layers run in bf16 under autocast anyway.
         torch.backends.cudnn.allow_tf32 = True
-    model = precision.prepare(build_model(cfg, device).to(device))
+    model = precision.prepare(model_from_config(cfg, device).to(device))
     metric_loss = create_loss(cfg.loss, cfg.loss_params).to(device)  # a bad loss name fails before decoding
     aug, plain, test = build_datasets(cfg, model.image_size)
     if cfg.num_clusters is None:
@@ -416,6 +337,7 @@ def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, p
     or -1; on the CPU the round stops at the first one. ``progress(step)`` is called after every step; the round
     ends early when ``stop()`` says so before a step (the time budget)."""
     label_dev = labels.to(s.device)
+    settings = StepSettings.of(s.cfg)
     sums, steps = {}, torch.zeros((), device=s.device)
     bad_step = torch.full((), -1, dtype=torch.long, device=s.device)
     s.model.train()
@@ -424,7 +346,7 @@ def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, p
             break
         x = x.to(s.device, non_blocking=True)
         y = label_dev[idx.to(s.device, non_blocking=True)]
-        loss, terms = training_step(s.train_model, s.metric_loss, x, y, s.cfg, s.precision, distributed.world_size())
+        loss, terms = training_step(s.train_model, s.metric_loss, x, y, settings, s.precision, distributed.world_size())
         step += 1
         finite = torch.isfinite(loss)
         bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
@@ -502,7 +424,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
         ),
         deadline=started + parse_duration(cfg.time_budget) if cfg.time_budget else None,
     )
-    _console.bar_drawn = not loop.bar.disable
+    progress_bar_drawn(not loop.bar.disable)
     if state is None:
         loop.metrics.truncate_after(-1)
         evaluate_start(s, loop, progress)
@@ -538,13 +460,17 @@ def closing_seconds(s: Session, clock: ScheduleClock) -> float:
     return clock.eval_seconds * (2 if s.cfg.pictures else 1) + (10.0 if s.cfg.pictures else 2.0)
 
 
+def default_name(cfg: Config) -> str:
+    return f"{cfg.dataset}-{cfg.backbone.replace(':', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
 def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[RunDir | None, dict | None]:
     """The run folder (made by the main process and shared with the others; None for them), its logging, and
     with ``resume`` the checkpoint's state (checked against ``cfg``)."""
     main = distributed.is_main()  # under torchrun only the main process writes files and logs
     path = None
     if main:
-        path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+        path = Path(run_dir) if run_dir is not None else new_run_dir(cfg.out_dir, cfg.run_name, default_name(cfg))
         path.mkdir(parents=True, exist_ok=True)
     run = RunDir(distributed.broadcast_object(str(path) if main else None))
     setup_logging(run.path if main else None, quiet=not main, resume=resume)
@@ -553,7 +479,8 @@ def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[RunDir | 
     state = None
     if resume:
         state = ckpt.read_checkpoint(run.checkpoint, keys=("config",))
-        check_resumable(cfg, state["config"], run.checkpoint)  # a changed configuration is the likelier mistake
+        # a changed configuration is the likelier mistake: said first
+        check_same_configuration(cfg.to_dict(), state["config"], run.checkpoint, ignore=RUNTIME_FIELDS)
         ckpt.check_checkpoint(state, run.checkpoint)
     return (run if main else None), state
 
@@ -629,31 +556,44 @@ def non_finite(progress: Progress, run: RunDir | None, what: str) -> NonFiniteEr
 def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
     """Round ``rnd``: cluster (or, for the supervised ceiling, take the true labels), train, evaluate when due,
     checkpoint when due."""
-    cfg = s.cfg
-    rounds = cfg.num_rounds()
-    round_seed = cfg.seed * 1_000_003 + rnd
+    round_seed = s.cfg.seed * 1_000_003 + rnd
     ckpt.seed_all(round_seed)
-    t = time.time()
+    drawn = pseudo_labels(s, loop, progress, rnd)
+    train_steps(s, loop, progress, rnd, drawn, round_seed)
+    evaluate_if_due(s, loop, progress, rnd)
+    checkpoint_if_due(s, loop, progress, rnd)
+    progress.rounds_done = rnd
+
+
+def pseudo_labels(s: Session, loop: Loop, progress: Progress, rnd: int) -> torch.Tensor:
+    """The round's clustering: sets ``progress.labels`` and returns the labels the batches draw from (-1 for
+    images left out by confident_fraction)."""
+    cfg, t = s.cfg, time.time()
     if cfg.supervised:  # a benchmark ceiling, not the method: true training labels instead of clusters
         if s.aug.labels is None:
             raise ValueError("supervised=true needs a labelled training split; this one has no labels")
         progress.labels = torch.as_tensor(s.aug.labels)
-        keep = None
-    else:
-        try:
-            progress.labels, keep, result, stats = cluster(s, progress.labels, seed=cfg.seed + rnd)
-        except NonFiniteError as e:  # weights blown up by the last steps, loss still finite
-            raise non_finite(
-                progress, loop.run, f"{e} after step {progress.step} (at the clustering of round {rnd})"
-            ) from None
-        loop.metrics.append(kind="cluster", round=rnd, step=progress.step, seconds=time.time() - t, **stats)
-        loop.clock.cluster_seconds = loop.clock.cluster_seconds or time.time() - t
-        if result is not None and (rnd == 1 or rnd == rounds or rnd % max(1, rounds // 10) == 0):
-            log.info("round %d/%d clustering: %s (%.1fs)", rnd, rounds, describe_clusters(stats), time.time() - t)
+        return progress.labels
+    try:
+        progress.labels, keep, result, stats = cluster(s, progress.labels, seed=cfg.seed + rnd)
+    except NonFiniteError as e:  # weights blown up by the last steps, loss still finite
+        raise non_finite(
+            progress, loop.run, f"{e} after step {progress.step} (at the clustering of round {rnd})"
+        ) from None
+    loop.metrics.append(kind="cluster", round=rnd, step=progress.step, seconds=time.time() - t, **stats)
+    loop.clock.cluster_seconds = loop.clock.cluster_seconds or time.time() - t
+    rounds = cfg.num_rounds()
+    if result is not None and (rnd == 1 or rnd == rounds or rnd % max(1, rounds // 10) == 0):
+        log.info("round %d/%d clustering: %s (%.1fs)", rnd, rounds, describe_clusters(stats), time.time() - t)
+    return torch.where(keep, progress.labels, -1)
 
+
+def train_steps(s: Session, loop: Loop, progress: Progress, rnd: int, drawn: torch.Tensor, round_seed: int) -> None:
+    """The round's steps over P x M batches of the ``drawn`` labels, stopped early by the time budget."""
+    cfg = s.cfg
     if loop.sampler is None:
         loop.sampler = ClusterBatchSampler(
-            progress.labels.numpy(),
+            drawn.numpy(),
             cfg.clusters_per_batch,
             cfg.images_per_cluster,
             cfg.iterations_per_round(),
@@ -664,8 +604,6 @@ def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
         loop.loader = make_loader(
             s.aug, batch_sampler=loop.sampler, num_workers=s.workers, device=s.device, persistent=True
         )
-    # images left out of this round's batches (confident_fraction) get the sampler's "no cluster" label -1
-    drawn = progress.labels if keep is None else torch.where(keep, progress.labels, -1)
     loop.sampler.reset(drawn.numpy(), seed=round_seed)
     t = time.time()
     loop.clock.round_started(progress.step)
@@ -692,36 +630,46 @@ def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
     )
     loop.bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k.endswith("loss")}, refresh=False)
 
-    due = cfg.eval_every and rnd % cfg.eval_every == 0 and rnd != rounds and s.test_labels is not None
-    if due and not loop.stopped and not over_budget(s, loop, loop.clock.eval_seconds):
-        t = time.time()
-        m = evaluate_model(s, with_pooled=False).get("embedding")
-        if m is not None:
-            loop.metrics.append(
-                kind="eval", round=rnd, step=progress.step, features="embedding", seconds=time.time() - t, **m
-            )
-            log.info("step %6d (embedding) %s", progress.step, format_metrics(m))
 
-    if rnd % max(1, cfg.checkpoint_every) == 0 or rnd == rounds or loop.stopped:
-        if not model_is_finite(s):  # a checkpoint that only yields NaN would not be a good one
-            raise non_finite(
-                progress,
-                loop.run,
-                f"the weights or the network's outputs became NaN or infinite by step {progress.step} (round {rnd})",
-            )
-        if loop.run is not None:
-            ckpt.save_checkpoint(
-                loop.run.checkpoint,
-                s.model,
-                s.optimizer,
-                rounds_done=rnd,
-                step=progress.step,
-                labels=progress.labels,
-                config=cfg.to_dict(),
-                start_metrics=progress.start_metrics,
-            )
-        progress.saved_round = rnd
-    progress.rounds_done = rnd
+def evaluate_if_due(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
+    """Every ``eval_every`` rounds (the last round's evaluation is finish()'s), when the time budget allows."""
+    cfg = s.cfg
+    due = cfg.eval_every and rnd % cfg.eval_every == 0 and rnd != cfg.num_rounds() and s.test_labels is not None
+    if not due or loop.stopped or over_budget(s, loop, loop.clock.eval_seconds):
+        return
+    t = time.time()
+    m = evaluate_model(s, with_pooled=False).get("embedding")
+    if m is not None:
+        loop.metrics.append(
+            kind="eval", round=rnd, step=progress.step, features="embedding", seconds=time.time() - t, **m
+        )
+        log.info("step %6d (embedding) %s", progress.step, format_metrics(m))
+
+
+def checkpoint_if_due(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
+    """Every ``checkpoint_every`` rounds, after the last one and when the time budget stopped training; never
+    a checkpoint whose network yields NaN."""
+    cfg = s.cfg
+    if not (rnd % max(1, cfg.checkpoint_every) == 0 or rnd == cfg.num_rounds() or loop.stopped):
+        return
+    if not model_is_finite(s):
+        raise non_finite(
+            progress,
+            loop.run,
+            f"the weights or the network's outputs became NaN or infinite by step {progress.step} (round {rnd})",
+        )
+    if loop.run is not None:
+        ckpt.save_checkpoint(
+            loop.run.checkpoint,
+            s.model,
+            s.optimizer,
+            rounds_done=rnd,
+            step=progress.step,
+            labels=progress.labels,
+            config=cfg.to_dict(),
+            start_metrics=progress.start_metrics,
+        )
+    progress.saved_round = rnd
 
 
 def describe_clusters(stats: dict) -> str:
@@ -833,7 +781,30 @@ def budget_plan(s: Session, loop: Loop, step: int) -> str:
     )
 
 
-def training_step(model, metric_loss, x, y, cfg: Config, precision: Precision | None = None, world_size: int = 1):
+@dataclass(frozen=True)
+class StepSettings:
+    """What a training step takes from the configuration."""
+
+    images_per_cluster: int  # M: a batch holds each cluster's M images one after another
+    rotation_images: int = 16  # R: one image of each of the first R clusters, rotated 4 ways
+    rotation_weight: float = 0.1  # lambda; 0: no rotation task
+    separate_rotation_pass: bool = False  # rotation_pass=separate
+    trained_float32: bool = False  # train_float32
+
+    @classmethod
+    def of(cls, cfg: Config) -> "StepSettings":
+        return cls(
+            cfg.images_per_cluster,
+            cfg.rotation_images,
+            cfg.rotation_weight,
+            cfg.rotation_pass == "separate",
+            cfg.train_float32,
+        )
+
+
+def training_step(
+    model, metric_loss, x, y, step: StepSettings, precision: Precision | None = None, world_size: int = 1
+):
     """Forward both tasks in one pass over [batch; rotated images]; returns (total loss, named terms).
 
     The terms are detached, for logging: ``metric_loss``, and with the rotation task ``rotation_loss`` and
@@ -844,16 +815,17 @@ def training_step(model, metric_loss, x, y, cfg: Config, precision: Precision | 
     float32, NCHW)."""
     precision = precision or Precision(x.device.type)
     x = precision.layout(x)
-    rotate = cfg.rotation_weight > 0
+    rotate = step.rotation_weight > 0
+    f32 = step.trained_float32
     with precision.autocast():
         if rotate:  # one image of each of the first R clusters of the batch
             xr, yr = rotation_batch(
-                one_per_cluster(x, cfg.images_per_cluster)[: max(1, cfg.rotation_images // world_size)]
+                one_per_cluster(x, step.images_per_cluster)[: max(1, step.rotation_images // world_size)]
             )
             xr = precision.layout(xr)
-            emb, logits = model(x, xr, separate=cfg.rotation_pass == "separate", trained_float32=cfg.train_float32)
+            emb, logits = model(x, xr, separate=step.separate_rotation_pass, trained_float32=f32)
         else:
-            emb = model(x, trained_float32=cfg.train_float32)
+            emb = model(x, trained_float32=f32)
     metric = metric_loss(emb.float(), y)
     terms = {"metric_loss": metric.detach() / world_size}
     if not rotate:
@@ -861,4 +833,4 @@ def training_step(model, metric_loss, x, y, cfg: Config, precision: Precision | 
     rotation = rotation_loss(logits, yr)
     terms["rotation_loss"] = rotation.detach()
     terms["rotation_accuracy"] = (logits.argmax(1) == yr).float().mean()
-    return metric + cfg.rotation_weight * rotation, terms
+    return metric + step.rotation_weight * rotation, terms
