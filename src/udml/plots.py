@@ -342,3 +342,47 @@ def write_run_pictures(
     if written:
         log.info("pictures: %s", ", ".join(str(p) for p in written))
     return written
+
+
+# The 2-D map of a collection (udml serve): t-SNE, fitted on a sample when the collection is large.
+MAP_FIT_POINTS = 5000
+MAP_NEIGHBOURS = 10
+
+
+def map_method(n: int, fit_points: int) -> str:
+    if n < 5:
+        return f"{n} images are too few for t-SNE: shown in a row"
+    if n <= fit_points:
+        return f"t-SNE of all {n} embeddings"
+    return (
+        f"t-SNE fitted on a random sample of {fit_points} of the {n} embeddings; every other image is placed "
+        f"at the similarity-weighted mean of its {MAP_NEIGHBOURS} nearest sampled images"
+    )
+
+
+def map_2d(vectors: np.ndarray, fit_points: int = MAP_FIT_POINTS, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D coordinates [N, 2] of L2-normalised vectors, and how they were made.
+
+    t-SNE (scikit-learn) costs minutes beyond a few thousand points on a CPU, and cannot place new points;
+    so above ``fit_points`` it is fitted on a random sample and the rest are interpolated from their
+    nearest sampled neighbours (exact inner-product search with faiss).
+    """
+    import faiss
+
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    n = len(x)
+    method = map_method(n, fit_points)
+    if n < 5:
+        return np.c_[np.arange(n), np.zeros(n)].astype(np.float32), method
+    if n <= fit_points:
+        return tsne_2d(x, seed).astype(np.float32), method
+    fit = np.sort(np.random.default_rng(seed).choice(n, fit_points, replace=False))
+    xy_fit = tsne_2d(x[fit], seed).astype(np.float32)
+    sample = faiss.IndexFlatIP(x.shape[1])
+    sample.add(x[fit])
+    scores, nearest = sample.search(x, MAP_NEIGHBOURS)
+    weights = np.exp((scores - scores[:, :1]) / 0.05)  # softmax over similarities, temperature 0.05
+    weights /= weights.sum(1, keepdims=True)
+    xy = np.einsum("nk,nkd->nd", weights, xy_fit[nearest])
+    xy[fit] = xy_fit
+    return xy.astype(np.float32), method

@@ -82,9 +82,12 @@ def check_same_configuration(now: dict, saved: dict, path: str | Path, ignore=()
         )
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str = "file") -> None:
+def atomic_write(
+    path: str | Path, write: Callable[[IO[bytes]], None], what: str = "file", durable: bool = True
+) -> None:
     """Write a file so that ``path`` holds either the old or the new content, never a torn one: ``write(f)``
-    fills a temporary file in the same folder, which is flushed to disk and renamed over ``path``.
+    fills a temporary file in the same folder, which is flushed to disk and renamed over ``path``. The one
+    atomic-write routine of the package. ``durable=False`` (caches that can be remade) skips the fsyncs.
 
     On failure (full disk, unwritable folder) the temporary file is removed, the previous file at ``path`` is
     left as it was, and an OSError with the same errno says so."""
@@ -95,7 +98,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None:
@@ -111,6 +115,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str
                 f"intact. Free disk space or make the run folder writable{then}",
             ) from e
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
