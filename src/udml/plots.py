@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .rundir import METRICS
+from .rundir import METRICS, MetricsFile
 
 log = logging.getLogger("udml")
 
@@ -131,10 +130,11 @@ def retrieval_grid(
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (rundir.MetricsFile reads it); a missing file is an error here."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}; it is written by udml train into the run folder")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return MetricsFile(path).read()
 
 
 def training_curves(records: list[dict], path: str | Path, title: str | None = None) -> Path:

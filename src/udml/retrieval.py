@@ -59,7 +59,7 @@ class Embedder:
         """``amp``: the device's fast path (bfloat16 where native, channels_last; see udml.devices); False:
         float32, for bit-stable embeddings."""
         self.device = resolve_device(device)
-        self.precision = precision_for(self.device, amp)
+        self.amp, self.precision = amp, precision_for(self.device, amp)
         self.model = self.precision.prepare(model.to(self.device).eval())
         self.image = model.image  # crop and resize sizes, normalisation: the model's own
         self.image_size = model.image.crop_size
@@ -101,11 +101,12 @@ class Embedder:
                 f"cannot read {where} ({type(e).__name__}: {e}); pass a PIL image or the path of an image file"
             ) from e
 
-    @torch.no_grad()
     def embed_tensors(self, x: torch.Tensor) -> np.ndarray:
-        """Embeddings of a uint8 batch [B, 3, H, W] already transformed to ``image_size``."""
-        with self.precision.autocast():
-            return self.model(self.precision.layout(x.to(self.device))).float().cpu().numpy()
+        """Embeddings of a uint8 batch [B, 3, H, W] already transformed to ``image_size``: the one embedding
+        pass of the package (inference.extract), in this embedder's precision."""
+        from .inference import extract
+
+        return extract(self.model, x, batch_size=max(1, len(x)), amp=self.amp, pooled=False)[1].cpu().numpy()
 
     def embed(self, images, batch_size: int = 64) -> np.ndarray:
         """Float32 [N, D] embeddings of a list of PIL images or paths (or of one of them: [1, D])."""
