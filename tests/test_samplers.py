@@ -50,10 +50,12 @@ def test_too_few_clusters_is_a_clear_error():
         ClusterBatchSampler(np.array([0, 0, 1, 1, 5, 5]), 4, 2, 1)
 
 
-def test_images_labelled_minus_one_are_never_drawn():
+def test_images_outside_keep_are_never_drawn():
     labels = np.repeat(np.arange(6), 10)
-    labels[::3] = -1  # left out of the round (confident_fraction)
-    sampler = ClusterBatchSampler(labels, clusters_per_batch=4, images_per_cluster=3, num_batches=50, seed=1)
+    keep = np.arange(60) % 3 != 0  # left out of the round (confident_fraction)
+    sampler = ClusterBatchSampler(labels, 4, 3, num_batches=50, seed=1, keep=keep)
     drawn = {i for batch in sampler for i, _ in batch}
-    assert drawn and all(labels[i] >= 0 for i in drawn)
+    assert drawn and all(keep[i] for i in drawn)
     assert len(sampler.members) == 6
+    sampler.reset(labels, seed=1)  # without keep: every image again
+    assert {i for batch in sampler for i, _ in batch} - drawn

@@ -39,17 +39,18 @@ class ClusterBatchSampler(torch.utils.data.Sampler):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        keep=None,
     ):
         self.P, self.M, self.num_batches = clusters_per_batch, images_per_cluster, num_batches
         check_world_size(clusters_per_batch, world_size)
         self.rank, self.world_size = rank, world_size
-        self.reset(labels, seed)
+        self.reset(labels, seed, keep)
 
-    def reset(self, labels, seed: int) -> None:
-        """New pseudo-labels (after a clustering) and a new seed; takes effect at the next iteration. Images
-        labelled -1 belong to no cluster and are never drawn."""
+    def reset(self, labels, seed: int, keep=None) -> None:
+        """New pseudo-labels (after a clustering) and a new seed; takes effect at the next iteration. ``keep``: a
+        bool mask of the images that may be drawn (confident_fraction); None: all."""
         labels = np.asarray(labels)
-        drawn = np.flatnonzero(labels >= 0)
+        drawn = np.arange(len(labels)) if keep is None else np.flatnonzero(np.asarray(keep, dtype=bool))
         _, inverse = np.unique(labels[drawn], return_inverse=True)
         order = drawn[np.argsort(inverse, kind="stable")]
         self.members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])

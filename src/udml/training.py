@@ -558,22 +558,22 @@ def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
     checkpoint when due."""
     round_seed = s.cfg.seed * 1_000_003 + rnd
     ckpt.seed_all(round_seed)
-    drawn = pseudo_labels(s, loop, progress, rnd)
-    train_steps(s, loop, progress, rnd, drawn, round_seed)
+    keep = pseudo_labels(s, loop, progress, rnd)
+    train_steps(s, loop, progress, rnd, keep, round_seed)
     evaluate_if_due(s, loop, progress, rnd)
     checkpoint_if_due(s, loop, progress, rnd)
     progress.rounds_done = rnd
 
 
-def pseudo_labels(s: Session, loop: Loop, progress: Progress, rnd: int) -> torch.Tensor:
-    """The round's clustering: sets ``progress.labels`` and returns the labels the batches draw from (-1 for
-    images left out by confident_fraction)."""
+def pseudo_labels(s: Session, loop: Loop, progress: Progress, rnd: int) -> torch.Tensor | None:
+    """The round's clustering: sets ``progress.labels`` and returns the mask of the images the batches draw from
+    (confident_fraction), or None for all."""
     cfg, t = s.cfg, time.time()
     if cfg.supervised:  # a benchmark ceiling, not the method: true training labels instead of clusters
         if s.aug.labels is None:
             raise ValueError("supervised=true needs a labelled training split; this one has no labels")
         progress.labels = torch.as_tensor(s.aug.labels)
-        return progress.labels
+        return None
     try:
         progress.labels, keep, result, stats = cluster(s, progress.labels, seed=cfg.seed + rnd)
     except NonFiniteError as e:  # weights blown up by the last steps, loss still finite
@@ -585,15 +585,16 @@ def pseudo_labels(s: Session, loop: Loop, progress: Progress, rnd: int) -> torch
     rounds = cfg.num_rounds()
     if result is not None and (rnd == 1 or rnd == rounds or rnd % max(1, rounds // 10) == 0):
         log.info("round %d/%d clustering: %s (%.1fs)", rnd, rounds, describe_clusters(stats), time.time() - t)
-    return torch.where(keep, progress.labels, -1)
+    return None if bool(keep.all()) else keep
 
 
-def train_steps(s: Session, loop: Loop, progress: Progress, rnd: int, drawn: torch.Tensor, round_seed: int) -> None:
-    """The round's steps over P x M batches of the ``drawn`` labels, stopped early by the time budget."""
+def train_steps(s: Session, loop: Loop, progress: Progress, rnd: int, keep, round_seed: int) -> None:
+    """The round's steps over P x M batches of the pseudo-labels (of the images in ``keep``, or all), stopped
+    early by the time budget."""
     cfg = s.cfg
     if loop.sampler is None:
         loop.sampler = ClusterBatchSampler(
-            drawn.numpy(),
+            progress.labels.numpy(),
             cfg.clusters_per_batch,
             cfg.images_per_cluster,
             cfg.iterations_per_round(),
@@ -604,7 +605,7 @@ def train_steps(s: Session, loop: Loop, progress: Progress, rnd: int, drawn: tor
         loop.loader = make_loader(
             s.aug, batch_sampler=loop.sampler, num_workers=s.workers, device=s.device, persistent=True
         )
-    loop.sampler.reset(drawn.numpy(), seed=round_seed)
+    loop.sampler.reset(progress.labels.numpy(), seed=round_seed, keep=None if keep is None else keep.numpy())
     t = time.time()
     loop.clock.round_started(progress.step)
     first_step = progress.step
