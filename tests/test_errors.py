@@ -514,3 +514,20 @@ def test_command_line_turns_user_errors_into_one_line_and_keeps_the_traceback_of
 def _with_func(parser, func):
     parser._subparsers._group_actions[0].choices["index"].set_defaults(func=func)
     return parser
+
+
+def test_a_checkpoint_from_before_a_new_option_resumes_with_the_options_default(tmp_path):
+    """A checkpoint written before train_float32 / confident_fraction / train_crop_size existed lacks them: resuming
+    it with their defaults (the earlier behaviour) is no configuration change; another value is."""
+    data = make_folder(tmp_path / "data")
+    cfg = tiny_config(tmp_path, data)
+    old = {
+        k: v for k, v in cfg.to_dict().items() if k not in ("train_float32", "confident_fraction", "train_crop_size")
+    }
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt.atomic_save({"config": old}, run / "checkpoint.pt")
+    with pytest.raises(ValueError, match="is not a udml training checkpoint"):  # past the configuration check
+        train(cfg, run, resume=True)
+    with pytest.raises(ValueError, match=r"confident_fraction: 1.0 in the checkpoint, 0.5 now"):
+        train(dataclasses.replace(cfg, confident_fraction=0.5), run, resume=True)

@@ -479,8 +479,10 @@ def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[RunDir | 
     state = None
     if resume:
         state = ckpt.read_checkpoint(run.checkpoint, keys=("config",))
-        # a changed configuration is the likelier mistake: said first
-        check_same_configuration(cfg.to_dict(), state["config"], run.checkpoint, ignore=RUNTIME_FIELDS)
+        # a changed configuration is the likelier mistake: said first. A key the checkpoint lacks was added to udml
+        # after it was written, with a default that keeps the earlier behaviour.
+        saved = {**Config().to_dict(), **state["config"]}
+        check_same_configuration(cfg.to_dict(), saved, run.checkpoint, ignore=RUNTIME_FIELDS)
         ckpt.check_checkpoint(state, run.checkpoint)
     return (run if main else None), state
 
