@@ -303,8 +303,10 @@ class UDMLNet(nn.Module):
         return self
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 images [B, 3, H, W] in 0-255 -> the backbone's normalised float input."""
-        return (x.float() - self.mean) / self.std if x.dtype == torch.uint8 else x
+        """uint8 images [B, 3, H, W] in 0-255 -> the backbone's normalised float input, in x's memory layout.
+        One pass converts and subtracts (uint8 - float promotes to float), one divides in place: the same
+        numbers as ``(x.float() - mean) / std`` without its two intermediate tensors."""
+        return torch.sub(x, self.mean).div_(self.std) if x.dtype == torch.uint8 else x
 
     def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen stem and stages' output for images ``x``, without autograd."""
