@@ -27,7 +27,7 @@ For each N, in a fresh subprocess so that peak memory is per size:
   N <= ``--exact-query-limit`` the whole ``evaluate(..., compute_nmi=False)`` call is timed too and must
   agree with the parts; above it, a random subset of Q queries is searched in the full database and the
   times are extrapolated linearly to all N queries.
-- approximate search with faiss (when installed), built by ``udml.retrieval.build_index``: IndexFlatIP
+- approximate search with faiss (when installed), built by ``udml.index.build_index``: IndexFlatIP
   (exact reference), IndexIVFFlat (inner product, nlist = 4 sqrt(N) at most N / 39) at each ``--nprobe``,
   IndexHNSWFlat (M = 32) at each ``--ef-search``. Build time, search time of the Q queries (k = 2, the query
   itself dropped), Recall@1 by class against exact search on the same queries (the loss in points), and
@@ -444,7 +444,7 @@ def run_size(n: int, args) -> dict:
 
 
 def approx_search(x, labels, qidx, exact_nn, exact_r1, args, rows: Rows, info: dict) -> None:
-    from udml.retrieval import build_index
+    from udml.index import build_index
 
     cpu = torch.device("cpu")
     xn = x.numpy()

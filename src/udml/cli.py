@@ -124,36 +124,62 @@ def _evaluate(args) -> int:
 
 
 def _embed(args) -> int:
-    from .retrieval import Embedder, embed_folder, save_embeddings
+    from .data import default_workers
+    from .errors import ModelMismatch
+    from .retrieval import Embedder, embed_folder, load_embeddings, same_embedder, save_embeddings
 
     embedder = Embedder.from_file(args.model, args.device or "auto", amp=not args.float32)
-    from .data import default_workers
-
+    previous = None
+    if Path(args.output).exists() and not args.rebuild:
+        try:
+            previous = load_embeddings(args.output)
+        except ValueError as e:
+            raise ValueError(f"{e}. Pass --rebuild to overwrite it, or write to another file") from e
+        why = same_embedder(previous.meta, embedder)
+        if why is not None:
+            raise ModelMismatch(
+                f"{args.output} exists but {why}: its rows cannot be kept. Pass --rebuild to re-embed every image "
+                "with this model and replace the file, or write to another file"
+            )
+        if previous.stamps is None:
+            print(f"{args.output} records no file sizes and times (written by an older udml): re-embedding all")
+            previous = None
     workers = default_workers() if args.workers < 0 else args.workers
-    emb = embed_folder(embedder, args.folder, batch_size=args.batch_size, num_workers=workers, progress=True)
+    emb = embed_folder(
+        embedder, args.folder, batch_size=args.batch_size, num_workers=workers, progress=True, previous=previous
+    )
     save_embeddings(args.output, emb)
     skipped = f", {len(emb.skipped)} unreadable file(s) skipped" if emb.skipped else ""
-    print(f"{len(emb.paths)} images embedded ({emb.embeddings.shape[1]}-d){skipped} -> {args.output}")
+    c = emb.changes
+    update = f" (updated: {c['kept']} kept, {c['embedded']} embedded, {c['removed']} removed)" if previous else ""
+    print(f"{len(emb.paths)} images embedded ({emb.embeddings.shape[1]}-d){skipped}{update} -> {args.output}")
     return 0
 
 
 def _index(args) -> int:
-    from .retrieval import build_index, load_embeddings, save_index
+    from .index import update_index
+    from .retrieval import load_embeddings
 
     if args.ivf is not None and args.hnsw is not None:
         raise ValueError("choose one of --ivf and --hnsw (or neither, for exact search)")
     kind = "ivf" if args.ivf is not None else "hnsw" if args.hnsw is not None else "flat"
     emb = load_embeddings(args.embeddings)
-    index = build_index(emb.embeddings, kind, nlist=args.ivf or None, hnsw_m=args.hnsw or 32, nprobe=args.nprobe)
-    sidecar = save_index(args.output, index, emb, kind)
-    print(f"{kind} index of {index.ntotal} embeddings -> {args.output} (paths in {sidecar})")
+    done = update_index(
+        args.output, emb, kind, nlist=args.ivf or None, hnsw_m=args.hnsw or 32, nprobe=args.nprobe, rebuild=args.rebuild
+    )
+    if "rebuilt" in done:
+        how = "built" if done["rebuilt"] == "new index" else f"rebuilt ({done['rebuilt']})"
+    else:
+        how = f"updated: {done['kept']} kept, {done['added']} added, {done['removed']} removed"
+    print(f"{kind} index of {done['count']} embeddings {how} -> {args.output} (paths in {args.output}.json)")
     return 0
 
 
 def _search(args) -> int:
     import os
 
-    from .retrieval import PRETRAINED, Embedder, check_model_matches, list_images, load_index, search
+    from .index import load_index, search
+    from .retrieval import PRETRAINED, Embedder, check_model_matches, list_images
 
     index, paths, meta = load_index(args.index)
     model = args.model or meta.get("model")
@@ -293,7 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrained:efficientnet_lite0) to embed with a pretrained backbone alone, without training",
     )
     m.add_argument("folder", help="folder of images (any nesting); unreadable files are reported and skipped")
-    m.add_argument("--output", "-o", required=True, help="embeddings file to write (.npz)")
+    m.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        help="embeddings file to write (.npz). If it exists (same model), only new and changed images are embedded "
+        "and removed ones dropped",
+    )
+    m.add_argument(
+        "--rebuild", action="store_true", help="re-embed every image even if --output exists (e.g. another model)"
+    )
     m.add_argument("--batch-size", type=int, default=64)
     m.add_argument(
         "--workers",
@@ -307,7 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("index", help="build a faiss index (exact by default) over an embeddings file")
     i.add_argument("embeddings", help="an .npz file written by udml embed")
-    i.add_argument("--output", "-o", required=True, help="index file to write; the paths go to <output>.json")
+    i.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        help="index file to write; the paths go to <output>.json. If it exists, it is updated: vectors of removed "
+        "and changed images are removed by ID, new ones added",
+    )
+    i.add_argument("--rebuild", action="store_true", help="build the index anew even if --output exists")
     i.add_argument(
         "--ivf",
         type=int,

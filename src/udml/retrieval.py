@@ -1,13 +1,10 @@
-"""Using a trained model: embed images and folders, index the embeddings with faiss, search by image.
+"""Using a trained model: embed images and folders (udml.index indexes and searches the embeddings).
 
 Embeddings are L2-normalised, so inner product is cosine similarity: scores lie in [-1, 1], higher
-is more similar. Files:
-
-- embeddings ``.npz``: ``embeddings`` (float32 [N, D]), ``paths`` (the absolute image paths, in
-  order) and ``meta`` (JSON text: the model file and the fingerprint of its network, the folder, the
-  image size).
-- index: a faiss index file (``faiss.read_index`` opens it) plus ``<index>.json`` beside it with
-  the image paths and the metadata, in the index's order.
+is more similar. An embeddings ``.npz`` holds ``embeddings`` (float32 [N, D]), ``paths`` (the absolute image
+paths, in order), ``stamps`` (int64 [N, 2], each file's size and mtime_ns when embedded: what lets ``udml embed``
+update the file, embedding only new and changed images) and ``meta`` (JSON text: the model file and the
+fingerprint of its network, the precision, the folder, the image size).
 """
 
 from __future__ import annotations
@@ -27,12 +24,12 @@ from .data import test_transform
 from .devices import precision_for, resolve_device
 from .errors import ModelMismatch
 from .images import open_rgb, report_unreadable
+from .rundir import atomic_write
+from .store import describe_files
 
 log = logging.getLogger("udml")
 
-EMBEDDINGS_FORMAT = "udml-embeddings-1"
-INDEX_FORMAT = "udml-index-1"
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+EMBEDDINGS_FORMAT = "udml-embeddings-1"  # files with a `stamps` array can be updated in place (embed_folder)
 
 
 PRETRAINED = "pretrained:"
@@ -161,6 +158,41 @@ class Embeddings:
     paths: list[str]  # absolute image paths, one per row
     meta: dict = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, error) of unreadable files
+    stamps: np.ndarray | None = None  # int64 [N, 2]: each file's size and mtime_ns when it was embedded
+    changes: dict = field(default_factory=dict)  # embed_folder: how many rows were kept, embedded, removed
+
+
+def _file_stamps(paths: list[str]) -> np.ndarray:
+    """int64 [N, 2], size and mtime_ns of each file, as the image store keys them (-1 where stat fails)."""
+    return np.array([row[1:] for row in describe_files(paths)], dtype=np.int64).reshape(-1, 2)
+
+
+def embedder_meta(embedder: Embedder) -> dict:
+    """What makes two embeddings comparable: the network (fingerprint), its input size and its precision."""
+    return {
+        "image_size": embedder.image_size,
+        "model": embedder.source,
+        "model_fingerprint": embedder.fingerprint,
+        "precision": str(embedder.precision),
+    }
+
+
+def same_meta(a: dict, b: dict) -> str | None:
+    """None when two embeddings' metadata name the same network and precision; else why not, in words."""
+    if a.get("model_fingerprint") != b.get("model_fingerprint"):
+        return (
+            f"they were embedded by another network ({a.get('model')}, fingerprint "
+            f"{str(a.get('model_fingerprint'))[:12]}) than {b.get('model')} ({str(b.get('model_fingerprint'))[:12]})"
+        )
+    if a.get("precision") != b.get("precision"):
+        return f"they were embedded in {a.get('precision')}, not in {b.get('precision')}"
+    return None
+
+
+def same_embedder(meta: dict, embedder: Embedder) -> str | None:
+    """None when embeddings described by ``meta`` came from ``embedder`` (same network and precision); else why
+    not, in words."""
+    return same_meta(meta, embedder_meta(embedder))
 
 
 def list_images(root: str | Path) -> list[str]:
@@ -171,50 +203,76 @@ def list_images(root: str | Path) -> list[str]:
 
 
 def embed_folder(
-    embedder: Embedder, root: str | Path, *, batch_size: int = 64, num_workers: int = 0, progress: bool = False
+    embedder: Embedder,
+    root: str | Path,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = False,
+    previous: Embeddings | None = None,
 ) -> Embeddings:
-    """Embed every image under ``root``; unreadable files are logged and left out (see ``.skipped``)."""
+    """Embed every image under ``root``; unreadable files are logged and left out (see ``.skipped``).
+
+    ``previous``: an earlier result for the same folder by the same embedder (:func:`same_embedder`). Its rows
+    whose file has the same path, size and mtime_ns are kept as they are; only new and changed files are
+    embedded, and files no longer under ``root`` are dropped (counts in ``.changes``). The rows come in the
+    order of a fresh run (sorted paths)."""
     from tqdm import tqdm
 
     paths = list_images(root)
-    files = _Files(paths, embedder.transform, embedder.image_size)
-    loader = torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    rows, errors = [], []
-    with tqdm(total=len(paths), desc="embed", unit="img", disable=not progress, mininterval=2.0) as bar:
-        for x, err in loader:
-            rows.append(embedder.embed_tensors(x))
-            errors += list(err)
-            bar.update(len(x))
-    emb = np.concatenate(rows)
-    ok = np.array([e == "" for e in errors])
-    skipped = [(p, e) for p, e in zip(paths, errors) if e]
+    stamps = _file_stamps(paths)
+    kept_rows = {}
+    if previous is not None and previous.stamps is not None:
+        before = {p: (i, tuple(st)) for i, (p, st) in enumerate(zip(previous.paths, previous.stamps.tolist()))}
+        for p, st in zip(paths, stamps.tolist()):
+            if p in before and before[p][1] == tuple(st) and st[0] >= 0:
+                kept_rows[p] = before[p][0]
+    todo = [p for p in paths if p not in kept_rows]
+    new_rows, errors = {}, {}
+    if todo:
+        files = _Files(todo, embedder.transform, embedder.image_size)
+        loader = torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+        done = 0
+        with tqdm(total=len(todo), desc="embed", unit="img", disable=not progress, mininterval=2.0) as bar:
+            for x, err in loader:
+                emb = embedder.embed_tensors(x)
+                for j, e in enumerate(err):
+                    if e:
+                        errors[todo[done + j]] = e
+                    else:
+                        new_rows[todo[done + j]] = emb[j]
+                done += len(x)
+                bar.update(len(x))
+    skipped = [(p, errors[p]) for p in todo if p in errors]
     report_unreadable(root, skipped)
-    if not ok.any():
+    ok = [i for i, p in enumerate(paths) if p in kept_rows or p in new_rows]
+    if not ok:
         raise ValueError(f"none of the {len(paths)} images under {root} could be read")
+    rows = [previous.embeddings[kept_rows[paths[i]]] if paths[i] in kept_rows else new_rows[paths[i]] for i in ok]
+    emb = np.ascontiguousarray(np.stack(rows), dtype=np.float32)
     meta = {
         "format": EMBEDDINGS_FORMAT,
         "root": os.path.abspath(root),
         "dim": int(emb.shape[1]),
-        "image_size": embedder.image_size,
-        "model": embedder.source,
-        "model_fingerprint": embedder.fingerprint,
-        "precision": str(embedder.precision),
+        **embedder_meta(embedder),
     }
-    return Embeddings(
-        np.ascontiguousarray(emb[ok], dtype=np.float32), [p for p, k in zip(paths, ok) if k], meta, skipped
-    )
+    removed = 0 if previous is None else len(set(previous.paths) - set(paths))
+    changes = {"kept": len(kept_rows), "embedded": len(new_rows), "removed": removed, "unreadable": len(skipped)}
+    return Embeddings(emb, [paths[i] for i in ok], meta, skipped, stamps[ok], changes)
 
 
 def save_embeddings(path: str | Path, emb: Embeddings) -> None:
+    """Write ``emb`` to ``path`` atomically: a run killed while writing leaves the previous file as it was."""
     if len(emb.paths) != len(emb.embeddings):
         raise ValueError(f"{len(emb.embeddings)} embeddings but {len(emb.paths)} paths; they must match one to one")
-    with open(path, "wb") as f:  # a file object: np.savez would otherwise append .npz to other names
-        np.savez(
-            f,
-            embeddings=emb.embeddings.astype(np.float32),
-            paths=np.array(emb.paths, dtype=str),
-            meta=np.array(json.dumps(emb.meta)),
-        )
+    arrays = dict(
+        embeddings=emb.embeddings.astype(np.float32),
+        paths=np.array(emb.paths, dtype=str),
+        meta=np.array(json.dumps(emb.meta)),
+    )
+    if emb.stamps is not None:
+        arrays["stamps"] = np.asarray(emb.stamps, dtype=np.int64)
+    atomic_write(path, lambda f: np.savez(f, **arrays), what="embeddings file")
 
 
 def load_embeddings(path: str | Path) -> Embeddings:
@@ -224,137 +282,12 @@ def load_embeddings(path: str | Path) -> Embeddings:
     try:
         with np.load(path, allow_pickle=False) as z:
             emb, paths, meta = z["embeddings"], z["paths"].tolist(), json.loads(str(z["meta"]))
+            stamps = z["stamps"] if "stamps" in z.files else None  # files from before incremental embedding
     except (KeyError, ValueError, OSError) as e:
         raise ValueError(f"{path} is not a udml embeddings file (from udml embed): {e}") from e
-    if emb.ndim != 2 or len(paths) != len(emb):
+    if emb.ndim != 2 or len(paths) != len(emb) or (stamps is not None and stamps.shape != (len(paths), 2)):
         raise ValueError(f"{path}: embeddings of shape {emb.shape} do not match its {len(paths)} paths")
-    return Embeddings(np.ascontiguousarray(emb, dtype=np.float32), paths, meta)
-
-
-def build_index(
-    embeddings: np.ndarray,
-    kind: str = "flat",
-    *,
-    nlist: int | None = None,
-    nprobe: int = 16,
-    hnsw_m: int = 32,
-    ef_search: int = 128,
-    seed: int = 0,
-):
-    """A faiss inner-product index over ``embeddings``.
-
-    ``flat``: exact search (IndexFlatIP). ``ivf``: inverted lists (IndexIVFFlat), ``nlist`` cells
-    (default 4 sqrt(N), at most N / 39 so that every cell has training points), ``nprobe`` visited per
-    query. ``hnsw``: a graph (IndexHNSWFlat) with ``hnsw_m`` links per node, ``ef_search`` candidates.
-    Both approximate kinds trade a little recall for speed on large collections.
-    """
-    import faiss
-
-    x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    if x.ndim != 2 or len(x) == 0:
-        raise ValueError(f"build_index: expected a non-empty [N, D] array of embeddings, got shape {x.shape}")
-    n, d = x.shape
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        nlist = nlist or int(max(1, min(4 * np.sqrt(n), n // 39)))
-        if not 1 <= nlist <= n:
-            raise ValueError(f"build_index: nlist={nlist} must lie in [1, {n}] (the number of embeddings)")
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        index.train(x)
-        index.nprobe = min(nprobe, nlist)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = ef_search
-    else:
-        raise ValueError(f"build_index: unknown kind {kind!r}; valid kinds: {', '.join(INDEX_KINDS)}")
-    index.add(x)
-    return index
-
-
-def save_index(path: str | Path, index, emb: Embeddings, kind: str) -> Path:
-    """Write the faiss index to ``path`` and the paths and metadata to ``<path>.json``; returns the latter."""
-    import faiss
-
-    if index.ntotal != len(emb.paths):
-        raise ValueError(f"the index holds {index.ntotal} vectors but {len(emb.paths)} paths were given")
-    faiss.write_index(index, str(path))
-    sidecar = Path(f"{path}.json")
-    sidecar.write_text(json.dumps({"format": INDEX_FORMAT, "kind": kind, "meta": emb.meta, "paths": emb.paths}))
-    return sidecar
-
-
-def load_index(path: str | Path):
-    """(faiss index, paths, meta) from an index written by :func:`save_index`, or an exact index built
-    on the fly from an embeddings ``.npz``."""
-    import faiss
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no index or embeddings file at {path}; make one with udml embed / udml index")
-    if path.suffix == ".npz":
-        emb = load_embeddings(path)
-        return build_index(emb.embeddings, "flat"), emb.paths, emb.meta
-    sidecar = Path(f"{path}.json")
-    if not sidecar.is_file():
-        raise FileNotFoundError(
-            f"{sidecar} is missing: it holds the image paths of {path}. Keep the two files "
-            "together, or rebuild both with udml index"
-        )
-    try:
-        index = faiss.read_index(str(path))
-    except RuntimeError as e:
-        raise ValueError(f"{path} cannot be read as a faiss index ({e})") from e
-    info = json.loads(sidecar.read_text())
-    if index.ntotal != len(info["paths"]):
-        raise ValueError(
-            f"{path} holds {index.ntotal} vectors but {sidecar} lists {len(info['paths'])} paths; "
-            "they were not written together. Rebuild both with udml index"
-        )
-    return index, info["paths"], info.get("meta", {})
-
-
-def _same_file(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def search(
-    index,
-    paths: list[str],
-    queries: np.ndarray,
-    k: int = 10,
-    *,
-    query_paths: Sequence | None = None,
-    keep_self: bool = False,
-) -> list[list[dict]]:
-    """Top-``k`` results per query row: ``[[{"rank", "path", "score"}, ...], ...]``, best first.
-
-    When ``query_paths`` is given, a result that is the query's own file is dropped (unless
-    ``keep_self``), so that a query taken from the indexed folder does not find itself first.
-    """
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if queries.ndim != 2 or queries.shape[1] != index.d:
-        raise ValueError(
-            f"search: queries have dimension {queries.shape[-1]} but the index {index.d}; embed the "
-            "queries with the model that embedded the indexed images"
-        )
-    if k < 1:
-        raise ValueError(f"search: k must be at least 1, got {k}")
-    k = min(k, index.ntotal)
-    extra = 0 if keep_self or query_paths is None else 1
-    scores, ids = index.search(queries, min(k + extra, index.ntotal))
-    out = []
-    for qi in range(len(queries)):
-        rows = []
-        for s, i in zip(scores[qi], ids[qi]):
-            if i < 0:  # approximate indexes may return fewer than asked
-                continue
-            if extra and isinstance(query_paths[qi], (str, Path)) and _same_file(str(query_paths[qi]), paths[i]):
-                continue
-            rows.append({"rank": len(rows) + 1, "path": paths[i], "score": float(s)})
-        out.append(rows[:k])
-    return out
+    return Embeddings(np.ascontiguousarray(emb, dtype=np.float32), paths, meta, stamps=stamps)
 
 
 def check_model_matches(embedder: Embedder, meta: dict, where: str, allow_other: bool = False) -> None:

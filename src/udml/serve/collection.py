@@ -318,7 +318,8 @@ def open_collection(
 ) -> Collection:
     """A :class:`Collection` from an index file or an embeddings ``.npz``, with the model for uploads when
     one is given or recorded in the index (and exists); otherwise uploads are disabled, browsing still works."""
-    from ..retrieval import Embedder, check_model_matches, load_index
+    from ..index import load_index
+    from ..retrieval import Embedder, check_model_matches
 
     path = Path(path)
     index, paths, meta = load_index(path)
