@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import shared_data
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -99,3 +101,35 @@ def test_torchrun_udml_train_writes_one_run_like_a_single_process(tmp_path):
     for ls in lines.values():
         final = [m for m in ls if m.get("final")]
         assert len(final) == 1 and 0 < final[0]["recall@1"] <= 1 and 0 < final[0]["nmi"] <= 1
+
+
+def test_torchrun_udml_embed_writes_what_one_process_writes(tmp_path, model_file):
+    """2 CPU processes share the files of a folder of real photos (and an unreadable one) and write the file one
+    process writes: same paths in the same order, same rows, same skipped file; an update under torchrun too."""
+    from udml.retrieval import load_embeddings
+
+    images = shared_data("CUB_200_2011", "images")
+    photos = tmp_path / "photos"
+    for c in ("001.Black_footed_Albatross", "017.Cardinal"):
+        (photos / c).mkdir(parents=True)
+        for f in sorted((images / c).iterdir())[:9]:
+            (photos / c / f.name).symlink_to(f)
+    (photos / "017.Cardinal" / "broken.jpg").write_bytes(b"not an image")
+    embed = ["-m", "udml", "embed", str(model_file), str(photos), "--workers", "0", "-o"]
+    run([sys.executable, *embed, str(tmp_path / "one.npz")], tmp_path)
+    proc = run(torchrun(*embed, str(tmp_path / "two.npz")), tmp_path)
+    assert "18 images embedded by 2 processes" in proc.stdout and "1 unreadable" in proc.stdout
+    one, two = load_embeddings(tmp_path / "one.npz"), load_embeddings(tmp_path / "two.npz")
+    assert two.paths == one.paths and len(one.paths) == 18
+    np.testing.assert_allclose(two.embeddings, one.embeddings, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(two.stamps, one.stamps)
+    assert two.meta == one.meta
+    # an update: 3 new photos, shared out as well, the rest kept
+    for f in sorted((images / "036.Northern_Flicker").iterdir())[:3]:
+        (photos / "017.Cardinal" / f.name).symlink_to(f)
+    proc = run(torchrun(*embed, str(tmp_path / "two.npz")), tmp_path)
+    assert "21 images embedded by 2 processes" in proc.stdout and "18 kept, 3 embedded" in proc.stdout
+    run([sys.executable, *embed, str(tmp_path / "one.npz"), "--rebuild"], tmp_path)
+    one, two = load_embeddings(tmp_path / "one.npz"), load_embeddings(tmp_path / "two.npz")
+    assert two.paths == one.paths and len(one.paths) == 21
+    np.testing.assert_allclose(two.embeddings, one.embeddings, rtol=0, atol=1e-5)

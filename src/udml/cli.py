@@ -124,11 +124,24 @@ def _evaluate(args) -> int:
 
 
 def _embed(args) -> int:
+    from . import distributed
+    from .devices import resolve_device
+
+    try:  # under torchrun: one process per GPU (or CPU share), each embeds its share of the files
+        device = distributed.init(resolve_device(args.device or "auto"))
+        return _embed_files(args, device)
+    finally:
+        distributed.close()
+
+
+def _embed_files(args, device) -> int:
+    from . import distributed
     from .data import default_workers
     from .errors import ModelMismatch
     from .retrieval import Embedder, embed_folder, load_embeddings, same_embedder, save_embeddings
 
-    embedder = Embedder.from_file(args.model, args.device or "auto", amp=not args.float32)
+    embedder = Embedder.from_file(args.model, device, amp=not args.float32)
+    main_process = distributed.is_main()
     previous = None
     if Path(args.output).exists() and not args.rebuild:
         try:
@@ -142,17 +155,22 @@ def _embed(args) -> int:
                 "with this model and replace the file, or write to another file"
             )
         if previous.stamps is None:
-            print(f"{args.output} records no file sizes and times (written by an older udml): re-embedding all")
+            if main_process:
+                print(f"{args.output} records no file sizes and times (written by an older udml): re-embedding all")
             previous = None
-    workers = default_workers() if args.workers < 0 else args.workers
+    local = max(1, default_workers() // distributed.local_world_size())
+    workers = local if args.workers < 0 else args.workers
     emb = embed_folder(
         embedder, args.folder, batch_size=args.batch_size, num_workers=workers, progress=True, previous=previous
     )
+    if not main_process:
+        return 0
     save_embeddings(args.output, emb)
     skipped = f", {len(emb.skipped)} unreadable file(s) skipped" if emb.skipped else ""
     c = emb.changes
     update = f" (updated: {c['kept']} kept, {c['embedded']} embedded, {c['removed']} removed)" if previous else ""
-    print(f"{len(emb.paths)} images embedded ({emb.embeddings.shape[1]}-d){skipped}{update} -> {args.output}")
+    shards = f" by {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+    print(f"{len(emb.paths)} images embedded{shards} ({emb.embeddings.shape[1]}-d){skipped}{update} -> {args.output}")
     return 0
 
 

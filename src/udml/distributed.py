@@ -71,6 +71,15 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable, small), in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast(x: torch.Tensor | None, like: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Rank ``src``'s tensor on every rank; the other ranks pass None and ``like`` (shape, dtype, device)."""
     if world_size() == 1:

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import distributed
 from .data import test_transform
 from .devices import precision_for, resolve_device
 from .errors import ModelMismatch
@@ -216,9 +217,11 @@ def embed_folder(
     ``previous``: an earlier result for the same folder by the same embedder (:func:`same_embedder`). Its rows
     whose file has the same path, size and mtime_ns are kept as they are; only new and changed files are
     embedded, and files no longer under ``root`` are dropped (counts in ``.changes``). The rows come in the
-    order of a fresh run (sorted paths)."""
-    from tqdm import tqdm
+    order of a fresh run (sorted paths).
 
+    Under torchrun (``torchrun --nproc_per_node=N -m udml embed ...``) each process embeds its share of the files
+    (udml.distributed.shard) and every process returns the whole result, the same rows in the same order as one
+    process."""
     paths = list_images(root)
     stamps = _file_stamps(paths)
     kept_rows = {}
@@ -228,23 +231,12 @@ def embed_folder(
             if p in before and before[p][1] == tuple(st) and st[0] >= 0:
                 kept_rows[p] = before[p][0]
     todo = [p for p in paths if p not in kept_rows]
-    new_rows, errors = {}, {}
-    if todo:
-        files = _Files(todo, embedder.transform, embedder.image_size)
-        loader = torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-        done = 0
-        with tqdm(total=len(todo), desc="embed", unit="img", disable=not progress, mininterval=2.0) as bar:
-            for x, err in loader:
-                emb = embedder.embed_tensors(x)
-                for j, e in enumerate(err):
-                    if e:
-                        errors[todo[done + j]] = e
-                    else:
-                        new_rows[todo[done + j]] = emb[j]
-                done += len(x)
-                bar.update(len(x))
+    vectors, errs = _embed_files(embedder, todo, batch_size, num_workers, progress)
+    new_rows = {p: v for p, v, e in zip(todo, vectors, errs) if not e}
+    errors = {p: e for p, e in zip(todo, errs) if e}
     skipped = [(p, errors[p]) for p in todo if p in errors]
-    report_unreadable(root, skipped)
+    if distributed.is_main():
+        report_unreadable(root, skipped)
     ok = [i for i, p in enumerate(paths) if p in kept_rows or p in new_rows]
     if not ok:
         raise ValueError(f"none of the {len(paths)} images under {root} could be read")
@@ -259,6 +251,29 @@ def embed_folder(
     removed = 0 if previous is None else len(set(previous.paths) - set(paths))
     changes = {"kept": len(kept_rows), "embedded": len(new_rows), "removed": removed, "unreadable": len(skipped)}
     return Embeddings(emb, [paths[i] for i in ok], meta, skipped, stamps[ok], changes)
+
+
+def _embed_files(embedder: Embedder, files: list[str], batch_size: int, num_workers: int, progress: bool):
+    """(float32 [len(files), D] embeddings, error message or "" per file); an unreadable file's row is junk.
+    Under torchrun this process embeds its shard and the rows and errors of all shards are gathered in order."""
+    from tqdm import tqdm
+
+    mine = [files[i] for i in distributed.shard(len(files))]
+    rows, errors = [np.zeros((0, embedder.dim), dtype=np.float32)], []
+    if mine:
+        data = _Files(mine, embedder.transform, embedder.image_size)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+        show = progress and distributed.is_main()
+        with tqdm(total=len(mine), desc="embed", unit="img", disable=not show, mininterval=2.0) as bar:
+            for x, err in loader:
+                rows.append(embedder.embed_tensors(x))
+                errors += list(err)
+                bar.update(len(x))
+    vectors = np.concatenate(rows)
+    if distributed.world_size() > 1:
+        vectors = distributed.gather_rows(torch.from_numpy(vectors).to(embedder.device)).cpu().numpy()
+        errors = [e for part in distributed.gather_objects(errors) for e in part]
+    return vectors, errors
 
 
 def save_embeddings(path: str | Path, emb: Embeddings) -> None:
