@@ -424,7 +424,8 @@ def test_page_in_a_headless_browser(tmp_path, collection, embedded):
 
             # the map: hovering a point shows its thumbnail, clicking it opens its neighbours
             driver.find_element(By.ID, "tab-map").click()
-            wait.until(lambda d: "t-SNE" in d.find_element(By.ID, "map-note").text)
+            # "t-SNE" alone also appears in the note while the map is computed (202): wait for the drawn map
+            wait.until(lambda d: "t-SNE" in (note := d.find_element(By.ID, "map-note").text) and "Hover" in note)
             canvas = driver.find_element(By.ID, "map")
             point = driver.execute_script("return window.udml.mapPixel(5)")
             rect = driver.execute_script("return arguments[0].getBoundingClientRect()", canvas)
@@ -439,6 +440,56 @@ def test_page_in_a_headless_browser(tmp_path, collection, embedded):
             xy = np.c_[collection.map_state()["x"], collection.map_state()["y"]]
             assert selected == 5 or np.allclose(xy[selected], xy[5], atol=1e-3)  # or a point drawn on top of it
             assert f"id {selected}" in driver.find_element(By.ID, "query").text
+            errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+            assert not errors, errors
+        finally:
+            driver.quit()
+
+
+def test_groups_from_udml_cluster_filter_the_grid(tmp_path, index_file, embedded):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from udml import groups
+
+    labels, score, _ = groups.kmeans_groups(embedded.embeddings, 3)
+    dup, dup_score = groups.near_duplicates(embedded.embeddings, 0.99)
+    dup[:2], dup_score[:2] = max(dup.max(), -1) + 1, 1.0  # a set of two, as udml cluster would write it
+    path = tmp_path / "groups.csv"
+    groups.write_groups(path, groups.group_rows(embedded.paths, labels, score, dup, dup_score), {})
+    c = open_collection(index_file, device="cpu", groups=path, cache_dir=tmp_path / "cache")
+    client = TestClient(create_app(c))
+    listed = client.get("/api/groups").json()
+    sizes = np.bincount(labels)
+    assert [g["size"] for g in listed["groups"]] == sizes.tolist() and sum(sizes) == 36
+    assert listed["duplicates"][-1]["size"] == 2
+    for g in listed["groups"]:
+        page = client.get(f"/api/images?group={g['group']}&limit=100").json()
+        assert page["total"] == g["size"] and all(it["group"] == g["group"] for it in page["items"])
+        assert [it["id"] for it in page["items"]] == np.flatnonzero(labels == g["group"]).tolist()
+    last = listed["duplicates"][-1]["group"]
+    assert [it["id"] for it in client.get(f"/api/images?duplicates={last}").json()["items"]] == [0, 1]
+    # without groups: the filter says how to get them
+    plain = TestClient(create_app(open_collection(index_file, device="cpu", cache_dir=tmp_path / "c2")))
+    assert plain.get("/api/groups").status_code == 404 and "--groups" in plain.get("/api/groups").json()["detail"]
+    assert plain.get("/api/images?group=0").status_code == 400
+    (tmp_path / "other.csv").write_text("path,group,group_score,duplicate_group,duplicate_score\n/x.jpg,0,1,-1,0\n")
+    with pytest.raises(ValueError, match="none of the indexed images"):
+        open_collection(index_file, device="cpu", groups=tmp_path / "other.csv", cache_dir=tmp_path / "c3")
+
+    # the page: a select lists the groups; choosing one shows its images only
+    with LiveServer(create_app(c, allowed_hosts=LOOPBACK_HOSTS)) as server:
+        driver = chromium(tmp_path)
+        try:
+            wait = WebDriverWait(driver, 30)
+            driver.get(server.url)
+            wait.until(lambda d: d.find_element(By.ID, "group").is_displayed())
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid figure")) == 36)
+            Select(driver.find_element(By.ID, "group")).select_by_value("group:1")
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid figure")) == sizes[1])
+            shown = [int(f.get_attribute("data-id")) for f in driver.find_elements(By.CSS_SELECTOR, "#grid figure")]
+            assert shown == np.flatnonzero(labels == 1).tolist()
+            assert " · g1" in driver.find_element(By.CSS_SELECTOR, "#grid figure").text
             errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
             assert not errors, errors
         finally:

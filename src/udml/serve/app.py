@@ -87,6 +87,7 @@ def create_app(
             "default_k": c.default_k,
             "max_k": MAX_K,
             "map": map_method(c.count, c.map_fit_points),
+            "groups": c.group_of is not None,
         }
 
     @app.get("/api/images")
@@ -95,8 +96,14 @@ def create_app(
         limit: int = Query(60, ge=1, le=MAX_PAGE),
         folder: str | None = None,
         contains: str | None = None,
+        group: int | None = Query(None, ge=0),
+        duplicates: int | None = Query(None, ge=0),
     ):
-        return JSONResponse(c.page(offset, limit, folder, contains))
+        return JSONResponse(c.page(offset, limit, folder, contains, group, duplicates))
+
+    @app.get("/api/groups")
+    def group_list():
+        return JSONResponse(c.group_list())
 
     @app.get("/api/images/{image_id:int}")
     def image(image_id: int):

@@ -40,6 +40,7 @@ class Collection:
         map_fit_points: int = MAP_FIT_POINTS,
         default_k: int = 10,
         search_threads: int = 1,
+        groups: dict[str, dict] | None = None,
     ):
         if index.ntotal != len(paths) or not paths:
             raise ValueError(
@@ -72,6 +73,16 @@ class Collection:
         self._map_thread: threading.Thread | None = None
         self._map_error: str | None = None
         self._map: dict | None = None
+        self.group_of = self.duplicate_of = None
+        if groups is not None:  # from udml cluster: images it does not list are in no group (-1)
+            rows = [groups.get(p, {}) for p in self.paths]
+            self.group_of = np.array([r.get("group", -1) for r in rows], dtype=np.int64)
+            self.duplicate_of = np.array([r.get("duplicate_group", -1) for r in rows], dtype=np.int64)
+            if (self.group_of < 0).all() and (self.duplicate_of < 0).all():
+                raise ValueError(
+                    "the groups file lists none of the indexed images; give the groups that udml cluster wrote "
+                    "for this collection's embeddings"
+                )
 
     @property
     def count(self) -> int:
@@ -92,12 +103,27 @@ class Collection:
         return p[len(self.root) + 1 :] if p.startswith(self.root + os.sep) else os.path.relpath(p, self.root)
 
     def item(self, image_id: int) -> dict:
-        return {
+        out = {
             "id": image_id,
             "name": os.path.basename(self.paths[image_id]),
             "folder": self.folders[image_id],
             "path": self.relative_path(image_id),
         }
+        if self.group_of is not None:
+            out["group"], out["duplicate_group"] = int(self.group_of[image_id]), int(self.duplicate_of[image_id])
+        return out
+
+    def group_list(self) -> dict:
+        """The groups and the sets of near-duplicates from ``udml cluster``, largest first: size and first image."""
+        if self.group_of is None:
+            raise ServeError(404, "no groups loaded; write them with udml cluster and start udml serve with --groups")
+
+        def listing(labels):
+            sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(0, dtype=np.int64)
+            first = {int(g): int(np.flatnonzero(labels == g)[0]) for g in np.flatnonzero(sizes)}
+            return [{"group": g, "size": int(sizes[g]), "cover": first[g]} for g in first]
+
+        return {"groups": listing(self.group_of), "duplicates": listing(self.duplicate_of)}
 
     def id_of_path(self, path: str) -> int:
         """The id of an indexed image given its stored path or its path relative to the collection's root."""
@@ -109,8 +135,21 @@ class Collection:
             raise ServeError(404, f"{path!r} is not an indexed image; give a path as /api/images lists it, or an id")
         return self._by_path[path]
 
-    def page(self, offset: int = 0, limit: int = 60, folder: str | None = None, contains: str | None = None) -> dict:
+    def page(
+        self,
+        offset: int = 0,
+        limit: int = 60,
+        folder: str | None = None,
+        contains: str | None = None,
+        group: int | None = None,
+        duplicates: int | None = None,
+    ) -> dict:
         ids = range(self.count)
+        for name, value, labels in (("group", group, self.group_of), ("duplicates", duplicates, self.duplicate_of)):
+            if value is not None:
+                if labels is None:
+                    raise ServeError(400, f"no groups loaded, so no {name} filter; start udml serve with --groups")
+                ids = [int(i) for i in np.flatnonzero(labels == value)]
         if folder is not None:
             ids = [i for i in ids if self.folders[i] == folder]
         if contains:
@@ -314,10 +353,12 @@ def open_collection(
     device: str = "cpu",
     cache_dir: str | Path | None = None,
     amp: bool = True,
+    groups: str | Path | None = None,
     **options,
 ) -> Collection:
     """A :class:`Collection` from an index file or an embeddings ``.npz``, with the model for uploads when
     one is given or recorded in the index (and exists); otherwise uploads are disabled, browsing still works."""
+    from ..groups import read_groups
     from ..index import load_index
     from ..retrieval import Embedder, check_model_matches
 
@@ -345,6 +386,7 @@ def open_collection(
         source=path,
         embedder=embedder,
         upload_disabled=disabled,
+        groups=None if groups is None else read_groups(groups),
         **options,
     )
 

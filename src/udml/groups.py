@@ -1,0 +1,183 @@
+"""Groups and near-duplicates in a collection's embeddings (``udml cluster``).
+
+Scores are cosine similarities of L2-normalised embeddings, in [-1, 1] (1: the same embedding). Two ways to
+group, both plain functions returning labels and a per-image score, as DeepCluster's clustering does:
+
+- :func:`kmeans_groups`: K groups (spherical k-means, as training's pseudo-labels); the score is each image's
+  similarity to its group's centre.
+- :func:`threshold_groups`: images linked when one is among the other's ``neighbours`` nearest and their
+  similarity is at least ``threshold``; groups are the connected sets, an image linked to none is in no group
+  (-1). The score is the similarity to the nearest member. :func:`near_duplicates` is this with a high
+  threshold (copies, resized or recompressed versions of one photo).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .clustering import kmeans
+from .config import default_num_clusters
+from .evaluation import knn
+from .rundir import atomic_write
+
+DUPLICATE_THRESHOLD = (
+    0.9  # Lite0 on CUB photos: copies (resized 3/4, JPEG q50) >= 0.92, distinct photos of a species <= 0.81
+)
+NEIGHBOURS = 16
+
+
+def _check(embeddings) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"grouping needs at least 2 embeddings as an [N, D] array, got shape {tuple(x.shape)}")
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def kmeans_groups(embeddings, k: int | None = None, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """(group of each image in 0..K-1, similarity to its group's centre, K); K by default as training chooses
+    it (about 50 images a group: :func:`udml.config.default_num_clusters`). Groups are numbered by size,
+    largest first."""
+    x = _check(embeddings)
+    k = default_num_clusters(len(x)) if k is None else int(k)
+    if not 2 <= k <= len(x):
+        raise ValueError(f"udml cluster: k={k} groups for {len(x)} images; choose k between 2 and {len(x)}")
+    result = kmeans(x, k, seed=seed, spherical=True)
+    centres = torch.nn.functional.normalize(result.centroids, dim=1)
+    score = (x * centres[result.labels]).sum(1)
+    return _by_size(result.labels.numpy()), score.numpy(), k
+
+
+def threshold_groups(embeddings, threshold: float, *, neighbours: int = NEIGHBOURS) -> tuple[np.ndarray, np.ndarray]:
+    """(group of each image, or -1 for one linked to none; similarity to its nearest other image). Groups are
+    numbered by size, largest first. Exact nearest neighbours (udml.evaluation.knn)."""
+    if not -1 <= threshold <= 1:
+        raise ValueError(f"a cosine-similarity threshold lies in [-1, 1], got {threshold}")
+    x = _check(embeddings)
+    k = min(neighbours, len(x) - 1)
+    sims, idx = knn(x, x, k, exclude=torch.arange(len(x)))
+    parent = np.arange(len(x))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    rows, cols = torch.nonzero(sims >= threshold, as_tuple=True)
+    for a, b in zip(rows.tolist(), idx[rows, cols].tolist()):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    labels = np.array([root(i) for i in range(len(x))])
+    linked = np.zeros(len(x), dtype=bool)
+    linked[rows.numpy()] = True
+    linked[idx[rows, cols].numpy()] = True
+    labels[~linked] = -1
+    return _by_size(labels), sims[:, 0].numpy()
+
+
+def near_duplicates(embeddings, threshold: float = DUPLICATE_THRESHOLD, **kw) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`threshold_groups` at a high threshold: sets of copies of one photo (exact, resized, recompressed)."""
+    return threshold_groups(embeddings, threshold, **kw)
+
+
+def _by_size(labels: np.ndarray) -> np.ndarray:
+    """Relabel groups 0, 1, ... from the largest (ties: first appearance); -1 stays -1."""
+    out = np.full(len(labels), -1, dtype=np.int64)
+    grouped = labels >= 0
+    if grouped.any():
+        values, first, counts = np.unique(labels[grouped], return_index=True, return_counts=True)
+        order = np.lexsort((first, -counts))
+        rank = np.empty(len(values), dtype=np.int64)
+        rank[order] = np.arange(len(values))
+        out[grouped] = rank[np.searchsorted(values, labels[grouped])]
+    return out
+
+
+def nearest_neighbour_quantiles(embeddings, qs=(0.5, 0.9, 0.99, 0.999)) -> dict[str, float]:
+    """Quantiles of each image's similarity to its nearest other image: the collection's own scale, from which
+    to pick a threshold (duplicates sit in the top tail)."""
+    x = _check(embeddings)
+    sims, _ = knn(x, x, 1, exclude=torch.arange(len(x)))
+    return {f"q{q:g}": float(np.quantile(sims[:, 0].numpy(), q)) for q in qs}
+
+
+GROUP_COLUMNS = ("path", "group", "group_score", "duplicate_group", "duplicate_score")
+
+
+def group_rows(paths, group, group_score, duplicate, duplicate_score) -> list[dict]:
+    return [
+        {
+            "path": p,
+            "group": int(g),
+            "group_score": round(float(s), 6),
+            "duplicate_group": int(d),
+            "duplicate_score": round(float(t), 6),
+        }
+        for p, g, s, d, t in zip(paths, group, group_score, duplicate, duplicate_score)
+    ]
+
+
+def write_groups(path, rows: list[dict], summary: dict) -> None:
+    """``rows`` as CSV (a ``.csv`` path: one row per image, GROUP_COLUMNS) or JSON (``summary`` and ``images``)."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=GROUP_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        data = text.getvalue().encode()
+    elif path.suffix.lower() == ".json":
+        data = json.dumps({**summary, "images": rows}, indent=1).encode()
+    else:
+        raise ValueError(f"udml cluster: write groups to a .csv or a .json file, not {path.name}")
+    atomic_write(path, lambda f: f.write(data), what="groups file", durable=False)
+
+
+def read_groups(path) -> dict[str, dict]:
+    """{image path: its row} from a file :func:`write_groups` wrote (CSV or JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no groups file at {path}; write one with: udml cluster EMBEDDINGS -o {path}")
+    try:
+        if path.suffix.lower() == ".json":
+            rows = json.loads(path.read_text())["images"]
+        else:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        out = {}
+        for r in rows:
+            out[r["path"]] = {
+                "group": int(r["group"]),
+                "group_score": float(r["group_score"]),
+                "duplicate_group": int(r["duplicate_group"]),
+                "duplicate_score": float(r["duplicate_score"]),
+            }
+        return out
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path} is not a groups file from udml cluster ({type(e).__name__}: {e})") from e
+
+
+def contact_sheet(path, paths, labels, scores, *, groups: int = 8, per_group: int = 8, cell: int = 96, title=None):
+    """A PNG with one row per group, the largest first: its members by decreasing score (``labels`` numbered by
+    size, -1 left out). Returns the path, or None when there is no group."""
+    from .plots import retrieval_grid
+
+    shown = [g for g in range(int(labels.max()) + 1)][:groups] if (labels >= 0).any() else []
+    if not shown:
+        return None
+    queries, results, captions, heads = [], [], [], []
+    for g in shown:
+        members = np.flatnonzero(labels == g)
+        members = members[np.argsort(-scores[members], kind="stable")][:per_group]
+        queries.append(paths[members[0]])
+        results.append([paths[i] for i in members[1:]])
+        captions.append([f"{scores[i]:.3f}" for i in members[1:]])
+        heads.append(f"group {g}: {int((labels == g).sum())}")
+    return retrieval_grid(queries, results, path, captions=captions, query_captions=heads, cell=cell, title=title)
