@@ -40,8 +40,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
+from udml.embeddings import load_embeddings  # noqa: E402
 from udml.evaluation import evaluate  # noqa: E402
-from udml.retrieval import load_embeddings  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODEL = "pretrained:efficientnet_lite0"

@@ -35,8 +35,8 @@ from common import machine  # noqa: E402
 
 def synthetic_collection(n: int, dim: int, kind: str, folder: str, seed: int = 0):
     """A Collection over synthetic vectors, and the same vectors saved as an index file in ``folder``."""
+    from udml.embeddings import Embeddings
     from udml.index import build_index, save_index
-    from udml.retrieval import Embeddings
     from udml.serve import Collection
 
     rng = np.random.default_rng(seed)

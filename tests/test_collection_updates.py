@@ -14,9 +14,10 @@ from udml import retrieval
 from udml.checkpoint import save_model
 from udml.cli import main
 from udml.config import make_config
+from udml.embeddings import load_embeddings, save_embeddings
 from udml.index import load_index, search
 from udml.models import model_from_config
-from udml.retrieval import Embedder, embed_folder, load_embeddings
+from udml.retrieval import Embedder, embed_folder
 
 CLASSES = ("001.Black_footed_Albatross", "017.Cardinal", "036.Northern_Flicker")
 
@@ -109,7 +110,7 @@ def test_embed_with_another_model_refuses_unless_rebuild(collection, model_file,
     # a file from before stamps: every image is embedded again, and said so
     old = load_embeddings(out)
     old.stamps = None
-    retrieval.save_embeddings(out, old)
+    save_embeddings(out, old)
     capsys.readouterr()
     assert main(["embed", str(other), str(collection), "-o", str(out), "--device", "cpu"]) == 0
     assert "re-embedding all" in capsys.readouterr().out and load_embeddings(out).stamps is not None

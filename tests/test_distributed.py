@@ -106,7 +106,7 @@ def test_torchrun_udml_train_writes_one_run_like_a_single_process(tmp_path):
 def test_torchrun_udml_embed_writes_what_one_process_writes(tmp_path, model_file):
     """2 CPU processes share the files of a folder of real photos (and an unreadable one) and write the file one
     process writes: same paths in the same order, same rows, same skipped file; an update under torchrun too."""
-    from udml.retrieval import load_embeddings
+    from udml.embeddings import load_embeddings
 
     images = shared_data("CUB_200_2011", "images")
     photos = tmp_path / "photos"

@@ -15,7 +15,7 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from udml import groups
 from udml.cli import main
-from udml.retrieval import load_embeddings
+from udml.embeddings import load_embeddings
 
 
 def naive_threshold_groups(x: np.ndarray, threshold: float, neighbours: int):

@@ -13,9 +13,10 @@ from PIL import Image
 from udml.checkpoint import save_model
 from udml.cli import main
 from udml.config import default_num_clusters, load_config, make_config
+from udml.embeddings import load_embeddings, save_embeddings
 from udml.index import build_index, load_index, save_index, search
 from udml.models import model_from_config
-from udml.retrieval import Embedder, embed_folder, load_embeddings, save_embeddings
+from udml.retrieval import Embedder, embed_folder
 
 CLASSES = ("001.Black_footed_Albatross", "017.Cardinal", "036.Northern_Flicker")
 

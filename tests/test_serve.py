@@ -17,8 +17,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from udml.cli import main
+from udml.embeddings import Embeddings, save_embeddings
 from udml.index import build_index, save_index
-from udml.retrieval import Embedder, Embeddings, embed_folder, save_embeddings
+from udml.retrieval import Embedder, embed_folder
 from udml.serve import LOOPBACK_HOSTS, Collection, bind, create_app, map_2d, open_collection
 
 CLASSES = ("001.Black_footed_Albatross", "017.Cardinal", "036.Northern_Flicker")

@@ -137,8 +137,9 @@ def _embed(args) -> int:
 def _embed_files(args, device) -> int:
     from . import distributed
     from .data import default_workers
+    from .embeddings import load_embeddings, save_embeddings
     from .errors import ModelMismatch
-    from .retrieval import Embedder, embed_folder, load_embeddings, same_embedder, save_embeddings
+    from .retrieval import Embedder, embed_folder, same_embedder
 
     embedder = Embedder.from_file(args.model, device, amp=not args.float32)
     main_process = distributed.is_main()
@@ -175,8 +176,8 @@ def _embed_files(args, device) -> int:
 
 
 def _index(args) -> int:
+    from .embeddings import load_embeddings
     from .index import update_index
-    from .retrieval import load_embeddings
 
     if args.ivf is not None and args.hnsw is not None:
         raise ValueError("choose one of --ivf and --hnsw (or neither, for exact search)")
@@ -197,7 +198,7 @@ def _cluster(args) -> int:
     import numpy as np
 
     from . import groups
-    from .retrieval import load_embeddings
+    from .embeddings import load_embeddings
 
     emb = load_embeddings(args.embeddings)
     x, paths = emb.embeddings, emb.paths

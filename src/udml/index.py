@@ -160,7 +160,7 @@ def load_index(path: str | Path):
     on the fly from an embeddings ``.npz``. The index answers with positions in ``paths``."""
     import faiss
 
-    from .retrieval import load_embeddings
+    from .embeddings import load_embeddings
 
     path = Path(path)
     if not path.is_file():
@@ -199,7 +199,7 @@ def update_index(
     search settings: an update applies them."""
     import faiss
 
-    from .retrieval import same_meta
+    from .embeddings import same_meta
 
     path = Path(path)
     build = dict(nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)

@@ -1,10 +1,7 @@
-"""Using a trained model: embed images and folders (udml.index indexes and searches the embeddings).
+"""Using a trained model: embed images and folders (udml.embeddings holds the file, udml.index the index).
 
 Embeddings are L2-normalised, so inner product is cosine similarity: scores lie in [-1, 1], higher
-is more similar. An embeddings ``.npz`` holds ``embeddings`` (float32 [N, D]), ``paths`` (the absolute image
-paths, in order), ``stamps`` (int64 [N, 2], each file's size and mtime_ns when embedded: what lets ``udml embed``
-update the file, embedding only new and changed images) and ``meta`` (JSON text: the model file and the
-fingerprint of its network, the precision, the folder, the image size).
+is more similar.
 """
 
 from __future__ import annotations
@@ -13,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -23,14 +19,12 @@ import torch
 from . import distributed
 from .data import test_transform
 from .devices import precision_for, resolve_device
+from .embeddings import EMBEDDINGS_FORMAT, Embeddings, same_meta
 from .errors import ModelMismatch
 from .images import open_rgb, report_unreadable
-from .rundir import atomic_write
 from .store import describe_files
 
 log = logging.getLogger("udml")
-
-EMBEDDINGS_FORMAT = "udml-embeddings-1"  # files with a `stamps` array can be updated in place (embed_folder)
 
 
 PRETRAINED = "pretrained:"
@@ -153,16 +147,6 @@ class _Files(torch.utils.data.Dataset):
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
 
 
-@dataclass
-class Embeddings:
-    embeddings: np.ndarray  # float32 [N, D], L2-normalised rows
-    paths: list[str]  # absolute image paths, one per row
-    meta: dict = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, error) of unreadable files
-    stamps: np.ndarray | None = None  # int64 [N, 2]: each file's size and mtime_ns when it was embedded
-    changes: dict = field(default_factory=dict)  # embed_folder: how many rows were kept, embedded, removed
-
-
 def _file_stamps(paths: list[str]) -> np.ndarray:
     """int64 [N, 2], size and mtime_ns of each file, as the image store keys them (-1 where stat fails)."""
     return np.array([row[1:] for row in describe_files(paths)], dtype=np.int64).reshape(-1, 2)
@@ -176,18 +160,6 @@ def embedder_meta(embedder: Embedder) -> dict:
         "model_fingerprint": embedder.fingerprint,
         "precision": str(embedder.precision),
     }
-
-
-def same_meta(a: dict, b: dict) -> str | None:
-    """None when two embeddings' metadata name the same network and precision; else why not, in words."""
-    if a.get("model_fingerprint") != b.get("model_fingerprint"):
-        return (
-            f"they were embedded by another network ({a.get('model')}, fingerprint "
-            f"{str(a.get('model_fingerprint'))[:12]}) than {b.get('model')} ({str(b.get('model_fingerprint'))[:12]})"
-        )
-    if a.get("precision") != b.get("precision"):
-        return f"they were embedded in {a.get('precision')}, not in {b.get('precision')}"
-    return None
 
 
 def same_embedder(meta: dict, embedder: Embedder) -> str | None:
@@ -274,35 +246,6 @@ def _embed_files(embedder: Embedder, files: list[str], batch_size: int, num_work
         vectors = distributed.gather_rows(torch.from_numpy(vectors).to(embedder.device)).cpu().numpy()
         errors = [e for part in distributed.gather_objects(errors) for e in part]
     return vectors, errors
-
-
-def save_embeddings(path: str | Path, emb: Embeddings) -> None:
-    """Write ``emb`` to ``path`` atomically: a run killed while writing leaves the previous file as it was."""
-    if len(emb.paths) != len(emb.embeddings):
-        raise ValueError(f"{len(emb.embeddings)} embeddings but {len(emb.paths)} paths; they must match one to one")
-    arrays = dict(
-        embeddings=emb.embeddings.astype(np.float32),
-        paths=np.array(emb.paths, dtype=str),
-        meta=np.array(json.dumps(emb.meta)),
-    )
-    if emb.stamps is not None:
-        arrays["stamps"] = np.asarray(emb.stamps, dtype=np.int64)
-    atomic_write(path, lambda f: np.savez(f, **arrays), what="embeddings file")
-
-
-def load_embeddings(path: str | Path) -> Embeddings:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no embeddings file at {path}; write one with: udml embed MODEL DIR -o {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            emb, paths, meta = z["embeddings"], z["paths"].tolist(), json.loads(str(z["meta"]))
-            stamps = z["stamps"] if "stamps" in z.files else None  # files from before incremental embedding
-    except (KeyError, ValueError, OSError) as e:
-        raise ValueError(f"{path} is not a udml embeddings file (from udml embed): {e}") from e
-    if emb.ndim != 2 or len(paths) != len(emb) or (stamps is not None and stamps.shape != (len(paths), 2)):
-        raise ValueError(f"{path}: embeddings of shape {emb.shape} do not match its {len(paths)} paths")
-    return Embeddings(np.ascontiguousarray(emb, dtype=np.float32), paths, meta, stamps=stamps)
 
 
 def check_model_matches(embedder: Embedder, meta: dict, where: str, allow_other: bool = False) -> None:

@@ -1,0 +1,70 @@
+"""The embeddings file of ``udml embed`` (its one owner; no torch, so ``udml index`` starts fast).
+
+An embeddings ``.npz`` holds ``embeddings`` (float32 [N, D], L2-normalised rows), ``paths`` (the absolute image
+paths, in order), ``stamps`` (int64 [N, 2], each file's size and mtime_ns when embedded: what lets ``udml embed``
+update the file, embedding only new and changed images; absent in files of older versions) and ``meta`` (JSON
+text: the model file and the fingerprint of its network, the precision, the folder, the image size).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .rundir import atomic_write
+
+EMBEDDINGS_FORMAT = "udml-embeddings-1"
+
+
+@dataclass
+class Embeddings:
+    embeddings: np.ndarray  # float32 [N, D], L2-normalised rows
+    paths: list[str]  # absolute image paths, one per row
+    meta: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, error) of unreadable files
+    stamps: np.ndarray | None = None  # int64 [N, 2]: each file's size and mtime_ns when it was embedded
+    changes: dict = field(default_factory=dict)  # embed_folder: how many rows were kept, embedded, removed
+
+
+def same_meta(a: dict, b: dict) -> str | None:
+    """None when two embeddings' metadata name the same network and precision; else why not, in words."""
+    if a.get("model_fingerprint") != b.get("model_fingerprint"):
+        return (
+            f"they were embedded by another network ({a.get('model')}, fingerprint "
+            f"{str(a.get('model_fingerprint'))[:12]}) than {b.get('model')} ({str(b.get('model_fingerprint'))[:12]})"
+        )
+    if a.get("precision") != b.get("precision"):
+        return f"they were embedded in {a.get('precision')}, not in {b.get('precision')}"
+    return None
+
+
+def save_embeddings(path: str | Path, emb: Embeddings) -> None:
+    """Write ``emb`` to ``path`` atomically: a run killed while writing leaves the previous file as it was."""
+    if len(emb.paths) != len(emb.embeddings):
+        raise ValueError(f"{len(emb.embeddings)} embeddings but {len(emb.paths)} paths; they must match one to one")
+    arrays = dict(
+        embeddings=emb.embeddings.astype(np.float32),
+        paths=np.array(emb.paths, dtype=str),
+        meta=np.array(json.dumps(emb.meta)),
+    )
+    if emb.stamps is not None:
+        arrays["stamps"] = np.asarray(emb.stamps, dtype=np.int64)
+    atomic_write(path, lambda f: np.savez(f, **arrays), what="embeddings file")
+
+
+def load_embeddings(path: str | Path) -> Embeddings:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no embeddings file at {path}; write one with: udml embed MODEL DIR -o {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            emb, paths, meta = z["embeddings"], z["paths"].tolist(), json.loads(str(z["meta"]))
+            stamps = z["stamps"] if "stamps" in z.files else None  # files from before incremental embedding
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a udml embeddings file (from udml embed): {e}") from e
+    if emb.ndim != 2 or len(paths) != len(emb) or (stamps is not None and stamps.shape != (len(paths), 2)):
+        raise ValueError(f"{path}: embeddings of shape {emb.shape} do not match its {len(paths)} paths")
+    return Embeddings(np.ascontiguousarray(emb, dtype=np.float32), paths, meta, stamps=stamps)
