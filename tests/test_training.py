@@ -188,3 +188,32 @@ def test_time_budget_values():
     for bad in ("soon", "-5m", "0"):
         with pytest.raises(ValueError, match="is not a duration; write a positive number with a unit"):
             make_config("digits", [f"time_budget={bad}"])
+
+
+def test_training_loader_workers_end_before_the_final_evaluation(tmp_path, monkeypatch):
+    """The training loader's persistent workers are gone when the final evaluation and the pictures start their own
+    loaders (issue #19: two sets of workers at once put the whole CUB run's tree PSS over 4 GB)."""
+    import multiprocessing
+
+    from udml import training
+
+    seen = {}
+    finish = training.finish
+
+    def spy(s, loop, progress):
+        seen["workers"] = len(multiprocessing.active_children())
+        return finish(s, loop, progress)
+
+    monkeypatch.setattr(training, "finish", spy)
+    overrides = ["pseudo_epochs=2", "recluster_every=1", "num_workers=2", "pictures=false", f"out_dir={tmp_path}"]
+    steps = []
+    original = training.train_round
+
+    def counting(s, loader, *args, **kwargs):
+        steps.append(len(multiprocessing.active_children()))  # the persistent workers, while training
+        return original(s, loader, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_round", counting)
+    train(make_config("digits", overrides))
+    assert steps and steps[-1] >= 1  # the test would see nothing if the training loader had no workers
+    assert seen["workers"] == 0

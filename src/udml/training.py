@@ -436,6 +436,9 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
             break
         run_round(s, loop, progress, rnd)
     loop.bar.close()
+    # Training is over: end the loader's persistent workers before the final evaluation and the pictures start
+    # loaders of their own, so that no two sets of workers (each holding pages copied from this process) coexist.
+    loop.loader = loop.sampler = None
     if loop.stopped:
         log.info(
             "time budget %s: training stopped at step %d of %d, leaving time for the final evaluation and model",
