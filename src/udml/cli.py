@@ -237,7 +237,9 @@ def _cluster(args) -> int:
         + ", ".join(f"{q[1:]} quantile {v:.3f}" for q, v in quantiles.items())
     )
     if args.sheet:
-        sheet = groups.contact_sheet(args.sheet, paths, label, score, title=f"largest groups of {args.embeddings}")
+        sheet = groups.contact_sheet(
+            args.sheet, paths, label, score, title=f"largest groups of {Path(args.embeddings).name}"
+        )
         print(f"largest groups -> {sheet}")
         if n_dups:
             dup_sheet = Path(args.sheet).with_name(Path(args.sheet).stem + "_duplicates.png")
