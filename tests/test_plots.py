@@ -155,3 +155,28 @@ def test_write_run_pictures_logs_instead_of_raising(tmp_path, udml_log):
     assert write_run_pictures(tmp_path, model, images(1, size=32)) == []  # no metrics, a single image
     assert "could not draw curves.png" in udml_log.text
     assert "could not draw the retrieval pictures" in udml_log.text
+
+
+def test_run_pictures_reuse_given_embeddings_without_a_second_pass(tmp_path, monkeypatch):
+    """finish() hands the final evaluation's embeddings to the pictures: the same pictures, no embedding pass."""
+    from udml import inference
+
+    model = model_from_config(make_config("digits", ["embedding_dim=16"])).eval()
+    x, labels = images(40, size=32), torch.arange(40) % 4
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "round": 1, "step": 5, "metric_loss": 0.5}))
+    _, emb = inference.extract(model, x, pooled=False)
+    runs = {d: tmp_path / d / "run" for d in ("a", "b")}  # one name: it is in the pictures' titles
+    for run in runs.values():
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text((tmp_path / "metrics.jsonl").read_text())
+    write_run_pictures(runs["a"], model, x, labels, max_gallery=30)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("embedded again")
+
+    monkeypatch.setattr(inference, "extract", no_pass)
+    written = write_run_pictures(runs["b"], model, x, labels, max_gallery=30, embeddings=emb)
+    assert [p.name for p in written] == ["curves.png", "retrieval.png", "embeddings.png"]
+    for name in ("retrieval.png", "embeddings.png"):
+        with Image.open(runs["a"] / name) as a, Image.open(runs["b"] / name) as b:
+            assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))), name

@@ -280,13 +280,15 @@ def write_run_pictures(
     amp: bool = True,
     max_gallery: int = 10_000,
     seed: int = 0,
+    embeddings: torch.Tensor | None = None,
 ) -> list[Path]:
     """curves.png, retrieval.png and embeddings.png in ``run_dir``, for a finished run.
 
     ``data``: the test images with the test transform, a stacked uint8 tensor [N, 3, S, S] or a Dataset of
     (uint8 tensor, index); ``labels`` their classes, or None (e.g. training images when no labelled test split
-    was given: grey frames, one colour). At most ``max_gallery`` images are used. A picture that fails is
-    logged, never raised: the run itself is done.
+    was given: grey frames, one colour). At most ``max_gallery`` images are used. ``embeddings``: those of all of
+    ``data`` when already computed (the final evaluation's), used instead of embedding ``data`` again. A picture
+    that fails is logged, never raised: the run itself is done.
     """
     from .inference import extract
 
@@ -307,8 +309,11 @@ def write_run_pictures(
             source = data[torch.as_tensor(subset, device=data.device)] if len(subset) < n else data
         else:
             source = torch.utils.data.Subset(data, subset.tolist()) if len(subset) < n else data
-        _, emb = extract(model, source, batch_size=batch_size, num_workers=num_workers, amp=amp, pooled=False)
-        emb = emb.cpu()
+        if embeddings is not None and len(embeddings) == n:
+            emb = embeddings.cpu()[torch.as_tensor(subset)]
+        else:
+            _, emb = extract(model, source, batch_size=batch_size, num_workers=num_workers, amp=amp, pooled=False)
+            emb = emb.cpu()
         lab = None if labels is None else np.asarray(torch.as_tensor(labels).cpu())[subset]
 
         def image(i):

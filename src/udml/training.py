@@ -73,12 +73,15 @@ def build_datasets(cfg: Config, image_size: int):
     return aug, plain, test
 
 
-def evaluate_model(s: "Session", *, with_pooled: bool) -> dict:
+def evaluate_model(s: "Session", *, with_pooled: bool, keep: dict | None = None) -> dict:
     """Metrics of the embedding (and optionally of the pooled backbone features) on the test split; {} without one
-    and on the non-main processes of a torchrun job (they only embed their share of the images)."""
+    and on the non-main processes of a torchrun job (they only embed their share of the images). ``keep``: a dict
+    that receives the test embeddings as ``keep["embeddings"]`` (the run pictures reuse them)."""
     if s.test_labels is None:
         return {}
     pooled, emb = extract_all(s, "test", pooled=with_pooled)
+    if keep is not None:
+        keep["embeddings"] = emb
     if not distributed.is_main():
         return {}
     labels = s.test_labels.to(emb.device)
@@ -696,7 +699,8 @@ def describe_clusters(stats: dict) -> str:
 def finish(s: Session, loop: Loop, progress: Progress) -> dict:
     """Final evaluation, the model file, the summary and the pictures."""
     t = time.time()
-    final = evaluate_model(s, with_pooled=False)
+    kept = {}
+    final = evaluate_model(s, with_pooled=False, keep=kept)
     result = {
         "start": progress.start_metrics,
         "final": final,
@@ -732,6 +736,7 @@ def finish(s: Session, loop: Loop, progress: Progress) -> dict:
             batch_size=s.cfg.eval_batch_size,
             num_workers=s.workers,
             amp=s.cfg.amp,
+            embeddings=kept.get("embeddings"),  # the final evaluation's: no second pass over the test images
         )
     return result
 
