@@ -72,12 +72,14 @@ def stand_in_model(path: Path) -> None:
 
 
 def timed(*args) -> dict:
-    """Run ``udml ARGS`` in its own process: wall time and the process's peak RSS (a wrapper reports getrusage)."""
+    """Run ``udml ARGS`` in its own process: wall time and the process's peak RSS. The wrapper reads VmHWM, not
+    getrusage's ru_maxrss, which Linux carries over exec from the forked copy of this (torch-importing) process."""
     wrapper = (
-        "import resource, runpy, sys; sys.argv = ['udml'] + sys.argv[1:]\n"
+        "import runpy, sys; sys.argv = ['udml'] + sys.argv[1:]\n"
         "try:\n    runpy.run_module('udml', run_name='__main__')\n"
         "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "hwm = [line for line in open('/proc/self/status') if line.startswith('VmHWM')][0].split()[1]\n"
+        "print('PEAK_RSS_KB', hwm, file=sys.stderr)\n"
         "sys.exit(code)\n"
     )
     t = time.perf_counter()
