@@ -202,15 +202,16 @@ def _cluster(args) -> int:
 
     emb = load_embeddings(args.embeddings)
     x, paths = emb.embeddings, emb.paths
+    near = groups.nearest_neighbours(x)  # one exact k-nearest-neighbour pass for the threshold sets and the quantiles
     if args.threshold is not None:
-        label, score = groups.threshold_groups(x, args.threshold)
+        label, score = groups.threshold_groups(x, args.threshold, near=near)
         how = {"method": "threshold", "threshold": args.threshold}
     else:
         label, score, k = groups.kmeans_groups(x, args.k, seed=args.seed)
         how = {"method": "kmeans", "k": k}
     threshold = groups.DUPLICATE_THRESHOLD if args.duplicates is None else args.duplicates
-    dup, dup_score = groups.near_duplicates(x, threshold)
-    quantiles = groups.nearest_neighbour_quantiles(x)
+    dup, dup_score = groups.near_duplicates(x, threshold, near=near)
+    quantiles = groups.nearest_neighbour_quantiles(x, near=near)
     n_groups, n_dups = int(label.max()) + 1, int(dup.max()) + 1
     summary = {
         **how,

@@ -53,14 +53,22 @@ def kmeans_groups(embeddings, k: int | None = None, *, seed: int = 0) -> tuple[n
     return _by_size(result.labels.numpy()), score.numpy(), k
 
 
-def threshold_groups(embeddings, threshold: float, *, neighbours: int = NEIGHBOURS) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbours(embeddings, neighbours: int = NEIGHBOURS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarities, indices) [N, k] of each image's ``neighbours`` nearest other images, best first: exact
+    (udml.evaluation.knn, N x N similarities in chunks). Compute once, pass as ``near`` to the functions below."""
+    x = _check(embeddings)
+    return knn(x, x, min(neighbours, len(x) - 1), exclude=torch.arange(len(x)))
+
+
+def threshold_groups(
+    embeddings, threshold: float, *, neighbours: int = NEIGHBOURS, near: tuple | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(group of each image, or -1 for one linked to none; similarity to its nearest other image). Groups are
-    numbered by size, largest first. Exact nearest neighbours (udml.evaluation.knn)."""
+    numbered by size, largest first. ``near``: :func:`nearest_neighbours` of ``embeddings``, if already computed."""
     if not -1 <= threshold <= 1:
         raise ValueError(f"a cosine-similarity threshold lies in [-1, 1], got {threshold}")
     x = _check(embeddings)
-    k = min(neighbours, len(x) - 1)
-    sims, idx = knn(x, x, k, exclude=torch.arange(len(x)))
+    sims, idx = near if near is not None else nearest_neighbours(x, neighbours)
     parent = np.arange(len(x))
 
     def root(i):
@@ -100,11 +108,10 @@ def _by_size(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def nearest_neighbour_quantiles(embeddings, qs=(0.5, 0.9, 0.99, 0.999)) -> dict[str, float]:
+def nearest_neighbour_quantiles(embeddings, qs=(0.5, 0.9, 0.99, 0.999), *, near: tuple | None = None) -> dict:
     """Quantiles of each image's similarity to its nearest other image: the collection's own scale, from which
-    to pick a threshold (duplicates sit in the top tail)."""
-    x = _check(embeddings)
-    sims, _ = knn(x, x, 1, exclude=torch.arange(len(x)))
+    to pick a threshold (duplicates sit in the top tail). ``near`` as in :func:`threshold_groups`."""
+    sims, _ = near if near is not None else nearest_neighbours(embeddings, 1)
     return {f"q{q:g}": float(np.quantile(sims[:, 0].numpy(), q)) for q in qs}
 
 
