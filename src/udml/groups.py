@@ -176,11 +176,11 @@ def contact_sheet(path, paths, labels, scores, *, groups: int = 8, per_group: in
     size, -1 left out). Returns the path, or None when there is no group."""
     from .plots import retrieval_grid
 
-    shown = [g for g in range(int(labels.max()) + 1)][:groups] if (labels >= 0).any() else []
-    if not shown:
+    shown = min(groups, int(labels.max()) + 1)  # labels run 0, 1, ... by size; all -1: no group
+    if shown < 1:
         return None
     queries, results, captions, heads = [], [], [], []
-    for g in shown:
+    for g in range(shown):
         members = np.flatnonzero(labels == g)
         members = members[np.argsort(-scores[members], kind="stable")][:per_group]
         queries.append(paths[members[0]])

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .embeddings import load_embeddings, same_meta
 from .rundir import atomic_write
 
 log = logging.getLogger("udml")
@@ -160,8 +161,6 @@ def load_index(path: str | Path):
     on the fly from an embeddings ``.npz``. The index answers with positions in ``paths``."""
     import faiss
 
-    from .embeddings import load_embeddings
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no index or embeddings file at {path}; make one with udml embed / udml index")
@@ -198,8 +197,6 @@ def update_index(
     cells (the collection's first state) and re-adds the vectors it keeps. ``nprobe`` and ``ef_search`` are
     search settings: an update applies them."""
     import faiss
-
-    from .embeddings import same_meta
 
     path = Path(path)
     build = dict(nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)

@@ -119,9 +119,10 @@ class Collection:
             raise ServeError(404, "no groups loaded; write them with udml cluster and start udml serve with --groups")
 
         def listing(labels):
-            sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(0, dtype=np.int64)
-            first = {int(g): int(np.flatnonzero(labels == g)[0]) for g in np.flatnonzero(sizes)}
-            return [{"group": g, "size": int(sizes[g]), "cover": first[g]} for g in first]
+            groups, first, sizes = np.unique(labels, return_index=True, return_counts=True)  # one pass, any K
+            return [
+                {"group": int(g), "size": int(n), "cover": int(i)} for g, i, n in zip(groups, first, sizes) if g >= 0
+            ]
 
         return {"groups": listing(self.group_of), "duplicates": listing(self.duplicate_of)}
 
