@@ -48,7 +48,8 @@ from udml.inference import extract  # noqa: E402
 from udml.losses import rotation_batch  # noqa: E402
 from udml.models import after_stages, stem_and_stages  # noqa: E402
 from udml.samplers import ClusterBatchSampler, one_per_cluster  # noqa: E402
-from udml.training import StepSettings, prepare, resolve_num_clusters, train_round, training_step  # noqa: E402
+from udml.session import prepare, resolve_num_clusters  # noqa: E402
+from udml.training import StepSettings, train_round, training_step  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

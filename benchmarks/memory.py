@@ -242,13 +242,14 @@ class Probes:
 
 def child(marks: str, argv: list[str]) -> int:
     import udml.data
+    import udml.session
     import udml.training
     from udml.cli import main
 
     probes = Probes(marks)
-    probes.wrap(udml.training, "model_from_config", "model")
+    probes.wrap(udml.session, "model_from_config", "model")
     probes.wrap(udml.data.ImageDataset, "__init__", "decode", lambda args, _: nbytes(args[0]))
-    probes.wrap(udml.training, "stack", "stack", lambda _, result: nbytes(result))
+    probes.wrap(udml.session, "stack", "stack", lambda _, result: nbytes(result))
     probes.wrap(udml.training, "evaluate_model", "evaluation")
     probes.wrap(udml.training, "cluster", "clustering")
     probes.wrap(udml.training, "train_round", "training steps")

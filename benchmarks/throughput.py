@@ -20,8 +20,10 @@ from udml import distributed
 from udml.config import make_config
 from udml.data import make_loader
 from udml.devices import resolve_device
+from udml.pseudolabels import cluster
 from udml.samplers import ClusterBatchSampler
-from udml.training import cluster, prepare, resolve_num_clusters, train_round
+from udml.session import prepare, resolve_num_clusters
+from udml.training import train_round
 
 
 def ceiling(s, iters: int, warmup: int = 5) -> float:

@@ -12,8 +12,10 @@ import torch
 from udml import distributed
 from udml.config import make_config
 from udml.data import make_loader
+from udml.pseudolabels import cluster
 from udml.samplers import ClusterBatchSampler
-from udml.training import cluster, extract_all, prepare, train_round
+from udml.session import extract_all, prepare
+from udml.training import train_round
 
 
 def main(out: str) -> None:

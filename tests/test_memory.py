@@ -15,7 +15,7 @@ from udml.data import ImageDataset, decode_stacked, stack
 from udml.datasets import ImageSet
 from udml.inference import CPU_CHUNK, extract
 from udml.models import model_from_config
-from udml.training import build_datasets, prepare
+from udml.session import build_datasets, prepare
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ from udml.devices import FLOAT32, Precision, precision_for
 from udml.evaluation import evaluate
 from udml.inference import extract, frozen_features
 from udml.models import model_from_config
-from udml.training import frozen_cache_fits, prepare, resolve_num_clusters, train
+from udml.session import frozen_cache_fits, prepare, resolve_num_clusters
+from udml.training import train
 
 BF16_CL = Precision("cpu", torch.bfloat16, channels_last=True)
 FP32_CL = Precision("cpu", torch.float32, channels_last=True)

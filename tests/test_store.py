@@ -23,7 +23,8 @@ from udml.data import test_transform as centre_crop
 from udml.data import train_transform as random_crop
 from udml.datasets import ImageSet, load_cub
 from udml.rundir import METRICS
-from udml.training import prepare, train
+from udml.session import prepare
+from udml.training import train
 
 SHORT = 64  # short side of the stored images: small, so that the tests stay quick
 

@@ -91,7 +91,7 @@ def test_train_transform_crop_rule_and_grayscale():
 
 def test_train_crop_size_makes_the_training_crops_smaller_than_the_test_crops():
     from udml.config import make_config
-    from udml.training import build_datasets
+    from udml.session import build_datasets
 
     cfg = make_config("digits", ["image_size=32", "train_crop_size=24"])
     aug, plain, test = build_datasets(cfg, 32)

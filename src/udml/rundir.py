@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Callable
 
@@ -51,6 +52,11 @@ class RunDir:
                 "that wrote at least one checkpoint (one is written after each clustering "
                 "round)"
             )
+
+
+def default_run_name(dataset: str, backbone: str) -> str:
+    """The run folder's name when none is given: data set, backbone and the local time."""
+    return f"{dataset}-{backbone.replace(':', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def new_run_dir(out_dir: str | Path, run_name: str | None, default_name: str) -> Path:

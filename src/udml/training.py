@@ -1,4 +1,9 @@
-"""The UDML-SS training loop: cluster -> sample P x M -> metric loss + lambda * rotation loss, repeat."""
+"""The UDML-SS training loop: cluster -> sample P x M -> metric loss + lambda * rotation loss, repeat.
+
+Read from the top: ``train`` opens the run folder (or resumes it), builds the session (udml.session) and runs
+the rounds; ``run_round`` is cluster (udml.pseudolabels) / train the steps / evaluate if due / checkpoint if
+due; ``training_step`` is one step's forward and losses; ``finish`` writes the final evaluation, the model file
+and the pictures. The time budget and progress reporting come last."""
 
 from __future__ import annotations
 
@@ -7,369 +12,36 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .clustering import assignment_nmi, confident_members, kmeans
-from .config import RUNTIME_FIELDS, Config, default_num_clusters, parse_duration, save_config, validate
-from .data import ImageDataset, default_workers, make_loader, resize_for, stack, test_transform, train_transform
-from .datasets import load_split
-from .devices import Precision, precision_for, resolve_device
+from .config import RUNTIME_FIELDS, Config, parse_duration, save_config, validate
+from .data import make_loader
+from .devices import Precision, resolve_device
 from .errors import NonFiniteError
-from .evaluation import check_recall_ks, evaluate
-from .inference import extract, frozen_features
+from .inference import extract
 from .logs import progress_bar_drawn, setup_logging
-from .losses import create_loss, rotation_batch, rotation_loss
-from .models import model_from_config
+from .losses import rotation_batch, rotation_loss
 from .plots import write_run_pictures
+from .pseudolabels import cluster, describe_clusters
 from .report import ScheduleClock, format_duration, format_metrics, summary
-from .rundir import CHECKPOINT, MetricsFile, RunDir, check_same_configuration, new_run_dir, remove_temporaries
-from .samplers import ClusterBatchSampler, check_world_size, one_per_cluster
+from .rundir import (
+    CHECKPOINT,
+    MetricsFile,
+    RunDir,
+    check_same_configuration,
+    default_run_name,
+    new_run_dir,
+    remove_temporaries,
+)
+from .samplers import ClusterBatchSampler, one_per_cluster
+from .session import Session, evaluate_model, prepare, resolve_num_clusters
 
 log = logging.getLogger("udml")
-
-
-def build_datasets(cfg: Config, image_size: int):
-    """(train set with the train transform, train set with the test transform, test set)."""
-    train_set = load_split(cfg.dataset, cfg.data_root, cfg.train_split)
-    short = resize_for(image_size, cfg.resize_size)
-    disk = cfg.cache_images == "disk"
-    train = ImageDataset(train_set, None, cache=cfg.cache_images, short_side=short, store_dir=cfg.store_dir)
-    test = None
-    if cfg.dataset == "folder" and cfg.test_root is None:  # a folder's own sub-folders need not be classes
-        log.info(
-            "no labelled test split was given (test_root=FOLDER, one sub-folder per class): the run is not evaluated"
-        )
-    else:
-        test_set = load_split(cfg.dataset, cfg.test_root or cfg.data_root, cfg.test_split)
-        test = ImageDataset(
-            test_set,
-            test_transform(image_size, resize_size=cfg.resize_size),
-            cache="disk" if disk else "transformed" if cfg.cache_images else False,
-            short_side=short,
-            store_dir=cfg.store_dir,
-        )
-    if test is not None and test.labels is None:
-        raise ValueError(
-            f"the test split {test_set.name!r} has no labels; evaluation needs class labels "
-            "(for a folder: one sub-folder per class)"
-        )
-    aug = train.with_transform(
-        train_transform(
-            cfg.train_crop_size or image_size,
-            resize_size=resize_for(image_size, cfg.resize_size),
-            crop_scale_min=cfg.crop_scale_min,
-            hflip=cfg.hflip,
-            crop_rule=cfg.crop_rule,
-        )
-    )
-    plain = train.with_transform(test_transform(image_size, resize_size=cfg.resize_size))
-    return aug, plain, test
-
-
-def evaluate_model(s: "Session", *, with_pooled: bool, keep: dict | None = None) -> dict:
-    """Metrics of the embedding (and optionally of the pooled backbone features) on the test split; {} without one
-    and on the non-main processes of a torchrun job (they only embed their share of the images). ``keep``: a dict
-    that receives the test embeddings as ``keep["embeddings"]`` (the run pictures reuse them)."""
-    if s.test_labels is None:
-        return {}
-    pooled, emb = extract_all(s, "test", pooled=with_pooled)
-    if keep is not None:
-        keep["embeddings"] = emb
-    if not distributed.is_main():
-        return {}
-    labels = s.test_labels.to(emb.device)
-    results = {"embedding": evaluate(emb, labels, recall_ks=s.cfg.recall_ks, seed=s.cfg.seed)}
-    if with_pooled:
-        results["pooled"] = evaluate(F.normalize(pooled, dim=1), labels, recall_ks=s.cfg.recall_ks, seed=s.cfg.seed)
-    return results
-
-
-def extract_all(s: "Session", split: str, pooled: bool):
-    """extract() of every image of ``split`` ("train" or "test", with the test transform); under torchrun each
-    process embeds its contiguous share and the shares are gathered in order, so every process ends with the
-    same features. With frozen stages, their outputs are computed at the first pass and reused after."""
-    data = s.train_plain if split == "train" else s.test_plain
-    if distributed.world_size() > 1:
-        part = distributed.shard(len(data))
-        data = data[part.start : part.stop] if isinstance(data, torch.Tensor) else torch.utils.data.Subset(data, part)
-    kw = dict(batch_size=s.cfg.eval_batch_size, num_workers=s.workers, amp=s.cfg.amp)
-    if s.frozen_cache and split not in s.frozen:
-        s.frozen[split] = frozen_features(s.model, data, **kw)
-    if split in s.frozen:
-        p, e = extract(s.model, s.frozen[split], pooled=pooled, frozen=True, **kw)
-    else:
-        p, e = extract(s.model, data, pooled=pooled, **kw)
-    return (distributed.gather_rows(p) if pooled else None), distributed.gather_rows(e)
-
-
-def warm_start(features: torch.Tensor, previous_labels: torch.Tensor, k: int) -> torch.Tensor:
-    """The previous clusters' centres in the current feature space (the features moved since they were made)."""
-    d = features.shape[1]
-    sums = torch.zeros(k, d, dtype=features.dtype, device=features.device)
-    sums.index_add_(0, previous_labels.to(features.device), features)
-    counts = torch.bincount(previous_labels.to(features.device), minlength=k).clamp_min(1).unsqueeze(1)
-    return sums / counts
-
-
-@dataclass
-class Session:
-    """Everything a run builds once: model, optimiser, loss, data (train with both transforms, test)."""
-
-    cfg: Config
-    device: torch.device
-    precision: Precision  # the network's dtype and layout on this device (udml.devices)
-    workers: int
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    metric_loss: torch.nn.Module
-    aug: ImageDataset  # training images, train transform
-    train_plain: object  # training images, test transform (Dataset or stacked tensor)
-    test_plain: object
-    test_labels: torch.Tensor | None  # None: no labelled test split, no evaluations
-    test_classes: list | None = None
-    train_labels: torch.Tensor | None = None  # true classes of a benchmark's training split: diagnostics only
-    train_model: torch.nn.Module | None = None  # what the training step calls: the model, or its DDP wrapper
-    # With frozen stages: their outputs for this process's share of "train" / "test" images, computed once per run
-    # (frozen_cache_gb bounds them; None: they do not fit and are recomputed at every pass).
-    frozen: dict = dataclasses.field(default_factory=dict)
-    frozen_cache: bool = False
-
-    def __post_init__(self):
-        self.train_model = self.train_model or self.model
-
-
-def resolve_num_clusters(cfg: Config) -> Config:
-    """``num_clusters: null`` replaced by default_num_clusters of the number of training images."""
-    if cfg.num_clusters is not None:
-        return cfg
-    n = len(load_split(cfg.dataset, cfg.data_root, cfg.train_split))
-    cfg = dataclasses.replace(cfg, num_clusters=default_num_clusters(n, cfg.clusters_per_batch))
-    log.info("num_clusters (K) = %d for %d training images (default_num_clusters)", cfg.num_clusters, n)
-    return cfg
-
-
-def prepare(cfg: Config, device: torch.device) -> Session:
-    """Model, optimiser, loss and data for ``cfg`` (its num_clusters resolved) on ``device``, the one that
-    ``distributed.init`` gave this process."""
-    world = distributed.world_size()
-    check_world_size(cfg.clusters_per_batch, world)
-    workers = max(1, default_workers() // distributed.local_world_size()) if cfg.num_workers < 0 else cfg.num_workers
-    precision = precision_for(device, cfg.amp)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        # TF32 where it is safe: convolutions (PyTorch's default, made explicit; it matters with amp=false, as bf16
-        # autocast already covers them). Float32 matrix products stay IEEE: here they are the loss's batch x batch
-        # similarities (tiny; the miner thresholds them), k-means assignments and the exact evaluation, and the
-        # network's linear layers run in bf16 under autocast anyway.
-        torch.backends.cudnn.allow_tf32 = True
-    model = precision.prepare(model_from_config(cfg, device).to(device))
-    metric_loss = create_loss(cfg.loss, cfg.loss_params).to(device)  # a bad loss name fails before decoding
-    aug, plain, test = build_datasets(cfg, model.image_size)
-    if cfg.num_clusters is None:
-        raise ValueError("num_clusters is null: resolve it first (resolve_num_clusters)")
-    if cfg.num_clusters > len(aug):
-        raise ValueError(
-            f"num_clusters (K={cfg.num_clusters}) is larger than the number of training images "
-            f"({len(aug)}); lower num_clusters"
-        )
-    if test is not None:  # before the images are stacked and the start evaluation runs
-        n = len(test)
-        check_recall_ks(cfg.recall_ks, n - 1, f"the test split has {n} images, so each query has {n - 1} neighbours")
-    # Images read from a disk store are transformed when read, never stacked: memory must not grow with N. With
-    # the frozen stages' outputs kept instead, the images are read once more for them and need not be stacked.
-    frozen_cache = frozen_cache_fits(model, precision, len(plain) + (len(test) if test else 0), cfg.frozen_cache_gb)
-    keep = plain.store is not None or frozen_cache
-    train_plain = plain if keep else stack(plain, num_workers=workers, budget_gb=cfg.stack_budget_gb)
-    test_plain = test
-    if test is not None and not (test.store is not None or frozen_cache):
-        test_plain = stack(test, num_workers=workers, budget_gb=cfg.stack_budget_gb)
-    if device.type == "cuda":  # stacked images live on the GPU: re-embedding costs no transfer
-        train_plain = train_plain.to(device) if isinstance(train_plain, torch.Tensor) else train_plain
-        test_plain = test_plain.to(device) if isinstance(test_plain, torch.Tensor) else test_plain
-    if cfg.rotation_weight == 0:  # UDML: the rotation head takes no part (and DDP needs no unused parameters)
-        model.rotation.requires_grad_(False)
-    train_model = model
-    if world > 1:
-        if not cfg.freeze_bn and device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif not cfg.freeze_bn:
-            log.warning(
-                "BatchNorm is trained with statistics of each process's share of the batch (SyncBatchNorm "
-                "needs CUDA); set freeze_bn=true for steps identical to a single process"
-            )
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
-        metric_loss = metric_loss.across_processes()
-    optimizer = torch.optim.Adam(
-        [
-            {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": cfg.lr},
-            {
-                "params": list(model.embedding.parameters()) + list(model.rotation.parameters()),
-                "lr": cfg.head_lr or cfg.lr,
-            },
-        ],
-        weight_decay=cfg.weight_decay,
-        fused=device.type == "cuda" or None,
-    )  # fused: one kernel per step on CUDA
-    # A folder's sub-folders need not be classes; the benchmarks' training classes are.
-    train_labels = torch.as_tensor(aug.labels) if aug.labels is not None and cfg.dataset != "folder" else None
-    log.info("network: %s on %s", precision, device)
-    return Session(
-        cfg,
-        device,
-        precision,
-        workers,
-        model,
-        optimizer,
-        metric_loss,
-        aug,
-        train_plain,
-        test_plain,
-        None if test is None else torch.as_tensor(test.labels),
-        test_classes=None if test is None else test.image_set.class_names,
-        train_labels=train_labels,
-        train_model=train_model,
-        frozen_cache=frozen_cache,
-    )
-
-
-def frozen_cache_fits(model, precision: Precision, n_images: int, budget_gb: float) -> bool:
-    """Whether the frozen stages' outputs of ``n_images`` test-transformed images fit ``budget_gb``; says so."""
-    if not getattr(model, "frozen_stages", 0):
-        return False
-    size = model.image_size  # the frozen stages are in eval mode from construction on (UDMLNet): no state changes
-    with torch.no_grad(), precision.autocast():
-        probe = model.frozen_features(precision.layout(torch.zeros(2, 3, size, size, dtype=torch.uint8)))
-    gb = n_images * probe[0].numel() * probe.element_size() / 2**30
-    if gb > budget_gb:
-        log.info(
-            "the frozen stages' outputs of %d images would take %.2f GB, over frozen_cache_gb=%g: recomputed at "
-            "every clustering and evaluation (raise frozen_cache_gb to keep them)",
-            n_images,
-            gb,
-            budget_gb,
-        )
-        return False
-    log.info("the frozen stages' outputs are computed once and kept: %.2f GB for %d images", gb, n_images)
-    return True
-
-
-def cluster(s: Session, previous: torch.Tensor | None, seed: int):
-    """Pseudo-labels: features in eval mode with the test transform, then cosine k-means; returns (labels, the
-    confident images' mask, k-means result, stats). The mask (all True with ``confident_fraction=1``) says which
-    images this round's batches draw from (clustering.confident_members).
-
-    Every clustering works in one geometry, that of the evaluation: L2-normalised features, spherical k-means.
-    The first clustering uses the pretrained pooled features (k-means++); later ones the embeddings,
-    warm-started from the previous clusters' centres in the current feature space. Under torchrun the features
-    are gathered from every process, the main process clusters and broadcasts the labels (the others get
-    result None and stats {})."""
-    cfg = s.cfg
-    pooled, emb = extract_all(s, "train", pooled=previous is None)
-    features = pooled if previous is None else emb
-    if not bool(torch.isfinite(features).all()):
-        raise NonFiniteError("the network's outputs on the training images are NaN or infinite")
-    features = F.normalize(features, dim=1)
-    result, stats, labels = None, {}, None
-    if distributed.is_main():
-        warm = previous is not None and cfg.recluster_init == "warm"
-        init = warm_start(features, previous, cfg.num_clusters) if warm else None
-        result = kmeans(
-            features,
-            cfg.num_clusters,
-            niter=cfg.kmeans_iters,
-            seed=seed,
-            backend=cfg.kmeans_backend,
-            init_centroids=init,
-            spherical=True,
-        )
-        stats = cluster_stats(result, previous, cfg.images_per_cluster, s.train_labels)
-        labels = torch.as_tensor(result.labels, dtype=torch.long)
-        keep = confident_members(
-            features.cpu(), labels, result.centroids, cfg.confident_fraction, cfg.images_per_cluster
-        )
-        stats["confident"], stats["confident_only"] = int(keep.sum()), bool(not keep.all())
-        labels = torch.stack([labels, keep.long()]).to(features.device)
-    labels = distributed.broadcast(labels, like=torch.empty(2, len(features), dtype=torch.long, device=features.device))
-    labels = labels.cpu()
-    return labels[0], labels[1].bool(), result, stats
-
-
-def cluster_stats(
-    result, previous: torch.Tensor | None, images_per_cluster: int, true_labels: torch.Tensor | None
-) -> dict:
-    """The clustering record of metrics.jsonl: k-means' own statistics, the cluster sizes, how many clusters
-    are smaller than M (the sampler repeats their images), the NMI to the previous assignment and, where the
-    training split has class labels (benchmarks), the NMI to them. That last one is a diagnostic only: labels
-    never reach training or the choice of a setting."""
-    stats = result.stats()
-    sizes = result.sizes()
-    stats["sizes"] = sizes.tolist() if len(sizes) <= 1000 else None  # SOP's K = 10,000: summary only
-    stats["smaller_than_m"] = int((sizes < images_per_cluster).sum())
-    stats["nmi_previous"] = assignment_nmi(previous, result.labels) if previous is not None else None
-    stats["diagnostic_nmi_true_classes"] = (
-        assignment_nmi(true_labels, result.labels) if true_labels is not None else None
-    )
-    return stats
-
-
-def model_is_finite(s: Session, probe_images: int = 16) -> bool:
-    """Finite weights, and finite embeddings of the first training images (weights can be finite but so large
-    that the outputs overflow). Changes no state: eval mode, no gradients, no random numbers."""
-    if not all(bool(torch.isfinite(p).all()) for p in s.model.parameters()):
-        return False
-    data = s.train_plain
-    n = min(probe_images, len(data))
-    x = data[:n] if isinstance(data, torch.Tensor) else torch.stack([data[i][0] for i in range(n)])
-    _, emb = extract(s.model, x, batch_size=n, amp=s.cfg.amp, pooled=False)
-    return bool(torch.isfinite(emb).all())
-
-
-def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, progress=None, stop=None):
-    """One pass of the loader; returns (step, mean of each named loss term over the round, first bad step).
-
-    Non-finite losses are tracked on the device (no host sync per step) and reported as the first bad step,
-    or -1; on the CPU the round stops at the first one. ``progress(step)`` is called after every step; the round
-    ends early when ``stop()`` says so before a step (the time budget)."""
-    label_dev = labels.to(s.device)
-    settings = StepSettings.of(s.cfg)
-    sums, steps = {}, torch.zeros((), device=s.device)
-    bad_step = torch.full((), -1, dtype=torch.long, device=s.device)
-    s.model.train()
-    for x, idx in loader:
-        if stop is not None and stop():
-            break
-        x = x.to(s.device, non_blocking=True)
-        y = label_dev[idx.to(s.device, non_blocking=True)]
-        loss, terms = training_step(s.train_model, s.metric_loss, x, y, settings, s.precision, distributed.world_size())
-        step += 1
-        finite = torch.isfinite(loss)
-        bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
-        if s.device.type == "cpu" and distributed.any_true(~finite, s.device):  # every process stops together
-            break
-        s.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        s.optimizer.step()
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0) + value
-        steps += 1
-        if bar is not None:
-            bar.update(1)
-        if progress is not None:
-            progress(step)
-    names = sorted(sums)
-    # the processes' rotation terms differ; their metric losses do not. One host sync for the round.
-    totals = distributed.sum_over_ranks(torch.stack([sums[n] for n in names] + [steps])) if names else None
-    means = {} if totals is None else dict(zip(names, (totals[:-1] / totals[-1].clamp_min(1)).tolist()))
-    return step, means, int(distributed.max_over_ranks(bad_step))
 
 
 @dataclass
@@ -452,31 +124,17 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     return finish(s, loop, progress)
 
 
-def over_budget(s: Session, loop: Loop, upcoming: float) -> bool:
-    """With a time budget: whether ``upcoming`` seconds of work, then the closing evaluation, model file and
-    pictures (timed by the start evaluation), would end past the deadline. Every process decides alike."""
-    if loop.deadline is None:
-        return False
-    late = time.time() + upcoming + closing_seconds(s, loop.clock) > loop.deadline
-    return distributed.any_true(late, s.device) if distributed.world_size() > 1 else late
-
-
-def closing_seconds(s: Session, clock: ScheduleClock) -> float:
-    """About how long finish() takes: the final evaluation, and with pictures one more embedding pass and a t-SNE."""
-    return clock.eval_seconds * (2 if s.cfg.pictures else 1) + (10.0 if s.cfg.pictures else 2.0)
-
-
-def default_name(cfg: Config) -> str:
-    return f"{cfg.dataset}-{cfg.backbone.replace(':', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
 def open_run(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[RunDir | None, dict | None]:
     """The run folder (made by the main process and shared with the others; None for them), its logging, and
     with ``resume`` the checkpoint's state (checked against ``cfg``)."""
     main = distributed.is_main()  # under torchrun only the main process writes files and logs
     path = None
     if main:
-        path = Path(run_dir) if run_dir is not None else new_run_dir(cfg.out_dir, cfg.run_name, default_name(cfg))
+        path = (
+            Path(run_dir)
+            if run_dir is not None
+            else new_run_dir(cfg.out_dir, cfg.run_name, default_run_name(cfg.dataset, cfg.backbone))
+        )
         path.mkdir(parents=True, exist_ok=True)
     run = RunDir(distributed.broadcast_object(str(path) if main else None))
     setup_logging(run.path if main else None, quiet=not main, resume=resume)
@@ -531,13 +189,6 @@ def start_or_resume(s: Session, run: RunDir | None, state: dict | None) -> Progr
     return progress
 
 
-def evaluations_between(s: Session) -> int:
-    """Evaluations between the start and the final one."""
-    if s.test_labels is None or not s.cfg.eval_every:
-        return 0
-    return (s.cfg.num_rounds() - 1) // s.cfg.eval_every
-
-
 def evaluate_start(s: Session, loop: Loop, progress: Progress) -> None:
     t = time.time()
     progress.start_metrics = evaluate_model(s, with_pooled=True)
@@ -545,20 +196,6 @@ def evaluate_start(s: Session, loop: Loop, progress: Progress) -> None:
     for kind, m in progress.start_metrics.items():
         loop.metrics.append(kind="eval", round=0, step=0, features=kind, seconds=loop.clock.eval_seconds, **m)
         log.info("start  (%-9s) %s", kind, format_metrics(m))
-
-
-def non_finite(progress: Progress, run: RunDir | None, what: str) -> NonFiniteError:
-    kept = (
-        "no checkpoint was written yet"
-        if progress.saved_round is None
-        else f"the last good checkpoint {run.checkpoint if run else CHECKPOINT} (after round {progress.saved_round}) "
-        "is intact"
-    )
-    return NonFiniteError(
-        f"{what}; training stopped and {kept}. Lower lr (or head_lr), raise weight_decay or "
-        "check the data, then start a new run: resuming with the same settings repeats the "
-        "same steps"
-    )
 
 
 def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
@@ -640,156 +277,43 @@ def train_steps(s: Session, loop: Loop, progress: Progress, rnd: int, keep, roun
     loop.bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k.endswith("loss")}, refresh=False)
 
 
-def evaluate_if_due(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
-    """Every ``eval_every`` rounds (the last round's evaluation is finish()'s), when the time budget allows."""
-    cfg = s.cfg
-    due = cfg.eval_every and rnd % cfg.eval_every == 0 and rnd != cfg.num_rounds() and s.test_labels is not None
-    if not due or loop.stopped or over_budget(s, loop, loop.clock.eval_seconds):
-        return
-    t = time.time()
-    m = evaluate_model(s, with_pooled=False).get("embedding")
-    if m is not None:
-        loop.metrics.append(
-            kind="eval", round=rnd, step=progress.step, features="embedding", seconds=time.time() - t, **m
-        )
-        log.info("step %6d (embedding) %s", progress.step, format_metrics(m))
+def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, progress=None, stop=None):
+    """One pass of the loader; returns (step, mean of each named loss term over the round, first bad step).
 
-
-def checkpoint_if_due(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
-    """Every ``checkpoint_every`` rounds, after the last one and when the time budget stopped training; never
-    a checkpoint whose network yields NaN."""
-    cfg = s.cfg
-    if not (rnd % max(1, cfg.checkpoint_every) == 0 or rnd == cfg.num_rounds() or loop.stopped):
-        return
-    if not model_is_finite(s):
-        raise non_finite(
-            progress,
-            loop.run,
-            f"the weights or the network's outputs became NaN or infinite by step {progress.step} (round {rnd})",
-        )
-    if loop.run is not None:
-        ckpt.save_checkpoint(
-            loop.run.checkpoint,
-            s.model,
-            s.optimizer,
-            rounds_done=rnd,
-            step=progress.step,
-            labels=progress.labels,
-            config=cfg.to_dict(),
-            start_metrics=progress.start_metrics,
-        )
-    progress.saved_round = rnd
-
-
-def describe_clusters(stats: dict) -> str:
-    nmi_true = stats["diagnostic_nmi_true_classes"]
-    return (
-        f"sizes min {stats['min']} / median {stats['median']:g} / max {stats['max']}, {stats['smaller_than_m']} "
-        f"smaller than M, {stats['n_reseeded']} re-seeded, NMI to previous "
-        + ("-" if stats["nmi_previous"] is None else f"{stats['nmi_previous']:.3f}")
-        + ("" if nmi_true is None else f", to the true classes {nmi_true:.3f} (diagnostic)")
-        + (
-            f", batches drawn from the {stats['confident']} most confident images"
-            if stats.get("confident_only")
-            else ""
-        )
-    )
-
-
-def finish(s: Session, loop: Loop, progress: Progress) -> dict:
-    """Final evaluation, the model file, the summary and the pictures."""
-    t = time.time()
-    kept = {}
-    final = evaluate_model(s, with_pooled=False, keep=kept)
-    result = {
-        "start": progress.start_metrics,
-        "final": final,
-        "step": progress.step,
-        "run_dir": str(loop.run) if loop.run else None,
-    }
-    if loop.run is None:
-        return {**result, "start": {}, "final": {}}
-    if final:
-        loop.metrics.append(
-            kind="eval",
-            round=s.cfg.num_rounds(),
-            step=progress.step,
-            features="embedding",
-            final=True,
-            seconds=time.time() - t,
-            **final["embedding"],
-        )
-    ckpt.save_model(s.model, s.cfg, loop.run.model)
-    table, worse = summary(progress.start_metrics, final.get("embedding"))
-    for line in table:
-        log.info("%s", line)
-    if worse:
-        log.warning("%s", worse)
-    log.info("model written to %s; metrics in %s", loop.run.model, loop.run.metrics)
-    if s.cfg.pictures:
-        write_run_pictures(
-            loop.run.path,
-            s.model,
-            s.train_plain if s.test_labels is None else s.test_plain,
-            s.test_labels,
-            class_names=s.test_classes,
-            batch_size=s.cfg.eval_batch_size,
-            num_workers=s.workers,
-            amp=s.cfg.amp,
-            embeddings=kept.get("embeddings"),  # the final evaluation's: no second pass over the test images
-        )
-    return result
-
-
-def report_progress(s: Session, loop: Loop, rnd: int, step: int) -> None:
-    """After a training step: the schedule's estimated duration once, then a progress line now and then."""
-    clock = loop.clock
-    if clock.timed_steps(step):
-        if s.device.type == "cuda":
-            torch.cuda.synchronize(s.device)  # the steps were only queued
-        total = clock.estimate(step)
-        log.info(
-            "estimated duration of the whole schedule: %s (%d rounds x %d iterations at %.2f s each, %d "
-            "clusterings at %.1f s, %d evaluations at %.1f s)",
-            format_duration(total),
-            clock.rounds,
-            clock.iterations,
-            clock.step_seconds,
-            clock.rounds,
-            clock.cluster_seconds,
-            clock.evaluations + 2,
-            clock.eval_seconds,
-        )
-        if loop.deadline is not None:
-            log.info("%s", budget_plan(s, loop, step))
-        elif s.device.type == "cpu" and total > 3600:
-            rounds = clock.rounds_within(1800)
-            log.warning(
-                "that is over an hour on the CPU. To shorten it: pseudo_epochs=%d (about 30 min at this "
-                "speed; now %d), a smaller crop (image_size=160), eval_every=0 (no evaluations in between), "
-                "or train on a GPU (device=cuda)",
-                rounds * s.cfg.recluster_every,
-                s.cfg.pseudo_epochs,
-            )
-    line = clock.progress_line(step, rnd)
-    if line:
-        log.info("%s", line, extra={"progress": True})
-
-
-def budget_plan(s: Session, loop: Loop, step: int) -> str:
-    """What fits in the time budget at the measured speeds."""
-    clock, cfg = loop.clock, s.cfg
-    left = loop.deadline - time.time() - closing_seconds(s, clock)
-    per_step = clock.step_seconds + clock.cluster_seconds / clock.iterations  # a clustering every round
-    total = cfg.num_rounds() * cfg.iterations_per_round()
-    fit = min(total, step + max(0, int(left // per_step)))
-    if fit >= total:
-        return f"time budget {cfg.time_budget}: the whole schedule fits ({format_duration(clock.total_seconds())})"
-    return (
-        f"time budget {cfg.time_budget}: about {fit} of the schedule's {total} steps and {-(-fit // clock.iterations)} "
-        f"clusterings fit; training stops then, leaving {format_duration(closing_seconds(s, clock))} for the "
-        "final evaluation and model"
-    )
+    Non-finite losses are tracked on the device (no host sync per step) and reported as the first bad step,
+    or -1; on the CPU the round stops at the first one. ``progress(step)`` is called after every step; the round
+    ends early when ``stop()`` says so before a step (the time budget)."""
+    label_dev = labels.to(s.device)
+    settings = StepSettings.of(s.cfg)
+    sums, steps = {}, torch.zeros((), device=s.device)
+    bad_step = torch.full((), -1, dtype=torch.long, device=s.device)
+    s.model.train()
+    for x, idx in loader:
+        if stop is not None and stop():
+            break
+        x = x.to(s.device, non_blocking=True)
+        y = label_dev[idx.to(s.device, non_blocking=True)]
+        loss, terms = training_step(s.train_model, s.metric_loss, x, y, settings, s.precision, distributed.world_size())
+        step += 1
+        finite = torch.isfinite(loss)
+        bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
+        if s.device.type == "cpu" and distributed.any_true(~finite, s.device):  # every process stops together
+            break
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        s.optimizer.step()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0) + value
+        steps += 1
+        if bar is not None:
+            bar.update(1)
+        if progress is not None:
+            progress(step)
+    names = sorted(sums)
+    # the processes' rotation terms differ; their metric losses do not. One host sync for the round.
+    totals = distributed.sum_over_ranks(torch.stack([sums[n] for n in names] + [steps])) if names else None
+    means = {} if totals is None else dict(zip(names, (totals[:-1] / totals[-1].clamp_min(1)).tolist()))
+    return step, means, int(distributed.max_over_ranks(bad_step))
 
 
 @dataclass(frozen=True)
@@ -845,3 +369,187 @@ def training_step(
     terms["rotation_loss"] = rotation.detach()
     terms["rotation_accuracy"] = (logits.argmax(1) == yr).float().mean()
     return metric + step.rotation_weight * rotation, terms
+
+
+def evaluate_if_due(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
+    """Every ``eval_every`` rounds (the last round's evaluation is finish()'s), when the time budget allows."""
+    cfg = s.cfg
+    due = cfg.eval_every and rnd % cfg.eval_every == 0 and rnd != cfg.num_rounds() and s.test_labels is not None
+    if not due or loop.stopped or over_budget(s, loop, loop.clock.eval_seconds):
+        return
+    t = time.time()
+    m = evaluate_model(s, with_pooled=False).get("embedding")
+    if m is not None:
+        loop.metrics.append(
+            kind="eval", round=rnd, step=progress.step, features="embedding", seconds=time.time() - t, **m
+        )
+        log.info("step %6d (embedding) %s", progress.step, format_metrics(m))
+
+
+def checkpoint_if_due(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
+    """Every ``checkpoint_every`` rounds, after the last one and when the time budget stopped training; never
+    a checkpoint whose network yields NaN."""
+    cfg = s.cfg
+    if not (rnd % max(1, cfg.checkpoint_every) == 0 or rnd == cfg.num_rounds() or loop.stopped):
+        return
+    if not model_is_finite(s):
+        raise non_finite(
+            progress,
+            loop.run,
+            f"the weights or the network's outputs became NaN or infinite by step {progress.step} (round {rnd})",
+        )
+    if loop.run is not None:
+        ckpt.save_checkpoint(
+            loop.run.checkpoint,
+            s.model,
+            s.optimizer,
+            rounds_done=rnd,
+            step=progress.step,
+            labels=progress.labels,
+            config=cfg.to_dict(),
+            start_metrics=progress.start_metrics,
+        )
+    progress.saved_round = rnd
+
+
+def model_is_finite(s: Session, probe_images: int = 16) -> bool:
+    """Finite weights, and finite embeddings of the first training images (weights can be finite but so large
+    that the outputs overflow). Changes no state: eval mode, no gradients, no random numbers."""
+    if not all(bool(torch.isfinite(p).all()) for p in s.model.parameters()):
+        return False
+    data = s.train_plain
+    n = min(probe_images, len(data))
+    x = data[:n] if isinstance(data, torch.Tensor) else torch.stack([data[i][0] for i in range(n)])
+    _, emb = extract(s.model, x, batch_size=n, amp=s.cfg.amp, pooled=False)
+    return bool(torch.isfinite(emb).all())
+
+
+def non_finite(progress: Progress, run: RunDir | None, what: str) -> NonFiniteError:
+    kept = (
+        "no checkpoint was written yet"
+        if progress.saved_round is None
+        else f"the last good checkpoint {run.checkpoint if run else CHECKPOINT} (after round {progress.saved_round}) "
+        "is intact"
+    )
+    return NonFiniteError(
+        f"{what}; training stopped and {kept}. Lower lr (or head_lr), raise weight_decay or "
+        "check the data, then start a new run: resuming with the same settings repeats the "
+        "same steps"
+    )
+
+
+def finish(s: Session, loop: Loop, progress: Progress) -> dict:
+    """Final evaluation, the model file, the summary and the pictures."""
+    t = time.time()
+    kept = {}
+    final = evaluate_model(s, with_pooled=False, keep=kept)
+    result = {
+        "start": progress.start_metrics,
+        "final": final,
+        "step": progress.step,
+        "run_dir": str(loop.run) if loop.run else None,
+    }
+    if loop.run is None:
+        return {**result, "start": {}, "final": {}}
+    if final:
+        loop.metrics.append(
+            kind="eval",
+            round=s.cfg.num_rounds(),
+            step=progress.step,
+            features="embedding",
+            final=True,
+            seconds=time.time() - t,
+            **final["embedding"],
+        )
+    ckpt.save_model(s.model, s.cfg, loop.run.model)
+    table, worse = summary(progress.start_metrics, final.get("embedding"))
+    for line in table:
+        log.info("%s", line)
+    if worse:
+        log.warning("%s", worse)
+    log.info("model written to %s; metrics in %s", loop.run.model, loop.run.metrics)
+    if s.cfg.pictures:
+        write_run_pictures(
+            loop.run.path,
+            s.model,
+            s.train_plain if s.test_labels is None else s.test_plain,
+            s.test_labels,
+            class_names=s.test_classes,
+            batch_size=s.cfg.eval_batch_size,
+            num_workers=s.workers,
+            amp=s.cfg.amp,
+            embeddings=kept.get("embeddings"),  # the final evaluation's: no second pass over the test images
+        )
+    return result
+
+
+def evaluations_between(s: Session) -> int:
+    """Evaluations between the start and the final one."""
+    if s.test_labels is None or not s.cfg.eval_every:
+        return 0
+    return (s.cfg.num_rounds() - 1) // s.cfg.eval_every
+
+
+def over_budget(s: Session, loop: Loop, upcoming: float) -> bool:
+    """With a time budget: whether ``upcoming`` seconds of work, then the closing evaluation, model file and
+    pictures (timed by the start evaluation), would end past the deadline. Every process decides alike."""
+    if loop.deadline is None:
+        return False
+    late = time.time() + upcoming + closing_seconds(s, loop.clock) > loop.deadline
+    return distributed.any_true(late, s.device) if distributed.world_size() > 1 else late
+
+
+def closing_seconds(s: Session, clock: ScheduleClock) -> float:
+    """About how long finish() takes: the final evaluation, and with pictures one more embedding pass and a t-SNE."""
+    return clock.eval_seconds * (2 if s.cfg.pictures else 1) + (10.0 if s.cfg.pictures else 2.0)
+
+
+def report_progress(s: Session, loop: Loop, rnd: int, step: int) -> None:
+    """After a training step: the schedule's estimated duration once, then a progress line now and then."""
+    clock = loop.clock
+    if clock.timed_steps(step):
+        if s.device.type == "cuda":
+            torch.cuda.synchronize(s.device)  # the steps were only queued
+        total = clock.estimate(step)
+        log.info(
+            "estimated duration of the whole schedule: %s (%d rounds x %d iterations at %.2f s each, %d "
+            "clusterings at %.1f s, %d evaluations at %.1f s)",
+            format_duration(total),
+            clock.rounds,
+            clock.iterations,
+            clock.step_seconds,
+            clock.rounds,
+            clock.cluster_seconds,
+            clock.evaluations + 2,
+            clock.eval_seconds,
+        )
+        if loop.deadline is not None:
+            log.info("%s", budget_plan(s, loop, step))
+        elif s.device.type == "cpu" and total > 3600:
+            rounds = clock.rounds_within(1800)
+            log.warning(
+                "that is over an hour on the CPU. To shorten it: pseudo_epochs=%d (about 30 min at this "
+                "speed; now %d), a smaller crop (image_size=160), eval_every=0 (no evaluations in between), "
+                "or train on a GPU (device=cuda)",
+                rounds * s.cfg.recluster_every,
+                s.cfg.pseudo_epochs,
+            )
+    line = clock.progress_line(step, rnd)
+    if line:
+        log.info("%s", line, extra={"progress": True})
+
+
+def budget_plan(s: Session, loop: Loop, step: int) -> str:
+    """What fits in the time budget at the measured speeds."""
+    clock, cfg = loop.clock, s.cfg
+    left = loop.deadline - time.time() - closing_seconds(s, clock)
+    per_step = clock.step_seconds + clock.cluster_seconds / clock.iterations  # a clustering every round
+    total = cfg.num_rounds() * cfg.iterations_per_round()
+    fit = min(total, step + max(0, int(left // per_step)))
+    if fit >= total:
+        return f"time budget {cfg.time_budget}: the whole schedule fits ({format_duration(clock.total_seconds())})"
+    return (
+        f"time budget {cfg.time_budget}: about {fit} of the schedule's {total} steps and {-(-fit // clock.iterations)} "
+        f"clusterings fit; training stops then, leaving {format_duration(closing_seconds(s, clock))} for the "
+        "final evaluation and model"
+    )
