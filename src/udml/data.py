@@ -231,6 +231,27 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(self.image(i)), i
 
 
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files by path for one pass over a collection (``udml embed``): items are (uint8 image tensor, error).
+
+    The package's policy for unreadable images (reported once, left out) applied during the pass instead of up
+    front as ImageDataset does, so that each file of a large collection is opened once: an unreadable file
+    yields a blank image and its error message, which the caller leaves out and reports
+    (images.report_unreadable)."""
+
+    def __init__(self, paths: list[str], transform, size: int):
+        self.paths, self.transform, self.size = paths, transform, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.transform(open_rgb(self.paths[i])), ""
+        except Exception as e:  # noqa: BLE001 - any decoder failure: left out and reported by the caller
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
+
+
 def make_loader(
     dataset, *, batch_size: int = 1, batch_sampler=None, num_workers: int = 0, device="cpu", persistent: bool = False
 ):

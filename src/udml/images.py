@@ -1,6 +1,7 @@
 """Images from files, without torch: reading any file Pillow knows as RGB, shrinking, decoding many at once in
-threads, and one policy for images that cannot be read (reported once, skipped). The in-memory cache
-(udml.data), the disk store (udml.store), embedding a folder (udml.retrieval) and the pictures use it."""
+threads, and one policy for images that cannot be read (reported once, skipped). The data sets of udml.data
+(ImageDataset up front, ImageFiles during a pass over a folder), the disk store (udml.store) and the pictures
+use it."""
 
 from __future__ import annotations
 

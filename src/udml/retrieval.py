@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .data import test_transform
+from .data import ImageFiles, make_loader, test_transform
 from .devices import precision_for, resolve_device
 from .embeddings import EMBEDDINGS_FORMAT, Embeddings, same_meta
 from .errors import ModelMismatch
@@ -131,22 +131,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-class _Files(torch.utils.data.Dataset):
-    """Transformed images by path; an unreadable file yields a blank image and its error message."""
-
-    def __init__(self, paths: list[str], transform, size: int):
-        self.paths, self.transform, self.size = paths, transform, size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return self.transform(open_rgb(self.paths[i])), ""
-        except Exception as e:  # noqa: BLE001 - reported and skipped by embed_folder
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
-
-
 def _file_stamps(paths: list[str]) -> np.ndarray:
     """int64 [N, 2], size and mtime_ns of each file, as the image store keys them (-1 where stat fails)."""
     return np.array([row[1:] for row in describe_files(paths)], dtype=np.int64).reshape(-1, 2)
@@ -233,8 +217,8 @@ def _embed_files(embedder: Embedder, files: list[str], batch_size: int, num_work
     mine = [files[i] for i in distributed.shard(len(files))]
     rows, errors = [np.zeros((0, embedder.dim), dtype=np.float32)], []
     if mine:
-        data = _Files(mine, embedder.transform, embedder.image_size)
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+        data = ImageFiles(mine, embedder.transform, embedder.image_size)
+        loader = make_loader(data, batch_size=batch_size, num_workers=num_workers, device=embedder.device)
         show = progress and distributed.is_main()
         with tqdm(total=len(mine), desc="embed", unit="img", disable=not show, mininterval=2.0) as bar:
             for x, err in loader:
