@@ -61,13 +61,13 @@ def test_embed_updates_only_new_and_changed_files(collection, model_file, tmp_pa
     what = change_collection(collection)
 
     asked = []  # every file the update hands to the network
-    files = retrieval._Files
+    files = retrieval.ImageFiles
 
     def spy(paths, *args):
         asked.extend(paths)
         return files(paths, *args)
 
-    monkeypatch.setattr(retrieval, "_Files", spy)
+    monkeypatch.setattr(retrieval, "ImageFiles", spy)
     capsys.readouterr()
     assert main(["embed", str(model_file), str(collection), "-o", str(out), "--device", "cpu"]) == 0
     assert "9 kept, 4 embedded, 2 removed" in capsys.readouterr().out
@@ -78,7 +78,7 @@ def test_embed_updates_only_new_and_changed_files(collection, model_file, tmp_pa
         "broken.jpg",
     }
     after = load_embeddings(out)
-    monkeypatch.setattr(retrieval, "_Files", files)
+    monkeypatch.setattr(retrieval, "ImageFiles", files)
     fresh = embed_folder(Embedder.from_file(model_file), collection)
     assert after.paths == fresh.paths and what["removed"] not in after.paths and what["renamed"] in after.paths
     np.testing.assert_allclose(after.embeddings, fresh.embeddings, atol=1e-5)
@@ -131,6 +131,30 @@ def test_a_write_killed_half_way_leaves_the_previous_file(collection, model_file
         main(["embed", str(model_file), str(collection), "-o", str(out), "--device", "cpu"])
     assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["photos", "photos.npz"]
     assert len(load_embeddings(out).paths) == 12
+
+
+def test_an_index_write_killed_half_way_leaves_the_previous_index(collection, model_file, tmp_path, monkeypatch):
+    """The index goes through the package's one atomic write: a kill while faiss writes it leaves the previous
+    index (and its paths file) as they were, and no temporary file."""
+    import faiss
+
+    emb, idx = tmp_path / "photos.npz", tmp_path / "photos.faiss"
+    assert main(["embed", str(model_file), str(collection), "-o", str(emb), "--device", "cpu"]) == 0
+    assert main(["index", str(emb), "-o", str(idx)]) == 0
+    before, sidecar = idx.read_bytes(), Path(f"{idx}.json").read_text()
+    change_collection(collection)
+    assert main(["embed", str(model_file), str(collection), "-o", str(emb), "--device", "cpu"]) == 0
+    real = faiss.write_index
+
+    def killed(index, writer):
+        real(index, writer)  # the whole index reaches the temporary file, then the process is stopped
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(faiss, "write_index", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["index", str(emb), "-o", str(idx)])
+    assert idx.read_bytes() == before and Path(f"{idx}.json").read_text() == sidecar
+    assert sorted(os.listdir(tmp_path)) == ["photos", "photos.faiss", "photos.faiss.json", "photos.npz"]
 
 
 @pytest.mark.parametrize("kind", [[], ["--ivf", "1"], ["--hnsw", "8"]], ids=["flat", "ivf", "hnsw"])

@@ -116,13 +116,8 @@ def save_index(path: str | Path, index, emb, kind: str, ids: np.ndarray | None =
         "stamps": None if emb.stamps is None else np.asarray(emb.stamps).tolist(),
         "next_id": max(next_id, int(ids.max()) + 1 if len(ids) else 0),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # faiss writes through the file object (streamed, no copy of the index in memory) into atomic_write's temporary
+    atomic_write(path, lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)), what="index")
     text = json.dumps(info).encode()
     atomic_write(sidecar, lambda f: f.write(text), what="index paths file")
     return sidecar
