@@ -25,7 +25,12 @@ def test_summary_says_plainly_when_training_made_things_worse():
     _, worse = summary(start, metrics(0.922, 0.887, 0.61))
     assert worse.startswith("WORSE THAN THE START")
     assert "pooled features (R@1 -0.60, NMI -2.30)" in worse and "MAP@R" not in worse
+    assert "untrained network's" in worse and "train longer" in worse
     assert summary(start, None)[1] is None  # no final evaluation, nothing to compare
+    # a pretrained start: the advice is its own features, not more minutes (issue #19's CPU runs)
+    _, worse = summary(start, metrics(0.922, 0.887, 0.61), pretrained=True)
+    assert "pretrained network's pooled features" in worse and "udml embed pretrained:" in worse
+    assert "train longer" not in worse
 
 
 def test_schedule_clock_estimate():

@@ -17,12 +17,12 @@ def format_metrics(m: dict) -> str:
     return "  ".join(f"{NAMES.get(k, 'R@' + k[7:])} {100 * m[k]:5.2f}" for k in metric_keys(m))
 
 
-def summary(start: dict, final: dict | None) -> tuple[list[str], str | None]:
+def summary(start: dict, final: dict | None, pretrained: bool = False) -> tuple[list[str], str | None]:
     """The closing table (start rows, final row, change of the final embedding against each start row) and a
     warning when the trained embedding is worse than the start on any headline metric, or None.
 
-    ``start``: {"embedding": metrics, "pooled": metrics} of the untrained network; ``final``: the trained
-    embedding's metrics."""
+    ``start``: {"embedding": metrics, "pooled": metrics} of the network before training; ``final``: the trained
+    embedding's metrics; ``pretrained``: the network started from pretrained weights (the advice differs)."""
     rows = [(f"start ({kind})", m) for kind, m in start.items() if m]
     if final:
         rows.append(("final (embedding)", final))
@@ -47,14 +47,20 @@ def summary(start: dict, final: dict | None) -> tuple[list[str], str | None]:
             if k in m and k in final and final[k] < m[k]
         ]
         if lost:
-            worse.append(f"the untrained network's {kind} features ({', '.join(lost)})")
+            network = "pretrained" if pretrained else "untrained"
+            worse.append(f"the {network} network's {kind} features ({', '.join(lost)})")
     warning = None
     if worse:
         warning = (
             "WORSE THAN THE START: on the test images the trained embedding is below "
             + " and below ".join(worse)
-            + ". Training did not help here: train longer or on a GPU (see the "
-            "time estimate at the start of the run), or use the pretrained backbone's own features instead."
+            + ". Training did not help here: "
+            + (
+                "use the pretrained backbone's own features (udml embed pretrained:NAME), or train on a GPU; on a "
+                "CPU, longer runs of a pretrained backbone did not do better (benchmarks/RESULTS.md, issue #19)."
+                if pretrained
+                else "train longer or on a GPU (see the time estimate at the start of the run)."
+            )
         )
     return lines, warning
 

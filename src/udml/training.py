@@ -462,7 +462,7 @@ def finish(s: Session, loop: Loop, progress: Progress) -> dict:
             **final["embedding"],
         )
     ckpt.save_model(s.model, s.cfg, loop.run.model)
-    table, worse = summary(progress.start_metrics, final.get("embedding"))
+    table, worse = summary(progress.start_metrics, final.get("embedding"), pretrained=s.cfg.pretrained)
     for line in table:
         log.info("%s", line)
     if worse:
