@@ -244,7 +244,7 @@ def test_full_disk_during_training_then_resume_matches(tmp_path, monkeypatch, da
     result = train(cfg, run, resume=True)
     ref = [r for r in metrics_of(reference) if r.get("final")][0]
     assert all(abs(result["final"]["embedding"][k] - ref[k]) <= 1e-6 for k in result["final"]["embedding"])
-    assert same_state(ckpt.load(run / "model.pt")["state_dict"], ckpt.load(reference / "model.pt")["state_dict"])
+    assert same_state(ckpt.read_model(run / "model.pt")[1], ckpt.read_model(reference / "model.pt")[1])
     assert same_records(metrics_of(run), metrics_of(reference))
 
 
@@ -336,7 +336,5 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_result(tm
     ref, got = metrics_of(out / "reference"), metrics_of(run)
     assert same_records(got, ref)  # no duplicates, no gaps, same values: losses, cluster statistics, metrics
     assert ref[-1].get("final") and got[-1].get("final")
-    assert same_state(
-        ckpt.load(run / "model.pt")["state_dict"], ckpt.load(out / "reference" / "model.pt")["state_dict"]
-    )
+    assert same_state(ckpt.read_model(run / "model.pt")[1], ckpt.read_model(out / "reference" / "model.pt")[1])
     assert not list(run.glob(".checkpoint.pt.*.tmp"))

@@ -12,11 +12,9 @@ received from someone else.
 from __future__ import annotations
 
 import pickle
-import random
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .rundir import atomic_write
@@ -139,12 +137,6 @@ def upgrade(path: str | Path) -> list[str]:
     atomic_save(state, path)
     load(path)  # now readable the safe way
     return removed
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 if __name__ == "__main__":

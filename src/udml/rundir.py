@@ -123,11 +123,19 @@ def atomic_write(
         raise
     if not durable:
         return
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)  # make the rename itself durable
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; where folders cannot be opened (Windows), nothing."""
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def remove_temporaries(path: str | Path) -> list[Path]:

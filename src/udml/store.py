@@ -49,6 +49,7 @@ import numpy as np
 
 from . import images
 from .errors import StoreError
+from .rundir import fsync_dir
 
 try:
     import fcntl
@@ -249,15 +250,6 @@ def _tidy(root: Path, prefix: str, keep: str, locked: bool) -> None:
             _remove(Path(entry.path))
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _decoded_in_order(items: list, short_side: int | None, workers: int):
     """(i, array or None, error or None) for every item in order, decoded by ``workers`` threads with at most
     ``4 * workers`` images decoded ahead of the consumer."""
@@ -334,7 +326,7 @@ def build(items: list, files: list[list], short_side: int | None, path: Path, na
                 shutil.rmtree(tmp, ignore_errors=True)
                 return False
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:  # decoding errors are caught per image: this is the store's own disk (full, read-only)
         shutil.rmtree(tmp, ignore_errors=True)
         need = f"about {offset / done * len(items) / 1e9:.1f} GB" if offset else "height x width x 3 bytes an image"

@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -42,6 +44,13 @@ from .samplers import ClusterBatchSampler, one_per_cluster
 from .session import Session, evaluate_model, prepare, resolve_num_clusters
 
 log = logging.getLogger("udml")
+
+
+def seed_all(seed: int) -> None:
+    """Python's, NumPy's and torch's random numbers: the initial weights, then each round's."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 @dataclass
@@ -81,7 +90,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     cfg = resolve_num_clusters(cfg)
     if run is not None:
         save_config(cfg, run.config)
-    ckpt.seed_all(cfg.seed)  # the network's initial weights
+    seed_all(cfg.seed)  # the network's initial weights
     s = prepare(cfg, device)
     progress = start_or_resume(s, run, state)
     loop = Loop(
@@ -202,7 +211,7 @@ def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
     """Round ``rnd``: cluster (or, for the supervised ceiling, take the true labels), train, evaluate when due,
     checkpoint when due."""
     round_seed = s.cfg.seed * 1_000_003 + rnd
-    ckpt.seed_all(round_seed)
+    seed_all(round_seed)
     keep = pseudo_labels(s, loop, progress, rnd)
     train_steps(s, loop, progress, rnd, keep, round_seed)
     evaluate_if_due(s, loop, progress, rnd)
