@@ -1,5 +1,6 @@
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,28 @@ def shared_data(*parts: str) -> Path:
     if parts and not path.exists():
         pytest.skip(f"shared data {path} not available (../shared/data beside the repository, or $UDML_SHARED_DATA)")
     return path
+
+
+# Three CUB species that the retrieval, serving and collection tests use.
+CUB_CLASSES = ("001.Black_footed_Albatross", "017.Cardinal", "036.Northern_Flicker")
+
+
+def cub_photos(root: Path, classes, per_class: int | None = None, copy: bool = False) -> Path:
+    """CUB photos in one real sub-folder per class under ``root`` (made): ``classes`` are folder names or indices
+    in CUB's sorted class list; the first ``per_class`` photos of each (all: None). The files are symlinks, never
+    linked folders, so that a test writing beside the photos cannot write into the shared data; ``copy``: copies,
+    for a test that changes or removes them."""
+    images = shared_data("CUB_200_2011", "images")
+    names = sorted(p.name for p in images.iterdir()) if any(isinstance(c, int) for c in classes) else None
+    for c in classes:
+        name = names[c] if isinstance(c, int) else c
+        (root / name).mkdir(parents=True)
+        for f in sorted((images / name).iterdir())[:per_class]:
+            if copy:
+                shutil.copy2(f, root / name / f.name)
+            else:
+                (root / name / f.name).symlink_to(f)
+    return root
 
 
 @pytest.fixture

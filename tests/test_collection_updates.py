@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
+from conftest import CUB_CLASSES, cub_photos, shared_data
 
 from udml import retrieval
 from udml.checkpoint import save_model
@@ -19,19 +19,13 @@ from udml.index import load_index, search
 from udml.models import model_from_config
 from udml.retrieval import Embedder, embed_folder
 
-CLASSES = ("001.Black_footed_Albatross", "017.Cardinal", "036.Northern_Flicker")
+CLASSES = CUB_CLASSES
 
 
 @pytest.fixture
 def collection(tmp_path) -> Path:
     """12 real photos (4 of each of 3 species) copied into a folder that the test may change."""
-    images = shared_data("CUB_200_2011", "images")
-    root = tmp_path / "photos"
-    for c in CLASSES:
-        (root / c).mkdir(parents=True)
-        for f in sorted((images / c).iterdir())[:4]:
-            shutil.copy2(f, root / c / f.name)
-    return root
+    return cub_photos(tmp_path / "photos", CLASSES, 4, copy=True)
 
 
 def spare_photos(n: int) -> list[Path]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
+from conftest import CUB_CLASSES, cub_photos, shared_data
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -108,12 +108,7 @@ def test_torchrun_udml_embed_writes_what_one_process_writes(tmp_path, model_file
     process writes: same paths in the same order, same rows, same skipped file; an update under torchrun too."""
     from udml.embeddings import load_embeddings
 
-    images = shared_data("CUB_200_2011", "images")
-    photos = tmp_path / "photos"
-    for c in ("001.Black_footed_Albatross", "017.Cardinal"):
-        (photos / c).mkdir(parents=True)
-        for f in sorted((images / c).iterdir())[:9]:
-            (photos / c / f.name).symlink_to(f)
+    photos = cub_photos(tmp_path / "photos", CUB_CLASSES[:2], 9)
     (photos / "017.Cardinal" / "broken.jpg").write_bytes(b"not an image")
     embed = ["-m", "udml", "embed", str(model_file), str(photos), "--workers", "0", "-o"]
     run([sys.executable, *embed, str(tmp_path / "one.npz")], tmp_path)
@@ -125,7 +120,7 @@ def test_torchrun_udml_embed_writes_what_one_process_writes(tmp_path, model_file
     np.testing.assert_array_equal(two.stamps, one.stamps)
     assert two.meta == one.meta
     # an update: 3 new photos, shared out as well, the rest kept
-    for f in sorted((images / "036.Northern_Flicker").iterdir())[:3]:
+    for f in sorted((shared_data("CUB_200_2011", "images") / CUB_CLASSES[2]).iterdir())[:3]:
         (photos / "017.Cardinal" / f.name).symlink_to(f)
     proc = run(torchrun(*embed, str(tmp_path / "two.npz")), tmp_path)
     assert "21 images embedded by 2 processes" in proc.stdout and "18 kept, 3 embedded" in proc.stdout

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
+from conftest import cub_photos
 
 from udml import devices
 from udml.config import make_config
@@ -124,12 +124,7 @@ MIN_COSINE, MEAN_COSINE, RECALL_POINTS = 0.99, 0.998, 3.0
 def cub_eight(tmp_path_factory):
     """CUB classes 101-108 (the test classes' first eight), as 224 px centre crops, with their labels."""
 
-    images = shared_data("CUB_200_2011", "images")
-    if not images.is_dir():
-        pytest.skip(f"CUB-200-2011 not found at {images}")
-    root = tmp_path_factory.mktemp("cub8")
-    for d in sorted(images.iterdir())[100:108]:
-        (root / d.name).symlink_to(d)
+    root = cub_photos(tmp_path_factory.mktemp("cub8"), range(100, 108))
     ds = ImageDataset(load_folder(root, "test"), eval_transform(224), short_side=256)
     return stack(ds), torch.as_tensor(ds.labels)
 
@@ -233,12 +228,8 @@ def test_train_float32_runs_the_trained_layers_in_float32_under_bfloat16_autocas
 
 def test_a_run_with_the_frozen_outputs_kept_equals_one_that_recomputes_them(tmp_path, cub_eight, udml_log):
 
-    images = shared_data("CUB_200_2011", "images")
-    train_root, test_root = tmp_path / "train", tmp_path / "test"
-    for root, classes in ((train_root, range(0, 4)), (test_root, range(100, 103))):
-        root.mkdir()
-        for d in [sorted(images.iterdir())[i] for i in classes]:
-            (root / d.name).symlink_to(d)
+    train_root = cub_photos(tmp_path / "train", range(0, 4))
+    test_root = cub_photos(tmp_path / "test", range(100, 103))
     overrides = [
         f"data_root={train_root}",
         f"test_root={test_root}",

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
+from conftest import CUB_CLASSES, cub_photos
 from PIL import Image
 
 from udml.checkpoint import save_model
@@ -18,17 +18,13 @@ from udml.index import build_index, load_index, save_index, search
 from udml.models import model_from_config
 from udml.retrieval import Embedder, embed_folder
 
-CLASSES = ("001.Black_footed_Albatross", "017.Cardinal", "036.Northern_Flicker")
+CLASSES = CUB_CLASSES
 
 
 @pytest.fixture(scope="module")
 def cub3(tmp_path_factory) -> Path:
-    """Three CUB classes as a folder of symlinked class folders, plus a nested copy and a damaged file."""
-    images = shared_data("CUB_200_2011", "images")
-    root = tmp_path_factory.mktemp("cub3")
-    for c in CLASSES:
-        (root / c).symlink_to(images / c, target_is_directory=True)
-    return root
+    """Three CUB classes, every photo of each, linked file by file into a folder per class."""
+    return cub_photos(tmp_path_factory.mktemp("cub3"), CLASSES)
 
 
 @pytest.fixture(scope="module")

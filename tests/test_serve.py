@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_data
+from conftest import CUB_CLASSES, cub_photos
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -22,7 +22,7 @@ from udml.index import build_index, save_index
 from udml.retrieval import Embedder, embed_folder
 from udml.serve import LOOPBACK_HOSTS, Collection, bind, create_app, map_2d, open_collection
 
-CLASSES = ("001.Black_footed_Albatross", "017.Cardinal", "036.Northern_Flicker")
+CLASSES = CUB_CLASSES
 PER_CLASS = 12
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -30,13 +30,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 @pytest.fixture(scope="module")
 def birds(tmp_path_factory) -> Path:
     """36 CUB images (12 of each of 3 species) as symlinks in one folder per species."""
-    images = shared_data("CUB_200_2011", "images")
-    root = tmp_path_factory.mktemp("birds")
-    for c in CLASSES:
-        (root / c).mkdir()
-        for f in sorted((images / c).iterdir())[:PER_CLASS]:
-            (root / c / f.name).symlink_to(f)
-    return root
+    return cub_photos(tmp_path_factory.mktemp("birds"), CLASSES, PER_CLASS)
 
 
 @pytest.fixture(scope="module")
