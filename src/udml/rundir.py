@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -127,15 +128,14 @@ def atomic_write(
 
 
 def fsync_dir(path: str | Path) -> None:
-    """Flush a folder's entries (a rename into it) to disk; where folders cannot be opened (Windows), nothing."""
-    try:
+    """Flush a folder's entries (a rename into it) to disk, where the system allows: folders that cannot be opened
+    (Windows) or synced (some file systems) are left to the system; the rename itself has already happened."""
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def remove_temporaries(path: str | Path) -> list[Path]:
