@@ -171,6 +171,25 @@ def test_extract_runs_the_fast_path_and_float32_on_request(cub_eight, lite0):
     assert (fast * ref).sum(1).min() >= MIN_COSINE
 
 
+@pytest.mark.parametrize("fast", [BF16_CL, FP32_CL], ids=["bfloat16_channels_last", "float32_channels_last"])
+def test_images_stay_nchw_and_the_network_still_runs_channels_last(cub_eight, lite0, fast):
+    """udml's passes give the network uint8 images in NCHW (normalising channels_last images is 3x slower): the
+    first convolution's channels_last weights lay the activations out, with the numbers of images laid out first."""
+    x = cub_eight[0][:8]
+    model = fast.prepare(lite0)
+    stem = []
+    hook = model.backbone.bn1.register_forward_hook(
+        lambda m, i, o: stem.append(o.is_contiguous(memory_format=torch.channels_last))
+    )
+    try:
+        with torch.no_grad(), fast.autocast():
+            nchw, laid = model(x), model(fast.layout(x))
+    finally:
+        hook.remove()
+    assert x.is_contiguous() and stem == [True, True]
+    assert torch.equal(nchw, laid)
+
+
 # ----------------------------------------------------------------------------------------- frozen stages
 def test_frozen_stages_outputs_reused_give_the_numbers_of_recomputing_them(cub_eight):
     images, _ = cub_eight

@@ -101,7 +101,9 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
-        """A batch of images or feature maps [B, C, H, W] in the memory layout the network expects."""
+        """A batch [B, C, H, W] in the memory layout the network runs in. udml's own passes leave uint8 images
+        in NCHW (UDMLNet.normalize says why): a convolution whose weights are channels_last lays its output out
+        channels_last whatever its input's layout (oneDNN and cuDNN alike)."""
         if self.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x

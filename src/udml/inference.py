@@ -65,7 +65,7 @@ def extract(
 
     def fn(x):
         with precision.autocast():
-            p = model.pooled_from_frozen(x) if frozen else model.pooled(precision.layout(x))
+            p = model.pooled_from_frozen(x) if frozen else model.pooled(x)
             e = model.embed(p)
         return (p.float() if pooled else None), e
 
@@ -83,7 +83,7 @@ def frozen_features(model, dataset, *, batch_size: int = 256, num_workers: int =
 
     def fn(x):
         with precision.autocast():
-            return model.frozen_features(precision.layout(x))
+            return model.frozen_features(x)
 
     return torch.cat(_parts(model, dataset, fn, batch_size=batch_size, num_workers=num_workers, progress=progress))
 

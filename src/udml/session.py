@@ -192,7 +192,7 @@ def frozen_cache_fits(model, precision: Precision, n_images: int, budget_gb: flo
         return False
     size = model.image_size  # the frozen stages are in eval mode from construction on (UDMLNet): no state changes
     with torch.no_grad(), precision.autocast():
-        probe = model.frozen_features(precision.layout(torch.zeros(2, 3, size, size, dtype=torch.uint8)))
+        probe = model.frozen_features(torch.zeros(2, 3, size, size, dtype=torch.uint8))
     gb = n_images * probe[0].numel() * probe.element_size() / 2**30
     if gb > budget_gb:
         log.info(

@@ -358,7 +358,6 @@ def training_step(
     back-propagates only through its own share. ``precision``: the network's dtype and layout (default
     float32, NCHW)."""
     precision = precision or Precision(x.device.type)
-    x = precision.layout(x)
     rotate = step.rotation_weight > 0
     f32 = step.trained_float32
     with precision.autocast():
@@ -366,7 +365,6 @@ def training_step(
             xr, yr = rotation_batch(
                 one_per_cluster(x, step.images_per_cluster)[: max(1, step.rotation_images // world_size)]
             )
-            xr = precision.layout(xr)
             emb, logits = model(x, xr, separate=step.separate_rotation_pass, trained_float32=f32)
         else:
             emb = model(x, trained_float32=f32)
