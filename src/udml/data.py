@@ -119,6 +119,11 @@ class TrainCrop:
         a = a[:, :, None] if a.ndim == 2 else a
         return torch.from_numpy(a.transpose(2, 0, 1).copy())
 
+    @property
+    def crops_together(self) -> bool:
+        """Whether ``batch`` makes the enlarging crops together (small crops), rather than each with Pillow."""
+        return self.size <= CROPS_TOGETHER_MAX_SIZE
+
     def batch(self, arrays: list[np.ndarray], draws: list) -> list[torch.Tensor]:
         """The crops of images given as uint8 arrays [H, W(, C)] with their draws (``draw``): what ``resample``
         gives each, to within one grey level, at a fraction of the cost on small images.
@@ -132,7 +137,7 @@ class TrainCrop:
         Pillow's filter averages more pixels) go through Pillow, and so does every crop larger than
         CROPS_TOGETHER_MAX_SIZE, where Pillow is the faster (at 64 px 83 against 116 us an image, at 224 px 840
         against 1,970)."""
-        if self.size > CROPS_TOGETHER_MAX_SIZE:
+        if not self.crops_together:
             return [self.resample(Image.fromarray(a), *d) for a, d in zip(arrays, draws)]
         out: list = [None] * len(arrays)
         groups: dict = {}
@@ -308,9 +313,8 @@ class ImageDataset(torch.utils.data.Dataset):
         return list(zip(self.transform.batch(arrays, draws), idx))
 
     def _crops_together(self) -> bool:
-        crop = self.transform
         cached = self.arrays is not None or self.store is not None
-        return isinstance(crop, TrainCrop) and crop.size <= CROPS_TOGETHER_MAX_SIZE and cached
+        return cached and isinstance(self.transform, TrainCrop) and self.transform.crops_together
 
     @staticmethod
     def _seeded(key) -> int:
