@@ -48,10 +48,11 @@ from udml.data import make_loader  # noqa: E402
 from udml.devices import keep_freed_memory, precision_for  # noqa: E402
 from udml.inference import extract  # noqa: E402
 from udml.losses import rotation_batch  # noqa: E402
+from udml.methods.udml_ss import StepSettings, training_step  # noqa: E402
 from udml.models import after_stages, stem_and_stages  # noqa: E402
 from udml.samplers import ClusterBatchSampler, one_per_cluster  # noqa: E402
 from udml.session import prepare, resolve_num_clusters  # noqa: E402
-from udml.training import StepSettings, train_round, training_step  # noqa: E402
+from udml.training import train_round  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

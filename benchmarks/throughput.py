@@ -92,7 +92,7 @@ def profile_steps(s, loader, sampler, labels, steps: int) -> dict:
     by part of the round; returns the synchronisations per training step (forward, losses and backward)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from udml import training
+    from udml.methods import udml_ss as training
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
     sampler.num_batches = steps

@@ -54,6 +54,29 @@ def test_two_processes_gather_cluster_and_step_like_one(tmp_path):
     assert any(not torch.allclose(fresh[k].float(), w.float()) for k, w in one["weights"].items())
 
 
+def test_stml_under_torchrun_has_one_neighbour_graph_and_one_teacher(tmp_path):
+    """STML with 2 processes: the same neighbour graph, the same losses and gradients as one process, and after the
+    step's moving average the same teacher on both processes as in the single process."""
+    run([sys.executable, str(WORKER), str(tmp_path / "one.pt"), "stml"], tmp_path)
+    run(torchrun(str(WORKER), str(tmp_path / "two.pt"), "stml"), tmp_path)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert torch.equal(two["labels"], one["labels"])  # the neighbour table
+    assert one["bad"] == two["bad"] == -1
+    assert {"contrastive_loss", "distill_loss", "rotation_loss"} <= set(one["means"])
+    assert two["means"] == pytest.approx(one["means"], rel=1e-5, abs=1e-6)
+    assert one["grads"].keys() == two["grads"].keys() and any(k.startswith("wide.") for k in one["grads"])
+    for k, g in one["grads"].items():
+        torch.testing.assert_close(two["grads"][k], g, rtol=0, atol=1e-6, msg=f"gradient of {k}")
+    for k, t in one["teacher"].items():
+        torch.testing.assert_close(two["teacher"][k], t, rtol=0, atol=1e-4, msg=f"teacher {k} after one step")
+    ranks = two["teachers"]
+    assert len(ranks) == 2 and all(torch.equal(a, b) for a, b in zip(*ranks))  # one teacher on both processes
+    # the teacher moved half way (momentum 0.5) to the student's new weights, and is not the student
+    moved = [k for k in one["teacher"] if k.startswith("embedding.")]
+    assert moved and all(not torch.equal(one["teacher"][k], one["weights"][k]) for k in moved)
+
+
 def test_torchrun_udml_train_writes_one_run_like_a_single_process(tmp_path):
     common = [
         "--config",

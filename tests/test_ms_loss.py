@@ -170,8 +170,8 @@ def test_the_loss_makes_no_host_device_sync_and_pml_does():
 
 def test_a_training_step_makes_no_host_device_sync():
     from udml.config import make_config
+    from udml.methods.udml_ss import StepSettings, training_step
     from udml.models import model_from_config
-    from udml.training import StepSettings, training_step
 
     torch.manual_seed(0)
     cfg = make_config("digits", ["device=cpu"])

@@ -8,9 +8,10 @@ from udml.cli import main as cli
 from udml.config import make_config
 from udml.inference import load_model
 from udml.losses import create_loss
+from udml.methods.udml_ss import StepSettings, training_step
 from udml.models import model_from_config
 from udml.rundir import CHECKPOINT, METRICS, MODEL
-from udml.training import StepSettings, train, training_step
+from udml.training import train
 
 QUICK = ["pseudo_epochs=4", "recluster_every=2", "num_workers=0", "pictures=false"]
 

@@ -1,7 +1,8 @@
 """The two file formats of a run, written and read here only: atomically written, read as tensors and plain data.
 
 - The **checkpoint** (checkpoint.pt, what ``--resume`` reads): the model's and the optimiser's state, the
-  pseudo-labels, the rounds and steps done, the configuration, the start metrics and the CPU thread count.
+  training method's own state (STML's teacher), the round's targets (pseudo-labels), the rounds and steps done, the
+  configuration, the start metrics and the CPU thread count.
 - The **model file** (model.pt, format ``MODEL_FORMAT``): the weights and what rebuilds the network (backbone,
   heads, image settings), without the training set-up.
 
@@ -53,12 +54,23 @@ def load(path: str | Path, map_location="cpu") -> dict:
 
 
 def save_checkpoint(
-    path: str | Path, model, optimizer, *, rounds_done: int, step: int, labels, config: dict, start_metrics: dict
+    path: str | Path,
+    model,
+    optimizer,
+    *,
+    rounds_done: int,
+    step: int,
+    labels,
+    config: dict,
+    start_metrics: dict,
+    method_state: dict | None = None,
 ) -> None:
-    """The checkpoint after ``rounds_done`` clustering rounds (``step`` steps): what a resumed run restores."""
+    """The checkpoint after ``rounds_done`` clustering rounds (``step`` steps): what a resumed run restores.
+    ``method_state``: what the training method keeps beside the model (STML's teacher)."""
     atomic_save(
         {
             "model": model.state_dict(),
+            "method_state": method_state or {},
             "optimizer": optimizer.state_dict(),
             "rounds_done": rounds_done,
             "step": step,
@@ -92,7 +104,7 @@ def save_model(model, cfg, path: str | Path) -> None:
     atomic_save(
         {
             "format": MODEL_FORMAT,
-            "state_dict": model.state_dict(),
+            "state_dict": inference_weights(model.state_dict()),
             "arch": {
                 "backbone": cfg.backbone,
                 "embedding_dim": cfg.embedding_dim,
@@ -102,6 +114,11 @@ def save_model(model, cfg, path: str | Path) -> None:
         },
         path,
     )
+
+
+def inference_weights(state_dict: dict) -> dict:
+    """A network's weights without the heads that only training uses (STML's wide head, UDMLNet.wide)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith("wide.")}
 
 
 def read_model(path: str | Path) -> tuple[dict, dict]:
@@ -122,7 +139,7 @@ def read_model(path: str | Path) -> tuple[dict, dict]:
             "image_size": cfg.image_size,
             "resize_size": cfg.resize_size,
         }
-        return arch, state["model"]
+        return arch, inference_weights(state["model"])
     raise ValueError(f"{path} is neither a udml model file nor a udml training checkpoint")
 
 

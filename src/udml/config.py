@@ -14,6 +14,7 @@ import yaml
 from .errors import UnknownKey
 
 KMEANS_BACKENDS = ("auto", "faiss", "torch")
+OPTIMIZERS = ("adam", "adamw")
 
 
 @dataclass
@@ -54,6 +55,10 @@ class Config:
     # test-transformed images are computed once per run and reused by every clustering and evaluation
     frozen_cache_gb: float = 2.0  # memory for those outputs (Lite0 after 5 stages, 224 px: 44 KB an image in
     # bfloat16, 88 KB in float32); above it they are recomputed at every pass
+    frozen_views: int = 0  # with freeze_stages on timm's EfficientNet family: the frozen stages' outputs for this many
+    # training-transformed crops (views) of every training image, computed once per run and kept in memory (within
+    # frozen_cache_gb), so that a training step runs only the trained layers; a step draws from them instead of
+    # making new crops. 0: new crops at every step, through the whole network
 
     # pseudo-labels
     num_clusters: int | None = 100  # K; null = default_num_clusters(N training images): N / 50, clipped
@@ -63,9 +68,14 @@ class Config:
     # nearest its centre (at least M); 1 = all
     recluster_init: str = "warm"  # warm: start from the previous clusters' centres; fresh: k-means++ each time
 
+    # the training method (udml.methods): udml_ss (k-means pseudo-labels, the paper's method) or stml (soft
+    # neighbourhood targets from a moving-average teacher); method_params: that method's own settings by name
+    method: str = "udml_ss"
+    method_params: dict = field(default_factory=dict)
+
     # batches and losses
-    clusters_per_batch: int = 16  # P
-    images_per_cluster: int = 5  # M
+    clusters_per_batch: int = 16  # P: clusters (udml_ss) or neighbourhoods (stml) a batch
+    images_per_cluster: int = 5  # M: images of each (stml: a query and its M - 1 nearest neighbours)
     rotation_images: int = 16  # R, each rotated 0/90/180/270 degrees
     loss: str = "multi_similarity"  # a name in udml.losses.LOSSES
     loss_params: dict = field(default_factory=dict)
@@ -75,8 +85,9 @@ class Config:
     supervised: bool = False  # benchmarks only: train on the true training labels (a ceiling)
 
     # optimisation and schedule
+    optimizer: str = "adam"  # adam (weight decay added to the gradient) or adamw (decoupled weight decay)
     lr: float = 1e-5
-    head_lr: float | None = None  # learning rate of the two heads; None = lr
+    head_lr: float | None = None  # learning rate of the heads; None = lr
     weight_decay: float = 5e-4
     pseudo_epochs: int = 600  # one pseudo-epoch = num_clusters * epoch_images_per_cluster images
     epoch_images_per_cluster: int = 5
@@ -369,6 +380,15 @@ def validate(cfg: Config) -> None:
         cfg.kmeans_backend in KMEANS_BACKENDS,
         f"kmeans_backend must be one of {', '.join(KMEANS_BACKENDS)}, got {cfg.kmeans_backend!r}",
     )
+    need(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    need(
+        cfg.frozen_views >= 0 and (cfg.frozen_views == 0 or cfg.freeze_stages > 0),
+        f"frozen_views must be 0 (new crops at every step) or, with freeze_stages set, 1 or more; got "
+        f"frozen_views={cfg.frozen_views} with freeze_stages={cfg.freeze_stages}",
+    )
+    from .methods import check_method  # the method's own settings (method_params); no torch
+
+    check_method(cfg)
 
 
 def save_config(cfg: Config, path: Path) -> None:

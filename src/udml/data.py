@@ -328,6 +328,23 @@ class ImageDataset(torch.utils.data.Dataset):
         return i
 
 
+class FrozenViews(torch.utils.data.Dataset):
+    """The frozen stages' outputs of V training views of every image, kept in memory (``views`` [N, V, ...],
+    udml.session.prepare_views): item (index, seed) is (view ``seed % V`` of that image, index), so that the
+    samplers' per-image seeds pick the views, and an image's consecutive seeds (its views in one batch) pick
+    different ones."""
+
+    def __init__(self, views: torch.Tensor):
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, key):
+        i, seed = key
+        return self.views[i, seed % self.views.shape[1]], i
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Image files by path for one pass over a collection (``udml embed``): items are (uint8 image tensor, error).
 

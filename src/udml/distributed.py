@@ -71,6 +71,18 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
+def gather_rows_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows in rank order, as gather_rows, with this rank's rows the tensor given, so that gradients
+    flow back into them (the other ranks' rows are constants here). Every rank must give the same number of rows."""
+    w = world_size()
+    if w == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(w)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank()] = x
+    return torch.cat(parts)
+
+
 def gather_objects(obj) -> list:
     """Every rank's ``obj`` (picklable, small), in rank order, on every rank."""
     if world_size() == 1:

@@ -153,3 +153,42 @@ def rotation_batch(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def rotation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
+
+
+def relative_distances(emb: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between the rows of ``emb`` [n, d], each row divided by its mean distance to the other
+    n - 1 rows; the diagonal is 0. The square root is taken of squared distances clamped away from 0, so that the
+    gradient stays finite for coinciding rows (two views of a blank image)."""
+    n = emb.shape[0]
+    sq = emb.pow(2).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * emb @ emb.t()).clamp_min(1e-12)
+    off = ~torch.eye(n, dtype=torch.bool, device=emb.device)
+    d = torch.where(off, d2.sqrt(), torch.zeros_like(d2))
+    return d / (d.sum(1, keepdim=True) / (n - 1)).clamp_min(1e-12)
+
+
+def relaxed_contrastive_loss(emb: torch.Tensor, targets: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """STML's relaxed contrastive loss (Kim et al., CVPR 2022): every pair of rows is pulled together in proportion
+    to its target w (a soft similarity in [0, 1]) and pushed to at least ``margin`` apart in proportion to 1 - w,
+    on distances relative to each row's mean (:func:`relative_distances`), so that only their order matters:
+
+        sum over i != j of  w_ij d_ij^2 + (1 - w_ij) max(0, margin - d_ij)^2,  divided by n (n - 1).
+
+    For one pair, with d below the margin, the minimum is at d = margin (1 - w)."""
+    n = emb.shape[0]
+    d = relative_distances(emb.float())
+    off = ~torch.eye(n, dtype=torch.bool, device=emb.device)
+    w = targets.float()
+    per_pair = w * d.pow(2) + (1 - w) * F.relu(margin - d).pow(2)
+    return per_pair[off].sum() / (n * (n - 1))
+
+
+def distillation_loss(narrow: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+    """STML's self-distillation: for every row i, the KL divergence from the wide embedding's distribution over the
+    other rows (softmax of minus the relative distances, :func:`relative_distances`) to the narrow embedding's,
+    averaged over rows. The wide side is the target: no gradient reaches it through this term."""
+    n = narrow.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool, device=narrow.device)
+    log_q = F.log_softmax(-relative_distances(narrow.float())[off].view(n, n - 1), dim=1)
+    log_p = F.log_softmax(-relative_distances(wide.detach().float())[off].view(n, n - 1), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum() / n

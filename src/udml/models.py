@@ -259,12 +259,15 @@ class UDMLNet(nn.Module):
         freeze_bn: bool = False,
         image: ImageConfig | None = None,
         frozen_stages: int = 0,
+        wide_dim: int | None = None,
     ):
         """``embedding_dim=None``: no embedding layer, the L2-normalised pooled features are the embedding (the
         pretrained backbone alone, for embedding without training). ``frozen_stages=N`` (set by build_model for
         ``freeze_stages=N`` on backbones that :func:`splits_at_stages`): the stem and first N stages run without
         autograd and in eval mode, and their outputs (:meth:`frozen_features`) can be computed once and reused
-        (:meth:`pooled_from_frozen`)."""
+        (:meth:`pooled_from_frozen`). ``wide_dim``: a second, wider L2-normalised linear head on the pooled
+        features that only training uses (STML's self-distillation, udml.methods.stml); model files leave it
+        out."""
         super().__init__()
         self.backbone = backbone.module
         if frozen_stages and not splits_at_stages(self.backbone):
@@ -275,6 +278,8 @@ class UDMLNet(nn.Module):
         self.rotation = nn.Sequential(
             nn.Linear(backbone.feature_dim, rotation_hidden), nn.ReLU(inplace=True), nn.Linear(rotation_hidden, 4)
         )
+        # created last, so that a network without it draws the same initial weights as before it existed
+        self.wide = nn.Linear(backbone.feature_dim, wide_dim) if wide_dim else None
         self.freeze_bn = freeze_bn
         self.image = image or ImageConfig.for_backbone(backbone)
         self.register_buffer("mean", torch.tensor(self.image.mean).view(1, 3, 1, 1) * 255)
@@ -323,11 +328,7 @@ class UDMLNet(nn.Module):
         """Pooled features; ``trained_float32``: the layers that train (those after the frozen stages, or all of
         them) run in float32 even under bfloat16 autocast, while the frozen stages keep the autocast."""
         if self.frozen_stages:
-            h = self.frozen_features(x)
-            if trained_float32:
-                with torch.autocast(h.device.type, enabled=False):
-                    return self.pooled_from_frozen(h.float())
-            return self.pooled_from_frozen(h)
+            return self._pooled_from_frozen(self.frozen_features(x), trained_float32)
         if trained_float32:
             with torch.autocast(x.device.type, enabled=False):
                 return self.backbone(self.normalize(x)).flatten(1)
@@ -337,6 +338,10 @@ class UDMLNet(nn.Module):
         # The heads are small: float32 even under autocast, so the embedding is not rounded to bfloat16.
         with torch.autocast(pooled.device.type, enabled=False):
             return F.normalize(self.embedding(pooled.float()), dim=1)
+
+    def embed_wide(self, pooled: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(pooled.device.type, enabled=False):
+            return F.normalize(self.wide(pooled.float()), dim=1)
 
     def rotation_logits(self, pooled: torch.Tensor) -> torch.Tensor:
         with torch.autocast(pooled.device.type, enabled=False):
@@ -348,18 +353,39 @@ class UDMLNet(nn.Module):
         rotated: torch.Tensor | None = None,
         separate: bool = False,
         trained_float32: bool = False,
+        frozen_input: bool = False,
+        wide: bool = False,
     ):
-        """Embeddings of ``x``; with ``rotated`` images also their rotation logits (the training step: one
-        forward() call is what DistributedDataParallel synchronises). One backbone pass over both, or with
-        ``separate`` two passes, so that trained BatchNorm layers normalise each with its own statistics.
-        ``trained_float32``: see :meth:`pooled`."""
+        """Embeddings of ``x``; with ``wide`` also the wide head's embeddings; with ``rotated`` images also their
+        rotation logits, last (the training step: one forward() call is what DistributedDataParallel
+        synchronises). One backbone pass over both, or with ``separate`` two passes, so that trained BatchNorm
+        layers normalise each with its own statistics. ``frozen_input``: ``x`` holds the outputs of the frozen
+        stages (:meth:`frozen_features`, for example of cached training views) rather than images; ``rotated``
+        are images all the same. ``trained_float32``: see :meth:`pooled`."""
         f32 = trained_float32
-        if rotated is None:
-            return self.embed(self.pooled(x, f32))
-        if separate:
-            return self.embed(self.pooled(x, f32)), self.rotation_logits(self.pooled(rotated, f32))
-        pooled = self.pooled(torch.cat([x, rotated]), f32)
-        return self.embed(pooled[: len(x)]), self.rotation_logits(pooled[len(x) :])
+        if frozen_input:
+            h = x if rotated is None else torch.cat([x, self.frozen_features(rotated).to(x.dtype)])
+            pooled = self._pooled_from_frozen(h, f32)
+            px, pr = (pooled, None) if rotated is None else (pooled[: len(x)], pooled[len(x) :])
+        elif rotated is None:
+            px, pr = self.pooled(x, f32), None
+        elif separate:
+            px, pr = self.pooled(x, f32), self.pooled(rotated, f32)
+        else:
+            pooled = self.pooled(torch.cat([x, rotated]), f32)
+            px, pr = pooled[: len(x)], pooled[len(x) :]
+        out = [self.embed(px)]
+        if wide:
+            out.append(self.embed_wide(px))
+        if pr is not None:
+            out.append(self.rotation_logits(pr))
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def _pooled_from_frozen(self, h: torch.Tensor, trained_float32: bool) -> torch.Tensor:
+        if trained_float32:
+            with torch.autocast(h.device.type, enabled=False):
+                return self.pooled_from_frozen(h.float())
+        return self.pooled_from_frozen(h)
 
 
 def freeze_first_stages(net: nn.Module, n: int, name: str = "backbone") -> None:
@@ -408,8 +434,9 @@ def build_model(
     image_size: int | None = None,
     resize_size: int | None = None,
     grad_checkpointing: bool = False,
+    wide_dim: int | None = None,
 ) -> UDMLNet:
-    """The network: backbone ``backbone`` (a name in BACKBONES or ``timm:<name>``) with its two heads."""
+    """The network: backbone ``backbone`` (a name in BACKBONES or ``timm:<name>``) with its heads."""
     net = create_backbone(backbone, pretrained)
     if grad_checkpointing:
         if not hasattr(net.module, "set_grad_checkpointing"):
@@ -427,12 +454,15 @@ def build_model(
         freeze_bn,
         ImageConfig.for_backbone(net, image_size, resize_size),
         frozen_stages=freeze_stages if splits_at_stages(net.module) else 0,
+        wide_dim=wide_dim,
     )
 
 
 def model_from_config(cfg, device=None) -> UDMLNet:
     """build_model with a configuration's fields; ``device`` (where it will train) only resolves
-    grad_checkpointing=null (use_grad_checkpointing)."""
+    grad_checkpointing=null (use_grad_checkpointing). The training method may add a head (udml.methods)."""
+    from .methods import wide_dim
+
     return build_model(
         cfg.backbone,
         pretrained=cfg.pretrained,
@@ -443,4 +473,5 @@ def model_from_config(cfg, device=None) -> UDMLNet:
         image_size=cfg.image_size,
         resize_size=cfg.resize_size,
         grad_checkpointing=use_grad_checkpointing(cfg, device),
+        wide_dim=wide_dim(cfg),
     )

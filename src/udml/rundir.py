@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Callable
@@ -149,10 +150,13 @@ def remove_temporaries(path: str | Path) -> list[Path]:
 
 class MetricsFile:
     """Append-only JSON lines; on resume, lines of rounds that the checkpoint does not hold are dropped.
-    With ``path=None`` (the non-main processes of a torchrun job) nothing is written."""
+    With ``path=None`` (the non-main processes of a torchrun job) nothing is written. With ``started``, each record
+    also says how many seconds after that time it was written (``elapsed_s``; a resumed run counts from its
+    resumption)."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, started: float | None = None):
         self.path = path
+        self.started = started  # time.time() when this process started the run: records get elapsed_s
 
     def truncate_after(self, rounds_done: int) -> None:
         """Keep the records of rounds 1..rounds_done (and the start); drop later ones, the final evaluation
@@ -173,6 +177,8 @@ class MetricsFile:
     def append(self, **record) -> None:
         if self.path is None:
             return
+        if self.started is not None:
+            record["elapsed_s"] = round(time.time() - self.started, 1)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -8,17 +8,20 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import distributed
 from .config import Config, default_num_clusters
-from .data import ImageDataset, default_workers, resize_for, stack, test_transform, train_transform
+from .data import FrozenViews, ImageDataset, default_workers, resize_for, stack, test_transform, train_transform
 from .datasets import load_split
 from .devices import Precision, precision_for
 from .evaluation import check_recall_ks, evaluate
 from .inference import extract, frozen_features
 from .losses import create_loss
+from .methods import create_method
+from .methods.base import Method
 from .models import model_from_config
 from .samplers import check_world_size
 
@@ -47,9 +50,24 @@ class Session:
     # (frozen_cache_gb bounds them; None: they do not fit and are recomputed at every pass).
     frozen: dict = dataclasses.field(default_factory=dict)
     frozen_cache: bool = False
+    method: Method | None = None  # the training method (udml.methods), attached to this session
+    views: torch.Tensor | None = None  # frozen_views: the frozen stages' outputs of every training image's views
+    # [N, V, ...], computed once (prepare_views); the training steps then read these instead of images
 
     def __post_init__(self):
         self.train_model = self.train_model or self.model
+
+    def train_set(self):
+        """What the training batches are read from: the cached views, or the images with the train transform."""
+        return FrozenViews(self.views) if self.views is not None else self.aug
+
+    def plain_images(self, idx: torch.Tensor) -> torch.Tensor:
+        """The training images ``idx`` with the test transform (uint8, on the model's device)."""
+        data = self.train_plain
+        idx = idx.cpu()
+        if isinstance(data, torch.Tensor):
+            return data[idx.to(data.device)]
+        return torch.stack([data[int(i)][0] for i in idx]).to(self.device)
 
 
 def build_datasets(cfg: Config, image_size: int):
@@ -129,7 +147,10 @@ def prepare(cfg: Config, device: torch.device) -> Session:
         check_recall_ks(cfg.recall_ks, n - 1, f"the test split has {n} images, so each query has {n - 1} neighbours")
     # Images read from a disk store are transformed when read, never stacked: memory must not grow with N. With
     # the frozen stages' outputs kept instead, the images are read once more for them and need not be stacked.
-    frozen_cache = frozen_cache_fits(model, precision, len(plain) + (len(test) if test else 0), cfg.frozen_cache_gb)
+    n_views = cfg.frozen_views * len(aug)
+    frozen_cache = frozen_cache_fits(
+        model, precision, len(plain) + (len(test) if test else 0), cfg.frozen_cache_gb, n_views
+    )
     keep = plain.store is not None or frozen_cache
     train_plain = plain if keep else stack(plain, num_workers=workers, budget_gb=cfg.stack_budget_gb)
     test_plain = test
@@ -153,13 +174,12 @@ def prepare(cfg: Config, device: torch.device) -> Session:
             model, device_ids=[device] if device.type == "cuda" else None
         )
         metric_loss = metric_loss.across_processes()
-    optimizer = torch.optim.Adam(
+    heads = list(model.embedding.parameters()) + list(model.rotation.parameters())
+    heads += list(model.wide.parameters()) if model.wide is not None else []
+    optimizer = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(
         [
             {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": cfg.lr},
-            {
-                "params": list(model.embedding.parameters()) + list(model.rotation.parameters()),
-                "lr": cfg.head_lr or cfg.lr,
-            },
+            {"params": heads, "lr": cfg.head_lr or cfg.lr},
         ],
         weight_decay=cfg.weight_decay,
         fused=device.type == "cuda" or None,
@@ -167,7 +187,7 @@ def prepare(cfg: Config, device: torch.device) -> Session:
     # A folder's sub-folders need not be classes; the benchmarks' training classes are.
     train_labels = torch.as_tensor(aug.labels) if aug.labels is not None and cfg.dataset != "folder" else None
     log.info("network: %s on %s", precision, device)
-    return Session(
+    s = Session(
         cfg,
         device,
         precision,
@@ -183,17 +203,36 @@ def prepare(cfg: Config, device: torch.device) -> Session:
         train_labels=train_labels,
         train_model=train_model,
         frozen_cache=frozen_cache,
+        method=create_method(cfg),
     )
+    s.method.attach(s)
+    return s
 
 
-def frozen_cache_fits(model, precision: Precision, n_images: int, budget_gb: float) -> bool:
-    """Whether the frozen stages' outputs of ``n_images`` test-transformed images fit ``budget_gb``; says so."""
+def frozen_cache_fits(model, precision: Precision, n_images: int, budget_gb: float, n_views: int = 0) -> bool:
+    """Whether the frozen stages' outputs of ``n_images`` test-transformed images fit ``budget_gb``, beside those of
+    ``n_views`` training views (frozen_views, which must fit: an error says so otherwise); says so."""
     if not getattr(model, "frozen_stages", 0):
+        if n_views:
+            raise ValueError(
+                "frozen_views needs frozen stages whose outputs can be kept: freeze_stages on timm's EfficientNet "
+                "family (efficientnet_lite0, ...); set frozen_views=0"
+            )
         return False
     size = model.image_size  # the frozen stages are in eval mode from construction on (UDMLNet): no state changes
     with torch.no_grad(), precision.autocast():
         probe = model.frozen_features(torch.zeros(2, 3, size, size, dtype=torch.uint8))
-    gb = n_images * probe[0].numel() * probe.element_size() / 2**30
+    per_image = probe[0].numel() * probe.element_size() / 2**30
+    views_gb = n_views * per_image
+    if views_gb > budget_gb:
+        raise ValueError(
+            f"frozen_views: the frozen stages' outputs of {n_views} training views would take {views_gb:.2f} GB, over "
+            f"frozen_cache_gb={budget_gb:g}; raise frozen_cache_gb or lower frozen_views (0: new crops every step)"
+        )
+    if n_views:
+        log.info("the frozen stages' outputs of %d training views will take %.2f GB", n_views, views_gb)
+    gb = n_images * per_image
+    budget_gb -= views_gb
     if gb > budget_gb:
         log.info(
             "the frozen stages' outputs of %d images would take %.2f GB, over frozen_cache_gb=%g: recomputed at "
@@ -207,10 +246,29 @@ def frozen_cache_fits(model, precision: Precision, n_images: int, budget_gb: flo
     return True
 
 
-def extract_all(s: Session, split: str, pooled: bool):
-    """extract() of every image of ``split`` ("train" or "test", with the test transform); under torchrun each
-    process embeds its contiguous share and the shares are gathered in order, so every process ends with the
-    same features. With frozen stages, their outputs are computed at the first pass and reused after."""
+def prepare_views(s: Session) -> None:
+    """frozen_views: ``s.views``, the frozen stages' outputs for V training-transformed crops of every training image
+    [N, V, ...], computed once (under torchrun each process computes its share and the shares are gathered). View v
+    of image i is drawn from its own seed, a function of the run's seed, v and i only, so that a resumed run and
+    every process see the same views."""
+    v = s.cfg.frozen_views
+    if not v or s.views is not None:
+        return
+    n = len(s.aug)
+    seeds = np.stack([np.random.default_rng([s.cfg.seed, k]).integers(0, 2**62, size=n) for k in range(v)], 1)
+    part = distributed.shard(n)
+    keys = [(i, int(seeds[i, k])) for i in part for k in range(v)]
+    kw = dict(batch_size=s.cfg.eval_batch_size, num_workers=s.workers, amp=s.cfg.amp)
+    views = frozen_features(s.model, torch.utils.data.Subset(s.aug, keys), **kw)
+    s.views = distributed.gather_rows(views.view(len(part), v, *views.shape[1:]))
+
+
+def extract_all(s: Session, split: str, pooled: bool, model: torch.nn.Module | None = None):
+    """extract() of every image of ``split`` ("train" or "test", with the test transform) by ``model`` (default:
+    the session's); under torchrun each process embeds its contiguous share and the shares are gathered in order,
+    so every process ends with the same features. With frozen stages, their outputs are computed at the first pass
+    and reused after (by any model that shares those stages, such as a teacher copied from it)."""
+    model = s.model if model is None else model
     data = s.train_plain if split == "train" else s.test_plain
     if distributed.world_size() > 1:
         part = distributed.shard(len(data))
@@ -219,9 +277,9 @@ def extract_all(s: Session, split: str, pooled: bool):
     if s.frozen_cache and split not in s.frozen:
         s.frozen[split] = frozen_features(s.model, data, **kw)
     if split in s.frozen:
-        p, e = extract(s.model, s.frozen[split], pooled=pooled, frozen=True, **kw)
+        p, e = extract(model, s.frozen[split], pooled=pooled, frozen=True, **kw)
     else:
-        p, e = extract(s.model, data, pooled=pooled, **kw)
+        p, e = extract(model, data, pooled=pooled, **kw)
     return (distributed.gather_rows(p) if pooled else None), distributed.gather_rows(e)
 
 

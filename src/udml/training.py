@@ -1,9 +1,10 @@
-"""The UDML-SS training loop: cluster -> sample P x M -> metric loss + lambda * rotation loss, repeat.
+"""The training loop, one for every method (udml.methods): the round's targets -> its batches -> steps, repeat.
 
 Read from the top: ``train`` opens the run folder (or resumes it), builds the session (udml.session) and runs
-the rounds; ``run_round`` is cluster (udml.pseudolabels) / train the steps / evaluate if due / checkpoint if
-due; ``training_step`` is one step's forward and losses; ``finish`` writes the final evaluation, the model file
-and the pictures. The time budget and progress reporting come last."""
+the rounds; ``run_round`` is the method's targets (UDML-SS: a clustering, udml.pseudolabels; STML: a neighbour
+graph) / train the steps / evaluate if due / checkpoint if due; ``train_round`` runs the steps, each the method's
+loss, a backward pass, the optimiser's step and the method's own update; ``finish`` writes the final evaluation,
+the model file and the pictures. The time budget and progress reporting come last."""
 
 from __future__ import annotations
 
@@ -23,13 +24,12 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import RUNTIME_FIELDS, Config, parse_duration, save_config, validate
 from .data import make_loader
-from .devices import Precision, resolve_device
+from .devices import resolve_device
 from .errors import NonFiniteError
 from .inference import extract
 from .logs import progress_bar_drawn, setup_logging
-from .losses import rotation_batch, rotation_loss
+from .methods.base import RoundTargets
 from .plots import write_run_pictures
-from .pseudolabels import cluster, describe_clusters
 from .report import ScheduleClock, format_duration, format_metrics, summary
 from .rundir import (
     CHECKPOINT,
@@ -40,8 +40,8 @@ from .rundir import (
     new_run_dir,
     remove_temporaries,
 )
-from .samplers import ClusterBatchSampler, one_per_cluster
-from .session import Session, evaluate_model, prepare, resolve_num_clusters
+from .samplers import GroupBatchSampler
+from .session import Session, evaluate_model, prepare, prepare_views, resolve_num_clusters
 
 log = logging.getLogger("udml")
 
@@ -59,7 +59,7 @@ class Progress:
 
     rounds_done: int = 0
     step: int = 0
-    labels: torch.Tensor | None = None  # the pseudo-labels of the last clustering
+    labels: torch.Tensor | None = None  # the last round's targets: pseudo-labels, or STML's neighbour table
     start_metrics: dict = dataclasses.field(default_factory=dict)
     saved_round: int | None = None  # the round the checkpoint on disk holds
 
@@ -72,14 +72,15 @@ class Loop:
     metrics: MetricsFile
     clock: ScheduleClock
     bar: tqdm
-    sampler: ClusterBatchSampler | None = None
+    sampler: GroupBatchSampler | None = None
     loader: torch.utils.data.DataLoader | None = None
+    targets: RoundTargets | None = None  # the round's, from the method
     deadline: float | None = None  # time.time() by which the whole run must be done (time_budget)
     stopped: bool = False  # the time budget ended training before the schedule did
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dict:
-    """Train by UDML-SS; returns {"start": metrics, "final": metrics, "run_dir": path, "step": steps}.
+    """Train by ``cfg.method``; returns {"start": metrics, "final": metrics, "run_dir": path, "step": steps}.
 
     The loop of DeepCluster's main: start or resume, then per round cluster, train, evaluate and checkpoint,
     then finish (final evaluation, model file, summary, pictures)."""
@@ -95,7 +96,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
     progress = start_or_resume(s, run, state)
     loop = Loop(
         run,
-        MetricsFile(run.metrics if run else None),
+        MetricsFile(run.metrics if run else None, started),
         ScheduleClock(cfg.num_rounds(), cfg.iterations_per_round(), evaluations_between(s)),
         tqdm(
             total=cfg.num_rounds() * cfg.iterations_per_round(),
@@ -114,6 +115,12 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> dic
         evaluate_start(s, loop, progress)
     else:
         loop.metrics.truncate_after(progress.rounds_done)
+    if cfg.frozen_views and progress.rounds_done < cfg.num_rounds():
+        t = time.time()
+        prepare_views(s)
+        log.info(
+            "frozen_views: %d views of each training image computed once (%.1fs)", cfg.frozen_views, time.time() - t
+        )
     for rnd in range(progress.rounds_done + 1, cfg.num_rounds() + 1):
         loop.stopped = loop.stopped or over_budget(s, loop, loop.clock.cluster_seconds)  # a clustering must fit
         if loop.stopped:
@@ -178,6 +185,7 @@ def start_or_resume(s: Session, run: RunDir | None, state: dict | None) -> Progr
         return Progress()
     s.model.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
+    s.method.load_state_dict(state.get("method_state") or {})
     progress = Progress(
         state["rounds_done"], state["step"], state["labels"], state["start_metrics"], saved_round=state["rounds_done"]
     )
@@ -220,26 +228,26 @@ def run_round(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
 
 
 def pseudo_labels(s: Session, loop: Loop, progress: Progress, rnd: int) -> torch.Tensor | None:
-    """The round's clustering: sets ``progress.labels`` and returns the mask of the images the batches draw from
-    (confident_fraction), or None for all."""
+    """The round's targets from the method (a clustering, the true labels, a neighbour graph): sets
+    ``progress.labels`` and returns the mask of the images the batches draw from (confident_fraction), or None for
+    all."""
     cfg, t = s.cfg, time.time()
-    if cfg.supervised:  # a benchmark ceiling, not the method: true training labels instead of clusters
-        if s.aug.labels is None:
-            raise ValueError("supervised=true needs a labelled training split; this one has no labels")
-        progress.labels = torch.as_tensor(s.aug.labels)
-        return None
     try:
-        progress.labels, keep, result, stats = cluster(s, progress.labels, seed=cfg.seed + rnd)
+        targets = s.method.round_targets(s, progress.labels, rnd)
     except NonFiniteError as e:  # weights blown up by the last steps, loss still finite
         raise non_finite(
             progress, loop.run, f"{e} after step {progress.step} (at the clustering of round {rnd})"
         ) from None
-    loop.metrics.append(kind="cluster", round=rnd, step=progress.step, seconds=time.time() - t, **stats)
+    progress.labels = targets.labels
+    loop.targets = targets
+    if targets.record is None:
+        return targets.keep
+    loop.metrics.append(round=rnd, step=progress.step, seconds=time.time() - t, **targets.record)
     loop.clock.cluster_seconds = loop.clock.cluster_seconds or time.time() - t
     rounds = cfg.num_rounds()
-    if result is not None and (rnd == 1 or rnd == rounds or rnd % max(1, rounds // 10) == 0):
-        log.info("round %d/%d clustering: %s (%.1fs)", rnd, rounds, describe_clusters(stats), time.time() - t)
-    return None if bool(keep.all()) else keep
+    if targets.summary and (rnd == 1 or rnd == rounds or rnd % max(1, rounds // 10) == 0):
+        log.info("round %d/%d %s (%.1fs)", rnd, rounds, targets.summary, time.time() - t)
+    return targets.keep
 
 
 def train_steps(s: Session, loop: Loop, progress: Progress, rnd: int, keep, round_seed: int) -> None:
@@ -247,17 +255,10 @@ def train_steps(s: Session, loop: Loop, progress: Progress, rnd: int, keep, roun
     early by the time budget."""
     cfg = s.cfg
     if loop.sampler is None:
-        loop.sampler = ClusterBatchSampler(
-            progress.labels.numpy(),
-            cfg.clusters_per_batch,
-            cfg.images_per_cluster,
-            cfg.iterations_per_round(),
-            seed=round_seed,
-            rank=distributed.rank(),
-            world_size=distributed.world_size(),
-        )
+        loop.sampler = s.method.sampler(s, loop.targets, cfg.iterations_per_round(), round_seed)
+        workers = 0 if s.views is not None else s.workers  # cached views are read from memory, no decoding
         loop.loader = make_loader(
-            s.aug, batch_sampler=loop.sampler, num_workers=s.workers, device=s.device, persistent=True
+            s.train_set(), batch_sampler=loop.sampler, num_workers=workers, device=s.device, persistent=True
         )
     loop.sampler.reset(progress.labels.numpy(), seed=round_seed, keep=None if keep is None else keep.numpy())
     t = time.time()
@@ -266,7 +267,7 @@ def train_steps(s: Session, loop: Loop, progress: Progress, rnd: int, keep, roun
     progress.step, means, bad = train_round(
         s,
         loop.loader,
-        progress.labels,
+        loop.targets,
         progress.step,
         loop.bar,
         progress=functools.partial(report_progress, s, loop, rnd),
@@ -286,14 +287,17 @@ def train_steps(s: Session, loop: Loop, progress: Progress, rnd: int, keep, roun
     loop.bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k.endswith("loss")}, refresh=False)
 
 
-def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, progress=None, stop=None):
+def train_round(s: Session, loader, targets, step: int, bar=None, progress=None, stop=None):
     """One pass of the loader; returns (step, mean of each named loss term over the round, first bad step).
 
-    Non-finite losses are tracked on the device (no host sync per step) and reported as the first bad step,
-    or -1; on the CPU the round stops at the first one. ``progress(step)`` is called after every step; the round
-    ends early when ``stop()`` says so before a step (the time budget)."""
-    label_dev = labels.to(s.device)
-    settings = StepSettings.of(s.cfg)
+    ``targets``: the round's (udml.methods.RoundTargets; a tensor of pseudo-labels is taken as such). Non-finite
+    losses are tracked on the device (no host sync per step) and reported as the first bad step, or -1; on the
+    CPU the round stops at the first one. ``progress(step)`` is called after every step; the round ends early when
+    ``stop()`` says so before a step (the time budget)."""
+    if isinstance(targets, torch.Tensor):
+        targets = RoundTargets(targets)
+    method = s.method
+    method.begin_round(s, targets)
     sums, steps = {}, torch.zeros((), device=s.device)
     bad_step = torch.full((), -1, dtype=torch.long, device=s.device)
     s.model.train()
@@ -301,8 +305,7 @@ def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, p
         if stop is not None and stop():
             break
         x = x.to(s.device, non_blocking=True)
-        y = label_dev[idx.to(s.device, non_blocking=True)]
-        loss, terms = training_step(s.train_model, s.metric_loss, x, y, settings, s.precision, distributed.world_size())
+        loss, terms = method.loss(s, x, idx)
         step += 1
         finite = torch.isfinite(loss)
         bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
@@ -311,6 +314,7 @@ def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, p
         s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         s.optimizer.step()
+        method.after_step(s)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0) + value
         steps += 1
@@ -323,59 +327,6 @@ def train_round(s: Session, loader, labels: torch.Tensor, step: int, bar=None, p
     totals = distributed.sum_over_ranks(torch.stack([sums[n] for n in names] + [steps])) if names else None
     means = {} if totals is None else dict(zip(names, (totals[:-1] / totals[-1].clamp_min(1)).tolist()))
     return step, means, int(distributed.max_over_ranks(bad_step))
-
-
-@dataclass(frozen=True)
-class StepSettings:
-    """What a training step takes from the configuration."""
-
-    images_per_cluster: int  # M: a batch holds each cluster's M images one after another
-    rotation_images: int = 16  # R: one image of each of the first R clusters, rotated 4 ways
-    rotation_weight: float = 0.1  # lambda; 0: no rotation task
-    separate_rotation_pass: bool = False  # rotation_pass=separate
-    trained_float32: bool = False  # train_float32
-
-    @classmethod
-    def of(cls, cfg: Config) -> "StepSettings":
-        return cls(
-            cfg.images_per_cluster,
-            cfg.rotation_images,
-            cfg.rotation_weight,
-            cfg.rotation_pass == "separate",
-            cfg.train_float32,
-        )
-
-
-def training_step(
-    model, metric_loss, x, y, step: StepSettings, precision: Precision | None = None, world_size: int = 1
-):
-    """Forward both tasks in one pass over [batch; rotated images]; returns (total loss, named terms).
-
-    The terms are detached, for logging: ``metric_loss``, and with the rotation task ``rotation_loss`` and
-    ``rotation_accuracy``; the total is ``metric_loss + rotation_weight * rotation_loss``. Under torchrun ``x``
-    is this process's share of the batch, ``model`` the DDP wrapper and ``metric_loss`` the loss over the batch
-    gathered from all processes, scaled by ``world_size`` because DDP averages the gradients while each process
-    back-propagates only through its own share. ``precision``: the network's dtype and layout (default
-    float32, NCHW)."""
-    precision = precision or Precision(x.device.type)
-    rotate = step.rotation_weight > 0
-    f32 = step.trained_float32
-    with precision.autocast():
-        if rotate:  # one image of each of the first R clusters of the batch
-            xr, yr = rotation_batch(
-                one_per_cluster(x, step.images_per_cluster)[: max(1, step.rotation_images // world_size)]
-            )
-            emb, logits = model(x, xr, separate=step.separate_rotation_pass, trained_float32=f32)
-        else:
-            emb = model(x, trained_float32=f32)
-    metric = metric_loss(emb.float(), y)
-    terms = {"metric_loss": metric.detach() / world_size}
-    if not rotate:
-        return metric, terms
-    rotation = rotation_loss(logits, yr)
-    terms["rotation_loss"] = rotation.detach()
-    terms["rotation_accuracy"] = (logits.argmax(1) == yr).float().mean()
-    return metric + step.rotation_weight * rotation, terms
 
 
 def evaluate_if_due(s: Session, loop: Loop, progress: Progress, rnd: int) -> None:
@@ -415,6 +366,7 @@ def checkpoint_if_due(s: Session, loop: Loop, progress: Progress, rnd: int) -> N
             labels=progress.labels,
             config=cfg.to_dict(),
             start_metrics=progress.start_metrics,
+            method_state=s.method.state_dict(),
         )
     progress.saved_round = rnd
 
