@@ -166,13 +166,42 @@ def _embed_files(args, device) -> int:
     )
     if not main_process:
         return 0
+    refinement = _refinement(args, previous)
+    if refinement is not None:
+        from .refine import refine_collection
+
+        emb = refine_collection(emb, refinement, previous)
     save_embeddings(args.output, emb)
     skipped = f", {len(emb.skipped)} unreadable file(s) skipped" if emb.skipped else ""
     c = emb.changes
     update = f" (updated: {c['kept']} kept, {c['embedded']} embedded, {c['removed']} removed)" if previous else ""
     shards = f" by {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
     print(f"{len(emb.paths)} images embedded{shards} ({emb.embeddings.shape[1]}-d){skipped}{update} -> {args.output}")
+    if refinement is not None:
+        r = emb.meta["refine"]
+        print(
+            f"refined by the collection's own neighbours: each embedding averaged with its {r['k']} nearest (weights "
+            f"similarity^{r['alpha']:g}; {c['refined_again']} recomputed); udml index, cluster, search and serve use "
+            "them (--no-refine to drop)"
+        )
     return 0
+
+
+def _refinement(args, previous):
+    """The refinement ``udml embed`` applies: --refine (with --refine-k / --refine-alpha), or the existing file's
+    own (a refined file stays refined through updates) unless --no-refine."""
+    from .refine import Refinement
+
+    if args.no_refine:
+        if args.refine:
+            raise ValueError("--refine and --no-refine contradict each other; give one")
+        return None
+    own = (previous.meta.get("refine") if previous is not None else None) or {}
+    if not args.refine and not own:
+        return None
+    k = args.refine_k if args.refine_k is not None else own.get("k", Refinement().k)
+    alpha = args.refine_alpha if args.refine_alpha is not None else own.get("alpha", Refinement().alpha)
+    return Refinement(k, alpha)
 
 
 def _index(args) -> int:
@@ -190,7 +219,8 @@ def _index(args) -> int:
         how = "built" if done["rebuilt"] == "new index" else f"rebuilt ({done['rebuilt']})"
     else:
         how = f"updated: {done['kept']} kept, {done['added']} added, {done['removed']} removed"
-    print(f"{kind} index of {done['count']} embeddings {how} -> {args.output} (paths in {args.output}.json)")
+    refined = " refined (udml embed --refine)" if emb.refined is not None else ""
+    print(f"{kind} index of {done['count']}{refined} embeddings {how} -> {args.output} (paths in {args.output}.json)")
     return 0
 
 
@@ -203,12 +233,16 @@ def _cluster(args) -> int:
     emb = load_embeddings(args.embeddings)
     x, paths = emb.embeddings, emb.paths
     near = groups.nearest_neighbours(x)  # one exact k-nearest-neighbour pass for the threshold sets and the quantiles
+    # groups follow a refined collection's refined vectors; near-duplicates are about the images themselves (raw)
+    g = emb.vectors
     if args.threshold is not None:
-        label, score = groups.threshold_groups(x, args.threshold, near=near)
+        label, score = groups.threshold_groups(g, args.threshold, near=near if g is x else None)
         how = {"method": "threshold", "threshold": args.threshold}
     else:
-        label, score, k = groups.kmeans_groups(x, args.k, seed=args.seed)
+        label, score, k = groups.kmeans_groups(g, args.k, seed=args.seed)
         how = {"method": "kmeans", "k": k}
+    if emb.refined is not None:
+        how["refined"] = emb.meta["refine"]
     threshold = groups.DUPLICATE_THRESHOLD if args.duplicates is None else args.duplicates
     dup, dup_score = groups.near_duplicates(x, threshold, near=near)
     quantiles = groups.nearest_neighbour_quantiles(x, near=near)
@@ -270,7 +304,18 @@ def _search(args) -> int:
     for q in queries:
         if not os.path.isfile(q):
             raise FileNotFoundError(f"query image {q} does not exist")
-    results = search(index, paths, embedder.embed(queries), args.k, query_paths=queries, keep_self=args.keep_self)
+    vectors = embedder.embed(queries)
+    refine = meta.get("refine")
+    if refine and not args.no_expand:  # a refined collection: the queries get the averaging its members had
+        from .index import expand_queries
+
+        vectors = expand_queries(index, vectors, refine["k"], refine["alpha"])
+        print(
+            f"queries expanded by their {refine['k']} nearest indexed images, as the refined collection was "
+            "(--no-expand: plain queries)",
+            file=sys.stderr,
+        )
+    results = search(index, paths, vectors, args.k, query_paths=queries, keep_self=args.keep_self)
     out = [{"query": os.path.abspath(q), "results": r} for q, r in zip(queries, results)]
     text = json.dumps(out, indent=2)
     if args.json:
@@ -413,6 +458,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     m.add_argument("--float32", action="store_true", help=FLOAT32_HELP)
+    m.add_argument(
+        "--refine",
+        action="store_true",
+        help="also refine the collection by its own neighbours (each embedding averaged with its nearest ones; "
+        "udml index, cluster, search and serve then use them): better groups and rankings where neighbours are "
+        "mostly right (docs/method.md). A refined file stays refined through updates",
+    )
+    m.add_argument("--refine-k", type=int, help="neighbours averaged in (default 8, chosen on CUB)")
+    m.add_argument("--refine-alpha", type=float, help="weight of a neighbour: similarity^ALPHA (default 1)")
+    m.add_argument("--no-refine", action="store_true", help="drop the refinement of an existing refined file")
     m.set_defaults(func=_embed)
 
     i = sub.add_parser("index", help="build a faiss index (exact by default) over an embeddings file")
@@ -483,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="frame results green when their folder has the query's folder name, red otherwise",
     )
     s.add_argument("--keep-self", action="store_true", help="keep a query's own file among its results")
+    s.add_argument(
+        "--no-expand",
+        action="store_true",
+        help="with a refined collection (udml embed --refine): search with the plain query embeddings instead of "
+        "expanding them by their nearest indexed images",
+    )
     s.add_argument(
         "--allow-other-model",
         action="store_true",

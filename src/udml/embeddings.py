@@ -3,7 +3,10 @@
 An embeddings ``.npz`` holds ``embeddings`` (float32 [N, D], L2-normalised rows), ``paths`` (the absolute image
 paths, in order), ``stamps`` (int64 [N, 2], each file's size and mtime_ns when embedded: what lets ``udml embed``
 update the file, embedding only new and changed images; absent in files of older versions) and ``meta`` (JSON
-text: the model file and the fingerprint of its network, the precision, the folder, the image size).
+text: the model file and the fingerprint of its network, the precision, the folder, the image size). A file refined
+by the collection's own neighbours (``udml embed --refine``, udml.refine) also holds ``refined`` (float32 [N, D]: what
+``udml index``, ``cluster`` and ``serve`` use), the exact neighbour graph it was made from (``neighbour_rows``,
+``neighbour_sims``: [N, k]) and ``meta["refine"]`` (its k and alpha).
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ class Embeddings:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, error) of unreadable files
     stamps: np.ndarray | None = None  # int64 [N, 2]: each file's size and mtime_ns when it was embedded
     changes: dict = field(default_factory=dict)  # embed_folder: how many rows were kept, embedded, removed
+    refined: np.ndarray | None = None  # udml.refine: the embeddings averaged with their neighbours (meta["refine"])
+    neighbour_sims: np.ndarray | None = None  # float32 [N, k]: the neighbour graph that made ``refined``
+    neighbour_rows: np.ndarray | None = None  # int64 [N, k]
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """What a collection is indexed, clustered and served by: the refined embeddings where the file has them."""
+        return self.embeddings if self.refined is None else self.refined
 
 
 def same_meta(a: dict, b: dict) -> str | None:
@@ -52,6 +63,10 @@ def save_embeddings(path: str | Path, emb: Embeddings) -> None:
     )
     if emb.stamps is not None:
         arrays["stamps"] = np.asarray(emb.stamps, dtype=np.int64)
+    if emb.refined is not None:
+        arrays["refined"] = emb.refined.astype(np.float32)
+        arrays["neighbour_sims"] = np.asarray(emb.neighbour_sims, dtype=np.float32)
+        arrays["neighbour_rows"] = np.asarray(emb.neighbour_rows, dtype=np.int64)
     atomic_write(path, lambda f: np.savez(f, **arrays), what="embeddings file")
 
 
@@ -63,8 +78,11 @@ def load_embeddings(path: str | Path) -> Embeddings:
         with np.load(path, allow_pickle=False) as z:
             emb, paths, meta = z["embeddings"], z["paths"].tolist(), json.loads(str(z["meta"]))
             stamps = z["stamps"] if "stamps" in z.files else None  # files from before incremental embedding
+            refined = {k: z[k] for k in ("refined", "neighbour_sims", "neighbour_rows") if k in z.files}
     except (KeyError, ValueError, OSError) as e:
         raise ValueError(f"{path} is not a udml embeddings file (from udml embed): {e}") from e
     if emb.ndim != 2 or len(paths) != len(emb) or (stamps is not None and stamps.shape != (len(paths), 2)):
         raise ValueError(f"{path}: embeddings of shape {emb.shape} do not match its {len(paths)} paths")
-    return Embeddings(np.ascontiguousarray(emb, dtype=np.float32), paths, meta, stamps=stamps)
+    if refined and (len(refined) != 3 or "refine" not in meta or any(len(v) != len(paths) for v in refined.values())):
+        raise ValueError(f"{path}: its refined embeddings are incomplete; write it again with udml embed --refine")
+    return Embeddings(np.ascontiguousarray(emb, dtype=np.float32), paths, meta, stamps=stamps, **refined)

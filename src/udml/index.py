@@ -106,6 +106,7 @@ def save_index(path: str | Path, index, emb, kind: str, ids: np.ndarray | None =
         raise ValueError(f"the index holds {index.ntotal} vectors but {len(emb.paths)} paths were given")
     ids = np.arange(len(emb.paths), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
     path, sidecar = Path(path), Path(f"{path}.json")
+    refined = getattr(emb, "refined", None)
     info = {
         "format": INDEX_FORMAT,
         "kind": kind,
@@ -115,12 +116,22 @@ def save_index(path: str | Path, index, emb, kind: str, ids: np.ndarray | None =
         "paths": list(emb.paths),
         "stamps": None if emb.stamps is None else np.asarray(emb.stamps).tolist(),
         "next_id": max(next_id, int(ids.max()) + 1 if len(ids) else 0),
+        # a refined collection's vectors change when their neighbours change: an update compares them by digest
+        "digests": None if refined is None else digests(refined),
     }
     # faiss writes through the file object (streamed, no copy of the index in memory) into atomic_write's temporary
     atomic_write(path, lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)), what="index")
     text = json.dumps(info).encode()
     atomic_write(sidecar, lambda f: f.write(text), what="index paths file")
     return sidecar
+
+
+def digests(x: np.ndarray) -> list[int]:
+    """A CRC-32 of each row's bytes: whether a stored vector is still the collection's."""
+    import zlib
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return [zlib.crc32(row.tobytes()) for row in x]
 
 
 def _read(path: Path):
@@ -161,7 +172,7 @@ def load_index(path: str | Path):
         raise FileNotFoundError(f"no index or embeddings file at {path}; make one with udml embed / udml index")
     if path.suffix == ".npz":
         emb = load_embeddings(path)
-        return build_index(emb.embeddings, "flat"), emb.paths, emb.meta
+        return build_index(emb.vectors, "flat"), emb.paths, emb.meta
     index, info = _read(path)
     if isinstance(index, faiss.IndexIDMap2):  # storage order = the sidecar's order: positions, not IDs
         sub = faiss.downcast_index(index.index)
@@ -209,13 +220,20 @@ def update_index(
             reason = f"another HNSW M than {path}'s ({stored.get('hnsw_m')})"
         elif (why := same_meta(info.get("meta", {}), emb.meta)) is not None:
             reason = f"the embeddings differ from {path}'s: {why}"
+        elif info.get("meta", {}).get("refine") != emb.meta.get("refine"):
+            reason = f"the embeddings are refined otherwise than {path}'s ({emb.meta.get('refine')})"
+    x = emb.vectors  # the refined embeddings where the file has them (udml.refine)
     if reason is not None:
         ids = np.arange(len(emb.paths), dtype=np.int64)
-        save_index(path, build_index(emb.embeddings, kind, ids=ids, **build), emb, kind, ids)
+        save_index(path, build_index(x, kind, ids=ids, **build), emb, kind, ids)
         return {"rebuilt": reason, "count": len(ids)}
 
-    have = {(p, tuple(st)): i for p, st, i in zip(info["paths"], info["stamps"], info["ids"])}
-    want = {(p, tuple(st)): row for row, (p, st) in enumerate(zip(emb.paths, np.asarray(emb.stamps).tolist()))}
+    # a row is kept when its file (path, stamp) and, for a refined collection, its vector are unchanged
+    old_digests = info.get("digests") or [None] * len(info["ids"])
+    new_digests = digests(x) if emb.refined is not None else [None] * len(emb.paths)
+    have = {(p, tuple(st), d): i for p, st, d, i in zip(info["paths"], info["stamps"], old_digests, info["ids"])}
+    stamps = np.asarray(emb.stamps).tolist()
+    want = {(p, tuple(st), d): row for row, (p, st, d) in enumerate(zip(emb.paths, stamps, new_digests))}
     row_of_id = {i: want[key] for key, i in have.items() if key in want}
     removed = [i for i in info["ids"] if i not in row_of_id]
     added = [row for key, row in want.items() if key not in have]
@@ -224,21 +242,27 @@ def update_index(
     kept_ids = np.array([i for i in info["ids"] if i in row_of_id], dtype=np.int64)
     if removed and kind == "hnsw":  # faiss's HNSW graph cannot delete a node
         rows = [row_of_id[i] for i in kept_ids.tolist()] + added
-        index = build_index(emb.embeddings[rows], kind, ids=np.concatenate([kept_ids, new_ids]), **build)
+        index = build_index(x[rows], kind, ids=np.concatenate([kept_ids, new_ids]), **build)
     else:
         if removed and kind == "ivf":  # removing by ID would leave the IVF's internal ids out of step with the map
             index.reset()  # keeps the trained cells
             if len(kept_ids):
-                index.add_with_ids(emb.embeddings[[row_of_id[i] for i in kept_ids.tolist()]], kept_ids)
+                index.add_with_ids(x[[row_of_id[i] for i in kept_ids.tolist()]], kept_ids)
         elif removed:
             index.remove_ids(faiss.IDSelectorBatch(np.asarray(removed, dtype=np.int64)))
         if added:
-            index.add_with_ids(np.ascontiguousarray(emb.embeddings[added]), new_ids)
+            index.add_with_ids(np.ascontiguousarray(x[added]), new_ids)
         _set_search_params(index, nprobe, ef_search)
     row_of_id.update(zip(new_ids.tolist(), added))
     ids = faiss.vector_to_array(index.id_map)
     rows = [row_of_id[i] for i in ids.tolist()]
-    order = type(emb)(emb.embeddings[rows], [emb.paths[r] for r in rows], emb.meta, stamps=np.asarray(emb.stamps)[rows])
+    order = type(emb)(
+        emb.embeddings[rows],
+        [emb.paths[r] for r in rows],
+        emb.meta,
+        stamps=np.asarray(emb.stamps)[rows],
+        refined=None if emb.refined is None else emb.refined[rows],
+    )
     save_index(path, index, order, kind, ids, next_id + len(added))
     return {"kept": len(kept_ids), "added": len(added), "removed": len(removed), "count": len(ids)}
 
@@ -255,6 +279,35 @@ def _set_search_params(index, nprobe: int, ef_search: int) -> None:
 
 def _same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
+
+
+def stored_vectors(index, positions: np.ndarray) -> np.ndarray:
+    """The vectors an index (as load_index returns it) holds at ``positions`` [..., n] (-1: zeros)."""
+    import faiss
+
+    sub = faiss.downcast_index(index)
+    if isinstance(sub, faiss.IndexIVF) and not sub.direct_map.type:
+        sub.make_direct_map()
+    flat = np.asarray(positions).reshape(-1)
+    out = np.zeros((len(flat), index.d), dtype=np.float32)
+    ok = flat >= 0
+    if ok.any():
+        out[ok] = index.reconstruct_batch(flat[ok].astype(np.int64))
+    return out.reshape(*np.shape(positions), index.d)
+
+
+def expand_queries(index, queries: np.ndarray, k: int, alpha: float) -> np.ndarray:
+    """Query expansion (udml.refine): each query averaged with its ``k`` nearest indexed vectors, weights
+    max(0, similarity)^alpha, L2-normalised; for a refined collection the same averaging its members had."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = min(k, index.ntotal)
+    sims, pos = index.search(queries, k)
+    near = stored_vectors(index, pos)
+    w = np.maximum(sims, 0).astype(np.float64) ** alpha
+    w[pos < 0] = 0  # approximate indexes may return fewer than k
+    out = queries.astype(np.float64) + np.einsum("nk,nkd->nd", w, near.astype(np.float64))
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out.astype(np.float32)
 
 
 def search(

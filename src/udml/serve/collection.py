@@ -206,7 +206,13 @@ class Collection:
                 f"the upload is not a readable image ({type(e).__name__}: {e}); send a JPEG, PNG, WebP or AVIF file",
             ) from e
         with self._embed_lock:  # one model forward at a time: the cores are better used by one
-            return self.embedder.embed([image])[0]
+            vector = self.embedder.embed([image])
+        refine = self.meta.get("refine")
+        if refine:  # a refined collection (udml embed --refine): the upload gets the averaging its members had
+            from ..index import expand_queries
+
+            vector = expand_queries(self.index, vector, refine["k"], refine["alpha"])
+        return vector[0]
 
     # ------------------------------------------------------------------ thumbnails
 
