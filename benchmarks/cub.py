@@ -1,6 +1,6 @@
 """CUB-200-2011 benchmark: the pretrained start, UDML-SS and UDML (lambda = 0), final checkpoints only.
 
-    python benchmarks/cub.py --data ../shared/data/CUB_200_2011            # METHOD.md's full schedule
+    python benchmarks/cub.py --data ../shared/data/CUB_200_2011            # docs/method.md's full schedule
     python benchmarks/cub.py --data ... --parallel --seeds 0 1 2             # both rows at once on one GPU
     python benchmarks/cub.py --data ... --sweep lambda                       # or --sweep loss (ablations)
     python benchmarks/cub.py --data ... --sweep val --parallel num_clusters=75 pseudo_epochs=260

@@ -5,7 +5,7 @@
 #           CUB's training classes (train_val) and evaluated on the other 25 (val); the rule in suite.VAL_ROWS
 #           picks the winner and writes OUT/choice.txt. The test classes are not touched.
 #   call 2: bash benchmarks/gpu_cub_plan.sh DATA OUT test "0 1"
-#           METHOD.md's full schedule on the test classes with the chosen settings: UDML-SS and UDML (lambda = 0)
+#           docs/method.md's full schedule on the test classes with the chosen settings: UDML-SS and UDML (lambda = 0)
 #           for each seed given, all side by side. Seed 2 in a third call if device time is left.
 # Before spending device time, the same commands run on a CPU with TINY=1 (a tiny schedule at 64 px, evaluated at
 # the start and the end only; on a 2-core CPU with two of the val rows: TINY=1 ROWS="paper head_lr" ...: six

@@ -76,7 +76,7 @@ LAMBDAS = (0, 0.05, 0.1, 0.5, 1)
 # are not seen). Rule, fixed before any of these ran: the row with the highest final Recall@1 on val wins; rows
 # within 0.5 points of it are decided by NMI. UDML (lambda = 0) then runs with the winner's other settings.
 VAL_ROWS = {
-    "paper": [],  # METHOD.md: heads at the backbone's lr
+    "paper": [],  # docs/method.md: heads at the backbone's lr
     "head_lr": ["head_lr=1e-3"],  # the random heads at 100x
     "head_lr_lambda0.5": ["head_lr=1e-3", "rotation_weight=0.5"],
     "head_lr_clamped": ["head_lr=1e-3", "crop_rule=clamped"],  # crops clamped to the image, not redrawn

@@ -77,16 +77,16 @@ def test_data_alone_picks_the_folder_preset_or_its_cpu_variant(monkeypatch, tmp_
     seen = []
     monkeypatch.setattr(udml.training, "train", lambda cfg, **kw: seen.append(cfg))
     for gpu in (False, True):
-        monkeypatch.setattr(udml.cli, "_has_gpu", lambda gpu=gpu: gpu)
+        monkeypatch.setattr(udml.cli.train, "_has_gpu", lambda gpu=gpu: gpu)
         assert main(["train", "--data", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("no GPU in use: the folder_cpu preset") and "--config folder" in out[0]
-    assert out[1].startswith("the folder preset (METHOD.md")
+    assert out[1].startswith("the folder preset (the paper's recipe on Lite0, docs/method.md")
     cpu, gpu = seen
     assert cpu.to_dict() == make_config("folder_cpu", {"data_root": str(tmp_path)}).to_dict()
     assert (cpu.freeze_stages, cpu.embedding_dim, cpu.time_budget, cpu.cache_images) == (5, None, "20m", "disk")
     assert gpu.to_dict() == make_config("folder", {"data_root": str(tmp_path)}).to_dict()
-    monkeypatch.setattr(udml.cli, "_has_gpu", lambda: True)
+    monkeypatch.setattr(udml.cli.train, "_has_gpu", lambda: True)
     assert main(["train", "--data", str(tmp_path), "--device", "cpu"]) == 0  # asked for the CPU: its variant
     assert main(["train", "--data", str(tmp_path), "device=cpu"]) == 0
     assert main(["train", "--data", str(tmp_path), "--config", "folder", "--device", "cpu"]) == 0  # as asked

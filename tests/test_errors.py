@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from udml import checkpoint as ckpt
+from udml import errors
 from udml.config import RUNTIME_FIELDS, Config, make_config
 from udml.data import ImageDataset
 from udml.datasets import ImageSet, load_split
@@ -482,15 +483,25 @@ def test_every_udml_error_shares_one_base_the_command_line_knows():
     assert errors.UdmlError in cli.expected_errors()
 
 
+def numpy_bug(args):
+    import numpy as np
+
+    np.zeros(3).reshape(2, 2)  # a ValueError raised inside a dependency: udml's bug, not the user's
+
+
 @pytest.mark.parametrize(
     "error, expected",
     [
-        (ValueError("bad value"), True),
-        (FileNotFoundError("no file"), True),
-        (OSError(28, "disk full"), True),
+        (errors.InputError("bad value; give a good one"), True),
+        (errors.MissingPath("no file at x.npz; make one with udml embed"), True),
+        (OSError(28, "No space left on device"), True),  # a full disk, about a path the user gave
+        (FileNotFoundError(2, "No such file or directory"), True),
+        (ValueError("a bug deep inside"), False),  # not udml's own error: a bug
         (RuntimeError("a bug deep inside"), False),
         (KeyError("a bug deep inside"), False),
         (AttributeError("a bug deep inside"), False),
+        (OSError(9, "Bad file descriptor: a bug deep inside"), False),
+        ("numpy", False),
     ],
 )
 def test_command_line_turns_user_errors_into_one_line_and_keeps_the_traceback_of_anything_else(
@@ -502,13 +513,23 @@ def test_command_line_turns_user_errors_into_one_line_and_keeps_the_traceback_of
         raise error
 
     parser = cli.build_parser
-    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), fail))
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), numpy_bug if error == "numpy" else fail))
+    monkeypatch.delenv("UDML_DEBUG", raising=False)
     if expected:
         assert cli.main(["index", "x.npz", "-o", "y"]) == 2
-        assert capsys.readouterr().err.startswith("udml index: error: ")
+        err = capsys.readouterr().err
+        assert err.startswith("udml index: error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+        monkeypatch.setenv("UDML_DEBUG", "1")  # the traceback of every error, on request
+        assert cli.main(["index", "x.npz", "-o", "y"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and err.splitlines()[-1].startswith("udml index: error: ")
     else:
-        with pytest.raises(type(error), match="a bug deep inside"):
-            cli.main(["index", "x.npz", "-o", "y"])
+        assert cli.main(["index", "x.npz", "-o", "y"]) == 3
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err
+        assert "this is a bug in udml, not in what you gave it: please report it" in err
+        if error == "numpy":
+            assert "cannot reshape array of size 3" in err and "numpy" in err
 
 
 def _with_func(parser, func):

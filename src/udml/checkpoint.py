@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError, MissingPath
 from .rundir import atomic_write
 
 # Saved by udml before 0.2 and never read back; they made the files need full unpickling.
@@ -35,20 +36,20 @@ def load(path: str | Path, map_location="cpu") -> dict:
     """A checkpoint or model file, as tensors and plain data; anything else is refused, not executed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingPath(
             f"no checkpoint at {path}; resume only a run folder that holds {path.name}, "
             "or start a new run without --resume"
         )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
+        raise InputError(
             f"{path} holds Python objects other than tensors and plain data, so it is not loaded: unpickling them "
             "could run code hidden in the file. A checkpoint of an older udml holds random-number states of that "
             f"kind; if you trust the file (you made it), convert it once: python -m udml.checkpoint upgrade {path}"
         ) from e
     except Exception as e:  # noqa: BLE001
-        raise ValueError(
+        raise InputError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is damaged or not a udml checkpoint"
         ) from e
 
@@ -93,7 +94,7 @@ def read_checkpoint(path: str | Path, keys=CHECKPOINT_KEYS) -> dict:
 def check_checkpoint(state: dict, path: str | Path, keys=CHECKPOINT_KEYS) -> None:
     missing = [k for k in keys if k not in state]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{path} is not a udml training checkpoint (it has no {', '.join(missing)}); resume a run folder that "
             "udml train wrote, or start a new run without --resume"
         )
@@ -140,7 +141,7 @@ def read_model(path: str | Path) -> tuple[dict, dict]:
             "resize_size": cfg.resize_size,
         }
         return arch, inference_weights(state["model"])
-    raise ValueError(f"{path} is neither a udml model file nor a udml training checkpoint")
+    raise InputError(f"{path} is neither a udml model file nor a udml training checkpoint")
 
 
 def upgrade(path: str | Path) -> list[str]:

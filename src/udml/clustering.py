@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import KMEANS_BACKENDS
+from .errors import InputError, InvalidType, MissingPackage
 
 __all__ = ["KMeansResult", "assignment_nmi", "faiss_available", "kmeans"]
 
@@ -97,21 +98,21 @@ def kmeans(
     x = _as_float_matrix(x)
     n, d = x.shape
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"kmeans: k must be an int, got {type(k).__name__} ({k!r})")
+        raise InputError(f"kmeans: k must be an int, got {type(k).__name__} ({k!r})")
     k = int(k)
     if not 2 <= k <= n:
-        raise ValueError(
+        raise InputError(
             f"kmeans: need 2 <= k <= N, got k={k} clusters for N={n} points; "
             f"choose k between 2 and {n} (or cluster more points)"
         )
     if isinstance(niter, bool) or not isinstance(niter, (int, np.integer)) or niter < 1:
-        raise ValueError(f"kmeans: niter must be a positive int, got {niter!r}")
+        raise InputError(f"kmeans: niter must be a positive int, got {niter!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
-        raise ValueError(f"kmeans: seed must be an int in [0, 2**31), got {seed!r}")
+        raise InputError(f"kmeans: seed must be an int in [0, 2**31), got {seed!r}")
     if init_centroids is not None:
         init_centroids = _as_float_matrix(init_centroids, name="init_centroids")
         if tuple(init_centroids.shape) != (k, d):
-            raise ValueError(
+            raise InputError(
                 f"kmeans: init_centroids must have shape [k, D] = [{k}, {d}], got "
                 f"{list(init_centroids.shape)}; pass one centroid per cluster with the data's "
                 "dimension"
@@ -157,7 +158,7 @@ def confident_members(
     if fraction >= 1:
         return torch.ones(len(labels), dtype=torch.bool)
     if not 0 < fraction:
-        raise ValueError(f"confident_fraction must be in (0, 1], got {fraction}")
+        raise InputError(f"confident_fraction must be in (0, 1], got {fraction}")
     f = F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1)
     c = F.normalize(torch.as_tensor(centroids, dtype=torch.float32), dim=1)
     similarity = (f * c[labels]).sum(1)
@@ -178,7 +179,7 @@ def assignment_nmi(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -
 
     a_np, b_np = _as_label_array(a, "a"), _as_label_array(b, "b")
     if a_np.shape != b_np.shape:
-        raise ValueError(
+        raise InputError(
             f"assignment_nmi: labelings must have the same length, got {a_np.shape[0]} and {b_np.shape[0]}"
         )
     return float(normalized_mutual_info_score(a_np, b_np))
@@ -192,14 +193,14 @@ def _as_float_matrix(x: torch.Tensor | np.ndarray, name: str = "x") -> torch.Ten
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"kmeans: {name} must be a torch.Tensor or numpy array, got {type(x)}")
+        raise InvalidType(f"kmeans: {name} must be a torch.Tensor or numpy array, got {type(x)}")
     if x.dim() != 2:
-        raise ValueError(f"kmeans: {name} must be 2-D [N, D], got shape {list(x.shape)}")
+        raise InputError(f"kmeans: {name} must be 2-D [N, D], got shape {list(x.shape)}")
     if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64, torch.uint8)):
-        raise ValueError(f"kmeans: {name} must hold real numbers, got dtype {x.dtype}")
+        raise InputError(f"kmeans: {name} must hold real numbers, got dtype {x.dtype}")
     x = x.detach().to(torch.float32)
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"kmeans: {name} contains NaN or Inf values; remove or fix those rows first")
+        raise InputError(f"kmeans: {name} contains NaN or Inf values; remove or fix those rows first")
     return x
 
 
@@ -208,23 +209,23 @@ def _as_label_array(a: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
         a = a.detach().cpu().numpy()
     a = np.asarray(a)
     if a.ndim != 1:
-        raise ValueError(f"assignment_nmi: {name} must be 1-D, got shape {list(a.shape)}")
+        raise InputError(f"assignment_nmi: {name} must be 1-D, got shape {list(a.shape)}")
     return a
 
 
 def _resolve_backend(backend: str, x: torch.Tensor, device: str | torch.device | None) -> str:
     if backend not in KMEANS_BACKENDS:
-        raise ValueError(f"kmeans: backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+        raise InputError(f"kmeans: backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
     on_cpu = (torch.device(device) if device is not None else x.device).type == "cpu"
     if backend == "auto":
         return "faiss" if on_cpu and faiss_available() else "torch"
     if backend == "faiss":
         if not faiss_available():
-            raise ImportError(
+            raise MissingPackage(
                 "kmeans: backend='faiss' needs the faiss package; `pip install faiss-cpu` or use backend='torch'"
             )
         if device is not None and not on_cpu:
-            raise ValueError(
+            raise InputError(
                 f"kmeans: backend='faiss' runs on the CPU but device={device!r}; use "
                 "backend='torch' to cluster on that device"
             )

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UnknownKey
+from .errors import InputError, MissingPath, UnknownKey
 
 KMEANS_BACKENDS = ("auto", "faiss", "torch")
 OPTIMIZERS = ("adam", "adamw")
@@ -115,7 +115,7 @@ class Config:
 
     def iterations_per_round(self) -> int:
         if self.num_clusters is None:
-            raise ValueError(
+            raise InputError(
                 "num_clusters is null: it is set from the number of training images when training "
                 "starts (default_num_clusters); give a number to compute the schedule beforehand"
             )
@@ -175,7 +175,7 @@ def _read_yaml(path_or_name: str) -> dict[str, Any]:
         name = path_or_name[:-5] if path_or_name.endswith(".yaml") else path_or_name
         entry = resources.files("udml.presets") / f"{name}.yaml"
         if not entry.is_file():
-            raise FileNotFoundError(
+            raise MissingPath(
                 f"no configuration file or preset named {path_or_name!r}; "
                 f"give a path to a .yaml file or one of the presets: {', '.join(preset_names())}"
             )
@@ -183,7 +183,7 @@ def _read_yaml(path_or_name: str) -> dict[str, Any]:
         where = f"preset {name}"
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping of configuration keys to values, got {type(data).__name__}")
+        raise InputError(f"{where}: expected a mapping of configuration keys to values, got {type(data).__name__}")
     return data
 
 
@@ -207,7 +207,7 @@ def check_paths(cfg: Config) -> None:
     for key in ("data_root", "test_root"):
         value = getattr(cfg, key)
         if value is not None and not Path(value).exists():
-            raise FileNotFoundError(
+            raise MissingPath(
                 f"{key}: {value} does not exist; give the folder that holds the "
                 f"{cfg.dataset} data (--data sets data_root)"
             )
@@ -235,7 +235,7 @@ def _cache_mode(value: Any) -> Any:
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` with the value read as YAML (so ``lr=1e-4``, ``recall_ks=[1,10]``, ``run_name=x``)."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} is not of the form key=value (for example lr=1e-4)")
+        raise InputError(f"override {text!r} is not of the form key=value (for example lr=1e-4)")
     key, value = text.split("=", 1)
     key = key.strip().replace("-", "_")
     parsed = yaml.safe_load(value) if value.strip() else None
@@ -270,7 +270,7 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(default, str):
             return str(value)
     except (ValueError, KeyError):
-        raise ValueError(f"configuration key {key!r}: {value!r} is not a valid {type(default).__name__}") from None
+        raise InputError(f"configuration key {key!r}: {value!r} is not a valid {type(default).__name__}") from None
     return value
 
 
@@ -286,7 +286,7 @@ def parse_duration(value: Any, key: str = "time_budget") -> float:
     except ValueError:
         seconds = -1
     if not seconds > 0:
-        raise ValueError(
+        raise InputError(
             f"configuration key {key!r}: {value!r} is not a duration; write a positive number with a unit, for "
             "example 90s, 20m or 1.5h (a bare number is seconds)"
         )
@@ -313,7 +313,7 @@ def make_config(preset: str | None = None, overrides: dict[str, Any] | list[str]
 def validate(cfg: Config) -> None:
     def need(ok: bool, message: str) -> None:
         if not ok:
-            raise ValueError(message)
+            raise InputError(message)
 
     need(
         cfg.num_clusters is None or cfg.num_clusters >= 2,
@@ -402,12 +402,12 @@ def save_config(cfg: Config, path: Path) -> None:
 def load_config(path: Path) -> Config:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingPath(
             f"no configuration file at {path}; a run folder holds the config.yaml its run was started with"
         )
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
-        raise ValueError(
+        raise InputError(
             f"{path}: expected a mapping of configuration keys to values, got "
             f"{type(data).__name__}; the file is damaged: restore it, or copy the configuration "
             "from the checkpoint (torch.load(...)['config'])"

@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .datasets import ImageSet
+from .errors import InputError, PathProblem
 from .images import check_headers, decode_all, open_rgb, report_unreadable
 
 log = logging.getLogger("udml")
@@ -90,7 +91,7 @@ class TrainCrop:
 
     def __init__(self, size: int, resize: int, scale=(0.16, 1.0), ratio=(3 / 4, 4 / 3), hflip=True, rule="torchvision"):
         if rule not in CROP_RULES:
-            raise ValueError(f"crop_rule must be one of {', '.join(CROP_RULES)}, got {rule!r}")
+            raise InputError(f"crop_rule must be one of {', '.join(CROP_RULES)}, got {rule!r}")
         self.size, self.resize, self.scale, self.ratio, self.hflip, self.rule = size, resize, scale, ratio, hflip, rule
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
@@ -222,7 +223,7 @@ class ImageDataset(torch.utils.data.Dataset):
     ):
         self.image_set, self.transform = image_set, transform
         if len(image_set) == 0:
-            raise ValueError(
+            raise InputError(
                 f"data set {image_set.name!r} has no images; check data_root and that the files "
                 "follow the data set's layout (or, for a folder, have an image extension)"
             )
@@ -252,7 +253,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.kept = keep
         if len(self.items) == 0:
             first = f" (first: {bad[0][1]}: {bad[0][2]})" if bad else ""
-            raise ValueError(
+            raise InputError(
                 f"data set {image_set.name!r}: none of its {len(image_set)} images could be read"
                 f"{first}; replace the damaged files or point data_root at an intact copy"
             )
@@ -278,14 +279,14 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             return open_rgb(self.items[i])
         except Exception as e:  # noqa: BLE001
-            raise OSError(
+            raise PathProblem(
                 f"cannot read image {self.items[i]}: {e}. Remove or replace the file, or enable "
                 "cache_images so that unreadable files are skipped up front"
             ) from e
 
     def with_transform(self, transform) -> "ImageDataset":
         if self.stacked is not None:
-            raise ValueError("a data set cached as transformed images holds no images to transform otherwise")
+            raise InputError("a data set cached as transformed images holds no images to transform otherwise")
         view = copy.copy(self)
         view.transform = transform
         return view

@@ -26,6 +26,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from .errors import InputError, MissingPath
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".avif", ".tif", ".tiff", ".gif")
 
 
@@ -42,13 +44,13 @@ class ImageSet:
         if self.labels is not None:
             self.labels = np.asarray(self.labels, dtype=np.int64)
             if self.labels.shape != (len(self.images),):
-                raise ValueError(
+                raise InputError(
                     f"{self.name}: labels must have shape ({len(self.images)},) to match the "
                     f"images, got {self.labels.shape}"
                 )
         if self.class_names is not None and self.labels is not None and len(self.labels):
             if self.labels.min() < 0 or self.labels.max() >= len(self.class_names):
-                raise ValueError(
+                raise InputError(
                     f"{self.name}: labels must lie in [0, {len(self.class_names)}) to index "
                     f"class_names, got range [{self.labels.min()}, {self.labels.max()}]"
                 )
@@ -72,16 +74,16 @@ class ImageSet:
 
 def _check_split(dataset: str, split: str, valid: tuple[str, ...]) -> None:
     if split not in valid:
-        raise ValueError(f"{dataset}: unknown split {split!r}; valid splits: {', '.join(valid)}")
+        raise InputError(f"{dataset}: unknown split {split!r}; valid splits: {', '.join(valid)}")
 
 
 def _existing_folder(root: str | Path | None, dataset: str, layout: str) -> Path:
     """``root`` as a Path, which must be an existing folder (``layout`` says what it should hold)."""
     if root is None:
-        raise ValueError(f"{dataset}: root is required; pass the folder holding {layout}")
+        raise InputError(f"{dataset}: root is required; pass the folder holding {layout}")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"{dataset}: data-set folder {root} does not exist; expected a folder holding {layout}")
+        raise MissingPath(f"{dataset}: data-set folder {root} does not exist; expected a folder holding {layout}")
     return root
 
 
@@ -96,7 +98,7 @@ def _resolve_root(root: str | Path | None, dataset: str, marker: str, folder: st
 
 def _require(path: Path, dataset: str, layout: str) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"{dataset}: {path} is missing; expected layout: {layout}")
+        raise MissingPath(f"{dataset}: {path} is missing; expected layout: {layout}")
     return path
 
 
@@ -110,7 +112,7 @@ def _read_rows(path: Path, n_fields: int, layout: str, skip: int = 0) -> list[tu
                 continue
             fields = line.split()
             if len(fields) != n_fields:
-                raise ValueError(
+                raise InputError(
                     f"{path}:{lineno}: expected {n_fields} whitespace-separated fields, got "
                     f"{len(fields)} in {line.rstrip()!r}; expected layout: {layout}"
                 )
@@ -122,7 +124,7 @@ def _to_int(value: str, path: Path, lineno: int, what: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"{path}:{lineno}: {what} must be an integer, got {value!r}") from None
+        raise InputError(f"{path}:{lineno}: {what} must be an integer, got {value!r}") from None
 
 
 def _dense_labels(ids) -> tuple[np.ndarray, list]:
@@ -135,7 +137,7 @@ def _check_counts(
     name: str, strict: bool, source: Path, expected: tuple[int, int], found: tuple[int, int], unit: str = "classes"
 ) -> None:
     if strict and tuple(found) != tuple(expected):
-        raise ValueError(
+        raise InputError(
             f"{name}: expected {expected[0]:,} images in {expected[1]:,} {unit} (the canonical "
             f"split), found {found[0]:,} images in {found[1]:,} {unit} according to {source}. "
             f"The copy is incomplete or not the official release; pass strict=False to load "
@@ -147,7 +149,7 @@ def _spot_check_images(paths: list[str], dataset: str, source: Path, layout: str
     """Cheap existence check for large sets: the first and the last listed image."""
     for p in {paths[0], paths[-1]} if paths else ():
         if not os.path.exists(p):
-            raise FileNotFoundError(f"{dataset}: image {p} listed in {source} is missing; expected layout: {layout}")
+            raise MissingPath(f"{dataset}: image {p} listed in {source} is missing; expected layout: {layout}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,25 +202,25 @@ def load_cub(root: str | Path | None, split: str, *, strict: bool = True) -> Ima
     for lineno, (sid, rel) in _read_rows(images_txt, 2, CUB_LAYOUT):
         iid = _to_int(sid, images_txt, lineno, "image id")
         if iid in paths:
-            raise ValueError(f"{images_txt}:{lineno}: duplicate image id {iid}")
+            raise InputError(f"{images_txt}:{lineno}: duplicate image id {iid}")
         paths[iid] = rel
     classes: dict[int, int] = {}
     for lineno, (sid, scls) in _read_rows(labels_txt, 2, CUB_LAYOUT):
         iid = _to_int(sid, labels_txt, lineno, "image id")
         cls = _to_int(scls, labels_txt, lineno, "class id")
         if iid in classes:
-            raise ValueError(f"{labels_txt}:{lineno}: duplicate image id {iid}")
+            raise InputError(f"{labels_txt}:{lineno}: duplicate image id {iid}")
         if not 1 <= cls <= 200:
-            raise ValueError(f"{labels_txt}:{lineno}: class id must be in 1..200, got {cls}")
+            raise InputError(f"{labels_txt}:{lineno}: class id must be in 1..200, got {cls}")
         if iid not in paths:
-            raise ValueError(
+            raise InputError(
                 f"{labels_txt}:{lineno}: image id {iid} is not listed in {images_txt}; the two "
                 f"files must list the same image ids"
             )
         classes[iid] = cls
     unlabelled = sorted(paths.keys() - classes.keys())
     if unlabelled:
-        raise ValueError(
+        raise InputError(
             f"{images_txt}: {len(unlabelled)} image id(s) have no class in {labels_txt} "
             f"(first: {unlabelled[0]}); the two files must list the same image ids"
         )
@@ -234,7 +236,7 @@ def load_cub(root: str | Path | None, split: str, *, strict: bool = True) -> Ima
     files = [str(image_dir / paths[i]) for i in ids]
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
-        raise FileNotFoundError(
+        raise MissingPath(
             f"cub: {len(missing)} image(s) listed in {images_txt} are missing (first: "
             f"{missing[0]}); expected layout: {CUB_LAYOUT}"
         )
@@ -259,7 +261,7 @@ def _mat_scalar(value):
     """Unwrap the nested 1x1 arrays loadmat puts around struct fields."""
     while isinstance(value, np.ndarray):
         if value.size != 1:
-            raise ValueError(f"expected a single value, got an array of shape {value.shape}")
+            raise InputError(f"expected a single value, got an array of shape {value.shape}")
         value = value.reshape(-1)[0]
     return value
 
@@ -274,10 +276,10 @@ def load_cars196(root: str | Path | None, split: str, *, strict: bool = True) ->
     try:
         mat = loadmat(str(mat_path))
     except Exception as e:  # scipy raises several types for corrupt files
-        raise ValueError(f"{mat_path}: cannot be read as a MATLAB file ({e})") from e
+        raise InputError(f"{mat_path}: cannot be read as a MATLAB file ({e})") from e
     annos = mat.get("annotations")
     if annos is None or annos.dtype.names is None or not {"relative_im_path", "class"} <= set(annos.dtype.names):
-        raise ValueError(
+        raise InputError(
             f"{mat_path}: no struct array 'annotations' with fields relative_im_path and class; "
             f"expected layout: {CARS_LAYOUT}"
         )
@@ -288,9 +290,9 @@ def load_cars196(root: str | Path | None, split: str, *, strict: bool = True) ->
             rel = str(_mat_scalar(a["relative_im_path"]))
             cls = int(_mat_scalar(a["class"]))
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{mat_path}: annotations[{k}] is malformed ({e})") from e
+            raise InputError(f"{mat_path}: annotations[{k}] is malformed ({e})") from e
         if not 1 <= cls <= 196:
-            raise ValueError(f"{mat_path}: annotations[{k}].class must be in 1..196, got {cls}")
+            raise InputError(f"{mat_path}: annotations[{k}].class must be in 1..196, got {cls}")
         rel_paths.append(rel)
         classes.append(cls)
     names = {}
@@ -328,7 +330,7 @@ def load_sop(root: str | Path | None, split: str, *, strict: bool = True) -> Ima
     with open(list_path, encoding="utf-8") as f:
         header = f.readline().split()
     if header != ["image_id", "class_id", "super_class_id", "path"]:
-        raise ValueError(
+        raise InputError(
             f"{list_path}:1: expected the header 'image_id class_id super_class_id path', got "
             f"{' '.join(header)!r}; expected layout: {SOP_LAYOUT}"
         )
@@ -337,7 +339,7 @@ def load_sop(root: str | Path | None, split: str, *, strict: bool = True) -> Ima
         class_ids.append(_to_int(scls, list_path, lineno, "class_id"))
         files.append(str(root / rel))
     if not files:
-        raise ValueError(f"{list_path}: lists no images; expected layout: {SOP_LAYOUT}")
+        raise InputError(f"{list_path}: lists no images; expected layout: {SOP_LAYOUT}")
     _spot_check_images(files, "sop", list_path, SOP_LAYOUT)
     labels, uniq = _dense_labels(class_ids)
     name = f"sop/{split}"
@@ -373,26 +375,26 @@ def load_inshop(root: str | Path | None, split: str, *, strict: bool = True) -> 
         first, header = f.readline().strip(), f.readline().split()
     declared = _to_int(first, list_path, 1, "the image count on the first line")
     if header != ["image_name", "item_id", "evaluation_status"]:
-        raise ValueError(
+        raise InputError(
             f"{list_path}:2: expected the header 'image_name item_id evaluation_status', got "
             f"{' '.join(header)!r}; expected layout: {INSHOP_LAYOUT}"
         )
     rows = _read_rows(list_path, 3, INSHOP_LAYOUT, skip=2)
     if len(rows) != declared:
-        raise ValueError(
+        raise InputError(
             f"{list_path}: the first line declares {declared:,} images but {len(rows):,} rows "
             f"follow; the file is truncated or edited"
         )
     by_split: dict[str, list[tuple[str, str]]] = {"train": [], "query": [], "gallery": []}
     for lineno, (rel, item, status) in rows:
         if status not in by_split:
-            raise ValueError(f"{list_path}:{lineno}: evaluation_status must be train, query or gallery, got {status!r}")
+            raise InputError(f"{list_path}:{lineno}: evaluation_status must be train, query or gallery, got {status!r}")
         by_split[status].append((rel, item))
 
     selected = by_split[split]
     files = [str(root / rel) for rel, _ in selected]
     if not files:
-        raise ValueError(f"{list_path}: lists no {split} images; expected layout: {INSHOP_LAYOUT}")
+        raise InputError(f"{list_path}: lists no {split} images; expected layout: {INSHOP_LAYOUT}")
     _spot_check_images(files, "inshop", list_path, INSHOP_LAYOUT)
     if split == "train":
         item_ids = sorted({item for _, item in selected})
@@ -457,10 +459,10 @@ def load_omniglot(root: str | Path | None, split: str, *, strict: bool = True) -
             files += pngs
             class_names.append(f"{alphabet.name}/{char.name}")
     if not files:
-        raise ValueError(f"omniglot: no .png images under {split_dir}; expected layout: {OMNIGLOT_LAYOUT}")
+        raise InputError(f"omniglot: no .png images under {split_dir}; expected layout: {OMNIGLOT_LAYOUT}")
     name = f"omniglot/{split}"
     if strict and wrong:
-        raise ValueError(
+        raise InputError(
             f"{name}: every character folder must hold {OMNIGLOT_DRAWERS} png images; "
             f"{len(wrong)} do not, e.g. {', '.join(wrong[:3])}. Pass strict=False to load anyway."
         )
@@ -482,10 +484,10 @@ def load_folder(root: str | Path | None, split: str, *, strict: bool = True) -> 
     _check_split("folder", split, ("train", "test", "all"))
     exts = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
     if root is None:
-        raise ValueError("folder: root is required; pass a folder of images")
+        raise InputError("folder: root is required; pass a folder of images")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise MissingPath(
             f"folder: {root} does not exist or is not a folder; expected a folder of images "
             f"({exts}), in class sub-folders for labelled use"
         )
@@ -500,7 +502,7 @@ def load_folder(root: str | Path | None, split: str, *, strict: bool = True) -> 
         ]
     files.sort()
     if not files:
-        raise ValueError(f"folder: no images found under {root} with the extensions {exts}")
+        raise InputError(f"folder: no images found under {root} with the extensions {exts}")
     name = f"folder/{split}"
     if split == "train":
         return ImageSet(files, None, name)
@@ -508,7 +510,7 @@ def load_folder(root: str | Path | None, split: str, *, strict: bool = True) -> 
     top = [Path(os.path.relpath(f, root)).parts for f in files]
     loose = [f for f, parts in zip(files, top) if len(parts) == 1]
     if loose:
-        raise ValueError(
+        raise InputError(
             f"folder/{split}: labels come from the class sub-folders of {root}, but "
             f"{len(loose)} image(s) lie directly in it (first: {loose[0]}); move them into "
             f"class sub-folders (root/<class>/image.jpg) or use split='train' for unlabelled use"
@@ -561,7 +563,7 @@ def load_omniglot_mini(root: str | Path | None, split: str, *, strict: bool = Tr
     else:
         source = Path(root).expanduser()
         if not source.is_file():
-            raise FileNotFoundError(
+            raise MissingPath(
                 f"omniglot_mini: {source} is not a file; give an .npz pack written by "
                 "benchmarks/make_omniglot_mini.py, or no root for the shipped one"
             )
@@ -596,5 +598,5 @@ def load_split(dataset: str, root: str | Path | None, split: str, *, strict: boo
     """Load one split of a registered data set, e.g. ``load_split("cub", "data/CUB_200_2011",
     "train")``. ``strict=False`` skips the canonical-count check (for subsets and fixtures)."""
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; valid names: {', '.join(sorted(DATASETS))}")
+        raise InputError(f"unknown dataset {dataset!r}; valid names: {', '.join(sorted(DATASETS))}")
     return DATASETS[dataset](root, split, strict=strict)

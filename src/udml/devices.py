@@ -18,13 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use device=cpu or auto")
+        raise InputError(f"device {name!r} was asked for but CUDA is not available here; use device=cpu or auto")
     return device
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError, MissingPath
 from .rundir import atomic_write
 
 EMBEDDINGS_FORMAT = "udml-embeddings-1"
@@ -55,7 +56,7 @@ def same_meta(a: dict, b: dict) -> str | None:
 def save_embeddings(path: str | Path, emb: Embeddings) -> None:
     """Write ``emb`` to ``path`` atomically: a run killed while writing leaves the previous file as it was."""
     if len(emb.paths) != len(emb.embeddings):
-        raise ValueError(f"{len(emb.embeddings)} embeddings but {len(emb.paths)} paths; they must match one to one")
+        raise InputError(f"{len(emb.embeddings)} embeddings but {len(emb.paths)} paths; they must match one to one")
     arrays = dict(
         embeddings=emb.embeddings.astype(np.float32),
         paths=np.array(emb.paths, dtype=str),
@@ -73,16 +74,16 @@ def save_embeddings(path: str | Path, emb: Embeddings) -> None:
 def load_embeddings(path: str | Path) -> Embeddings:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no embeddings file at {path}; write one with: udml embed MODEL DIR -o {path}")
+        raise MissingPath(f"no embeddings file at {path}; write one with: udml embed MODEL DIR -o {path}")
     try:
         with np.load(path, allow_pickle=False) as z:
             emb, paths, meta = z["embeddings"], z["paths"].tolist(), json.loads(str(z["meta"]))
             stamps = z["stamps"] if "stamps" in z.files else None  # files from before incremental embedding
             refined = {k: z[k] for k in ("refined", "neighbour_sims", "neighbour_rows") if k in z.files}
     except (KeyError, ValueError, OSError) as e:
-        raise ValueError(f"{path} is not a udml embeddings file (from udml embed): {e}") from e
+        raise InputError(f"{path} is not a udml embeddings file (from udml embed): {e}") from e
     if emb.ndim != 2 or len(paths) != len(emb) or (stamps is not None and stamps.shape != (len(paths), 2)):
-        raise ValueError(f"{path}: embeddings of shape {emb.shape} do not match its {len(paths)} paths")
+        raise InputError(f"{path}: embeddings of shape {emb.shape} do not match its {len(paths)} paths")
     if refined and (len(refined) != 3 or "refine" not in meta or any(len(v) != len(paths) for v in refined.values())):
-        raise ValueError(f"{path}: its refined embeddings are incomplete; write it again with udml embed --refine")
+        raise InputError(f"{path}: its refined embeddings are incomplete; write it again with udml embed --refine")
     return Embeddings(np.ascontiguousarray(emb, dtype=np.float32), paths, meta, stamps=stamps, **refined)

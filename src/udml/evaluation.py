@@ -20,6 +20,8 @@ from torch import Tensor
 
 from udml.clustering import assignment_nmi, kmeans
 
+from .errors import InputError, InvalidType
+
 __all__ = ["evaluate", "knn", "map_at_r", "nmi", "recall_at_k"]
 
 
@@ -41,12 +43,12 @@ def knn(
     _check_embeddings(query, "query")
     _check_embeddings(gallery, "gallery")
     if query.shape[1] != gallery.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"knn: query and gallery dimensions differ ({query.shape[1]} vs {gallery.shape[1]}); "
             "embed both with the same model"
         )
     if query.device != gallery.device:
-        raise ValueError(f"knn: query is on {query.device} but gallery on {gallery.device}; move both to one device")
+        raise InputError(f"knn: query is on {query.device} but gallery on {gallery.device}; move both to one device")
     k = _check_positive_int(k, "knn: k")
     chunk_size = _check_positive_int(chunk_size, "knn: chunk_size")
     nq, ng = query.shape[0], gallery.shape[0]
@@ -56,7 +58,7 @@ def knn(
         if bool((exclude >= 0).any()):
             usable = ng - 1
     if k > usable:
-        raise ValueError(
+        raise InputError(
             f"knn: k={k} neighbours requested but only {usable} gallery items are usable "
             f"(gallery size {ng}{', minus the excluded item' if usable < ng else ''}); "
             f"use k <= {usable}"
@@ -101,10 +103,10 @@ def map_at_r(neighbor_labels: Tensor, query_labels: Tensor, r: Tensor) -> float:
     r = _check_r(r, query_labels.shape[0]).to(neighbor_labels.device)
     valid = r > 0
     if not bool(valid.any()):
-        raise ValueError("map_at_r: no query has a relevant gallery item (all r are 0); MAP@R is undefined")
+        raise InputError("map_at_r: no query has a relevant gallery item (all r are 0); MAP@R is undefined")
     max_r = int(r.max())
     if max_r > neighbor_labels.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"map_at_r: a query has r={max_r} relevant items but only "
             f"{neighbor_labels.shape[1]} neighbours were given; retrieve at least max(r) "
             "neighbours"
@@ -119,7 +121,7 @@ def nmi(embeddings: Tensor, labels: Tensor, *, seed: int = 0, backend: str = "au
     labels = _check_labels(labels, embeddings.shape[0], "labels")
     n_classes = int(torch.unique(labels).numel())
     if n_classes < 2:
-        raise ValueError(f"nmi: labels hold {n_classes} distinct class; NMI needs at least 2 classes")
+        raise InputError(f"nmi: labels hold {n_classes} distinct class; NMI needs at least 2 classes")
     result = kmeans(embeddings, n_classes, seed=seed, backend=backend)
     return assignment_nmi(result.labels, labels.cpu())
 
@@ -149,7 +151,7 @@ def evaluate(
     labels = _check_labels(labels, n, "labels").to(device)
     chunk_size = _check_positive_int(chunk_size, "evaluate: chunk_size")
     if (query is None) != (query_labels is None):
-        raise ValueError("evaluate: pass both query and query_labels, or neither")
+        raise InputError("evaluate: pass both query and query_labels, or neither")
 
     if query is None:
         queries, q_labels = embeddings, labels
@@ -158,7 +160,7 @@ def evaluate(
     else:
         _check_embeddings(query, "query")
         if query.shape[1] != embeddings.shape[1]:
-            raise ValueError(
+            raise InputError(
                 f"evaluate: query dimension {query.shape[1]} differs from the gallery's "
                 f"{embeddings.shape[1]}; embed both with the same model"
             )
@@ -176,7 +178,7 @@ def evaluate(
     if exclude is not None:
         r = r - 1
     if compute_map_at_r and not bool((r > 0).any()):
-        raise ValueError(
+        raise InputError(
             "evaluate: no query has another item of its class in the gallery, so MAP@R is "
             "undefined; pass compute_map_at_r=False"
         )
@@ -418,26 +420,26 @@ def _average_precision_at_r(nl: Tensor, ql: Tensor, r: Tensor) -> Tensor:
 
 def _check_embeddings(x: Tensor, name: str) -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise InvalidType(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D tensor [N, D], got {list(x.shape)}")
+        raise InputError(f"{name} must be a non-empty 2-D tensor [N, D], got {list(x.shape)}")
     if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        raise InputError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
 def _check_labels(labels: Tensor, n: int, name: str) -> Tensor:
     if not isinstance(labels, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+        raise InvalidType(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dim() != 1 or labels.shape[0] != n:
-        raise ValueError(f"{name} must be 1-D with one label per embedding ({n}), got shape {list(labels.shape)}")
+        raise InputError(f"{name} must be 1-D with one label per embedding ({n}), got shape {list(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"{name} must hold integer class ids, got dtype {labels.dtype}")
+        raise InputError(f"{name} must hold integer class ids, got dtype {labels.dtype}")
     return labels.long()
 
 
 def _check_neighbor_labels(nl: Tensor, ql: Tensor) -> tuple[Tensor, Tensor]:
     if not isinstance(nl, Tensor) or nl.dim() != 2:
-        raise ValueError(
+        raise InputError(
             "neighbor_labels must be a 2-D tensor [Nq, M] of neighbour labels, got "
             f"{list(nl.shape) if isinstance(nl, Tensor) else type(nl).__name__}"
         )
@@ -447,9 +449,9 @@ def _check_neighbor_labels(nl: Tensor, ql: Tensor) -> tuple[Tensor, Tensor]:
 
 def _check_r(r: Tensor, nq: int) -> Tensor:
     if not isinstance(r, Tensor) or r.dim() != 1 or r.shape[0] != nq:
-        raise ValueError(f"r must be a 1-D tensor with one count per query ({nq})")
+        raise InputError(f"r must be a 1-D tensor with one count per query ({nq})")
     if r.is_floating_point() or bool((r < 0).any()):
-        raise ValueError("r must hold non-negative integer counts of relevant gallery items")
+        raise InputError("r must hold non-negative integer counts of relevant gallery items")
     return r.long()
 
 
@@ -458,7 +460,7 @@ def check_recall_ks(recall_ks: Sequence[int], usable: int, where: str, prefix: s
     message)."""
     ks = _check_ks(recall_ks, None, prefix.rstrip(": ") or "recall_ks")
     if ks and ks[-1] > usable:
-        raise ValueError(f"{prefix}recall_ks asks for Recall@{ks[-1]} but {where}; use recall_ks values <= {usable}")
+        raise InputError(f"{prefix}recall_ks asks for Recall@{ks[-1]} but {where}; use recall_ks values <= {usable}")
     return ks
 
 
@@ -468,7 +470,7 @@ def _check_ks(ks: Sequence[int], available: int | None, where: str) -> list[int]
     ks = list(ks)
     ks = sorted({_check_positive_int(k, f"{where}: each K in ks") for k in ks})
     if available is not None and ks and ks[-1] > available:
-        raise ValueError(
+        raise InputError(
             f"{where}: K={ks[-1]} but only {available} neighbours per query were given; "
             f"retrieve at least {ks[-1]} neighbours or use K <= {available}"
         )
@@ -477,12 +479,12 @@ def _check_ks(ks: Sequence[int], available: int | None, where: str) -> list[int]
 
 def _check_exclude(exclude: Tensor, nq: int, ng: int) -> Tensor:
     if not isinstance(exclude, Tensor) or exclude.dim() != 1 or exclude.shape[0] != nq:
-        raise ValueError(f"knn: exclude must be a 1-D int64 tensor with one gallery index per query ({nq})")
+        raise InputError(f"knn: exclude must be a 1-D int64 tensor with one gallery index per query ({nq})")
     if exclude.is_floating_point():
-        raise ValueError(f"knn: exclude must hold integer indices, got dtype {exclude.dtype}")
+        raise InputError(f"knn: exclude must hold integer indices, got dtype {exclude.dtype}")
     exclude = exclude.long()
     if bool(((exclude < -1) | (exclude >= ng)).any()):
-        raise ValueError(
+        raise InputError(
             f"knn: exclude values must be -1 (none) or a gallery index in [0, {ng}); got "
             f"min {int(exclude.min())}, max {int(exclude.max())}"
         )
@@ -495,5 +497,5 @@ def _check_positive_int(value: int, name: str) -> int:
     except TypeError:
         as_int = None
     if isinstance(value, bool) or as_int is None or as_int < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise InputError(f"{name} must be a positive int, got {value!r}")
     return as_int

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .errors import InputError, MissingPackage
+
 INPUT_KINDS = ("uint8", "float")
 
 
@@ -48,7 +50,7 @@ def export_onnx(
     is returned.
     """
     if input_kind not in INPUT_KINDS:
-        raise ValueError(f"input_kind must be one of {', '.join(INPUT_KINDS)}, got {input_kind!r}")
+        raise InputError(f"input_kind must be one of {', '.join(INPUT_KINDS)}, got {input_kind!r}")
     require_onnx(runtime=check)
     model = model.cpu().eval()
     size = int(model.image_size)
@@ -94,7 +96,7 @@ def require_onnx(runtime: bool = True) -> None:
 
     missing = [m for m in ("onnx", "onnxruntime")[: 2 if runtime else 1] if importlib.util.find_spec(m) is None]
     if missing:
-        raise ImportError(
+        raise MissingPackage(
             f"udml export needs the package(s) {', '.join(missing)}, which are not installed in this "
             f"Python environment; install udml with its dependencies (pip install -e . in a checkout, "
             f"or pip install {' '.join(missing)})"

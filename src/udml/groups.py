@@ -23,6 +23,7 @@ import torch
 
 from .clustering import kmeans
 from .config import default_num_clusters
+from .errors import InputError, MissingPath
 from .evaluation import knn
 from .rundir import atomic_write
 
@@ -35,7 +36,7 @@ NEIGHBOURS = 16
 def _check(embeddings) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
     if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"grouping needs at least 2 embeddings as an [N, D] array, got shape {tuple(x.shape)}")
+        raise InputError(f"grouping needs at least 2 embeddings as an [N, D] array, got shape {tuple(x.shape)}")
     return torch.nn.functional.normalize(x, dim=1)
 
 
@@ -46,7 +47,7 @@ def kmeans_groups(embeddings, k: int | None = None, *, seed: int = 0) -> tuple[n
     x = _check(embeddings)
     k = default_num_clusters(len(x)) if k is None else int(k)
     if not 2 <= k <= len(x):
-        raise ValueError(f"udml cluster: k={k} groups for {len(x)} images; choose k between 2 and {len(x)}")
+        raise InputError(f"udml cluster: k={k} groups for {len(x)} images; choose k between 2 and {len(x)}")
     result = kmeans(x, k, seed=seed, spherical=True)
     centres = torch.nn.functional.normalize(result.centroids, dim=1)
     score = (x * centres[result.labels]).sum(1)
@@ -66,7 +67,7 @@ def threshold_groups(
     """(group of each image, or -1 for one linked to none; similarity to its nearest other image). Groups are
     numbered by size, largest first. ``near``: :func:`nearest_neighbours` of ``embeddings``, if already computed."""
     if not -1 <= threshold <= 1:
-        raise ValueError(f"a cosine-similarity threshold lies in [-1, 1], got {threshold}")
+        raise InputError(f"a cosine-similarity threshold lies in [-1, 1], got {threshold}")
     x = _check(embeddings)
     sims, idx = near if near is not None else nearest_neighbours(x, neighbours)
     parent = np.arange(len(x))
@@ -143,7 +144,7 @@ def write_groups(path, rows: list[dict], summary: dict) -> None:
     elif path.suffix.lower() == ".json":
         data = json.dumps({**summary, "images": rows}, indent=1).encode()
     else:
-        raise ValueError(f"udml cluster: write groups to a .csv or a .json file, not {path.name}")
+        raise InputError(f"udml cluster: write groups to a .csv or a .json file, not {path.name}")
     atomic_write(path, lambda f: f.write(data), what="groups file", durable=False)
 
 
@@ -151,7 +152,7 @@ def read_groups(path) -> dict[str, dict]:
     """{image path: its row} from a file :func:`write_groups` wrote (CSV or JSON)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no groups file at {path}; write one with: udml cluster EMBEDDINGS -o {path}")
+        raise MissingPath(f"no groups file at {path}; write one with: udml cluster EMBEDDINGS -o {path}")
     try:
         if path.suffix.lower() == ".json":
             rows = json.loads(path.read_text())["images"]
@@ -168,7 +169,7 @@ def read_groups(path) -> dict[str, dict]:
             }
         return out
     except (KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"{path} is not a groups file from udml cluster ({type(e).__name__}: {e})") from e
+        raise InputError(f"{path} is not a groups file from udml cluster ({type(e).__name__}: {e})") from e
 
 
 def contact_sheet(path, paths, labels, scores, *, groups: int = 8, per_group: int = 8, cell: int = 96, title=None):

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from .embeddings import load_embeddings, same_meta
+from .errors import InputError, MissingPath
 from .rundir import atomic_write
 
 log = logging.getLogger("udml")
@@ -38,7 +39,7 @@ def _empty_index(x: np.ndarray, kind: str, nlist, nprobe, hnsw_m, ef_search, see
     if kind == "ivf":
         nlist = nlist or int(max(1, min(4 * np.sqrt(n), n // 39)))
         if not 1 <= nlist <= n:
-            raise ValueError(f"build_index: nlist={nlist} must lie in [1, {n}] (the number of embeddings)")
+            raise InputError(f"build_index: nlist={nlist} must lie in [1, {n}] (the number of embeddings)")
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
         index.train(x)
@@ -48,7 +49,7 @@ def _empty_index(x: np.ndarray, kind: str, nlist, nprobe, hnsw_m, ef_search, see
         index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = ef_search
         return index
-    raise ValueError(f"build_index: unknown kind {kind!r}; valid kinds: {', '.join(INDEX_KINDS)}")
+    raise InputError(f"build_index: unknown kind {kind!r}; valid kinds: {', '.join(INDEX_KINDS)}")
 
 
 def build_index(
@@ -73,7 +74,7 @@ def build_index(
 
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     if x.ndim != 2 or len(x) == 0:
-        raise ValueError(f"build_index: expected a non-empty [N, D] array of embeddings, got shape {x.shape}")
+        raise InputError(f"build_index: expected a non-empty [N, D] array of embeddings, got shape {x.shape}")
     index = _empty_index(x, kind, nlist, nprobe, hnsw_m, ef_search, seed)
     if ids is None:
         index.add(x)
@@ -103,7 +104,7 @@ def save_index(path: str | Path, index, emb, kind: str, ids: np.ndarray | None =
     import faiss
 
     if index.ntotal != len(emb.paths):
-        raise ValueError(f"the index holds {index.ntotal} vectors but {len(emb.paths)} paths were given")
+        raise InputError(f"the index holds {index.ntotal} vectors but {len(emb.paths)} paths were given")
     ids = np.arange(len(emb.paths), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
     path, sidecar = Path(path), Path(f"{path}.json")
     refined = getattr(emb, "refined", None)
@@ -140,21 +141,21 @@ def _read(path: Path):
 
     sidecar = Path(f"{path}.json")
     if not sidecar.is_file():
-        raise FileNotFoundError(
+        raise MissingPath(
             f"{sidecar} is missing: it holds the image paths of {path}. Keep the two files "
             "together, or rebuild both with udml index"
         )
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as e:
-        raise ValueError(f"{path} cannot be read as a faiss index ({e})") from e
+        raise InputError(f"{path} cannot be read as a faiss index ({e})") from e
     info = json.loads(sidecar.read_text())
     stored_ids = (
         faiss.vector_to_array(index.id_map) if isinstance(index, faiss.IndexIDMap2) else np.arange(index.ntotal)
     )
     ids = info.get("ids", list(range(len(info["paths"]))))
     if index.ntotal != len(info["paths"]) or not np.array_equal(stored_ids, np.asarray(ids, dtype=np.int64)):
-        raise ValueError(
+        raise InputError(
             f"{path} holds {index.ntotal} vectors whose IDs do not match the {len(info['paths'])} paths of "
             f"{sidecar}; they were not written together (a run stopped between the two?). Rebuild both with "
             "udml index EMBEDDINGS -o INDEX --rebuild"
@@ -169,7 +170,7 @@ def load_index(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no index or embeddings file at {path}; make one with udml embed / udml index")
+        raise MissingPath(f"no index or embeddings file at {path}; make one with udml embed / udml index")
     if path.suffix == ".npz":
         emb = load_embeddings(path)
         return build_index(emb.vectors, "flat"), emb.paths, emb.meta
@@ -326,12 +327,12 @@ def search(
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != index.d:
-        raise ValueError(
+        raise InputError(
             f"search: queries have dimension {queries.shape[-1]} but the index {index.d}; embed the "
             "queries with the model that embedded the indexed images"
         )
     if k < 1:
-        raise ValueError(f"search: k must be at least 1, got {k}")
+        raise InputError(f"search: k must be at least 1, got {k}")
     k = min(k, index.ntotal)
     extra = 0 if keep_self or query_paths is None else 1
     scores, ids = index.search(queries, min(k + extra, index.ntotal))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 
 from . import ms_loss
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class LossSpec:
     miner_defaults: dict = field(default_factory=dict)
 
 
-# name -> loss and miner. Defaults follow METHOD.md for multi-similarity and the usual settings for L2-normalised
+# name -> loss and miner. Defaults follow docs/method.md for multi-similarity and the usual settings for L2-normalised
 # embeddings elsewhere. ``loss_params`` changes any keyword parameter of the loss (``alpha``) and, prefixed with
 # ``miner_``, of the miner (``miner_epsilon``). ``multi_similarity`` is udml.ms_loss: the numbers of
 # pytorch-metric-learning's miner and loss (``multi_similarity_pml``, kept for comparison) without their host-device
@@ -122,11 +123,11 @@ class AcrossProcesses(nn.Module):
 def create_loss(name: str, params: dict | None = None) -> MetricLoss:
     """The metric loss ``name`` (a key of LOSSES) with its miner; ``params`` as described at LOSSES."""
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid names are {', '.join(LOSSES)}")
+        raise InputError(f"unknown loss {name!r}; valid names are {', '.join(LOSSES)}")
     params = dict(params or {})
     unknown = sorted(set(params) - set(loss_parameters(name)))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"loss_params: {', '.join(unknown)} not a parameter of loss {name!r}; valid: "
             f"{', '.join(loss_parameters(name))} (miner_... go to its miner)"
         )
@@ -139,13 +140,13 @@ def create_loss(name: str, params: dict | None = None) -> MetricLoss:
     try:
         return MetricLoss(spec.loss(**loss_kwargs), spec.miner(**miner_kwargs) if spec.miner else None)
     except (TypeError, ValueError) as e:  # a value of the wrong kind, as pytorch-metric-learning reports it
-        raise ValueError(f"loss {name!r}: bad loss_params {params}: {e}") from e
+        raise InputError(f"loss {name!r}: bad loss_params {params}: {e}") from e
 
 
 def rotation_batch(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image rotated by 0, 90, 180 and 270 degrees: ([4R, C, H, W], labels [4R] in 0..3)."""
     if images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"rotation needs square images, got {tuple(images.shape[-2:])}")
+        raise InputError(f"rotation needs square images, got {tuple(images.shape[-2:])}")
     rotated = torch.cat([torch.rot90(images, k, dims=(-2, -1)) for k in range(4)])
     labels = torch.arange(4, device=images.device).repeat_interleave(images.shape[0])
     return rotated, labels

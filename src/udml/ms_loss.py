@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+
 
 def cosine_similarity(embeddings: torch.Tensor) -> torch.Tensor:
     """[N, N] cosine similarities, computed as pytorch-metric-learning's CosineSimilarity does."""
@@ -37,7 +39,7 @@ def pair_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if embeddings.dim() != 2 or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"embeddings [N, D] and labels [N] expected, got {list(embeddings.shape)} and {list(labels.shape)}"
         )
     return labels.to(embeddings.device)

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .errors import InputError, MissingPath
 from .rundir import METRICS, MetricsFile
 
 log = logging.getLogger("udml")
@@ -48,11 +49,11 @@ def as_array(image) -> np.ndarray:
         if image.ndim == 2:
             image = np.stack([image] * 3, axis=-1)
         if image.ndim != 3 or image.shape[2] not in (1, 3):
-            raise ValueError(f"cannot show an array of shape {image.shape} as an image; expected HxWx3 or 3xHxW")
+            raise InputError(f"cannot show an array of shape {image.shape} as an image; expected HxWx3 or 3xHxW")
         return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
     if isinstance(image, (str, Path, Image.Image)):
         return np.asarray(open_rgb(image))
-    raise ValueError(f"cannot show an object of type {type(image).__name__} as an image")
+    raise InputError(f"cannot show an object of type {type(image).__name__} as an image")
 
 
 def _thumb(image, cell: int) -> np.ndarray:
@@ -82,9 +83,9 @@ def retrieval_grid(
     ``palette`` stores 256 colours (dithered) instead of full colour: photos then take a third of the bytes.
     """
     if len(queries) != len(results):
-        raise ValueError(f"retrieval_grid: {len(queries)} queries but {len(results)} result lists")
+        raise InputError(f"retrieval_grid: {len(queries)} queries but {len(results)} result lists")
     if len(queries) == 0:
-        raise ValueError("retrieval_grid: no queries to show")
+        raise InputError("retrieval_grid: no queries to show")
     plt = _pyplot()
     cols = 1 + max(len(r) for r in results)
     dpi = 100
@@ -133,7 +134,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     """The records of a run's metrics.jsonl (rundir.MetricsFile reads it); a missing file is an error here."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no metrics file at {path}; it is written by udml train into the run folder")
+        raise MissingPath(f"no metrics file at {path}; it is written by udml train into the run folder")
     return MetricsFile(path).read()
 
 
@@ -147,7 +148,7 @@ def training_curves(records: list[dict], path: str | Path, title: str | None = N
     evals = [r for r in records if r.get("kind") == "eval" and r.get("features", "embedding") == "embedding"]
     pooled = [r for r in records if r.get("kind") == "eval" and r.get("features") == "pooled"]
     if not train and not evals:
-        raise ValueError("training_curves: the metrics hold no training or evaluation records")
+        raise InputError("training_curves: the metrics hold no training or evaluation records")
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     ax = axes[0]
     if train:
@@ -192,7 +193,7 @@ def tsne_2d(embeddings: np.ndarray, seed: int = 0) -> np.ndarray:
 
     x = np.asarray(embeddings, dtype=np.float32)
     if len(x) < 5:
-        raise ValueError(f"a t-SNE map needs at least 5 points, got {len(x)}")
+        raise InputError(f"a t-SNE map needs at least 5 points, got {len(x)}")
     perplexity = float(min(30, (len(x) - 1) / 3))
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
 
@@ -259,7 +260,7 @@ def sample_retrievals(
     n = len(embeddings)
     k = min(k, n - 1)
     if k < 1:
-        raise ValueError("sample_retrievals: need at least 2 embeddings")
+        raise InputError("sample_retrievals: need at least 2 embeddings")
     q = np.sort(np.random.default_rng(seed).choice(n, min(n_queries, n), replace=False))
     qt = torch.as_tensor(q)
     sims, nn = knn(embeddings[qt], embeddings, k, exclude=qt)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
+
 # Chosen on CUB's val classes (pretrained Lite0; benchmarks/RESULTS.md, "The collection's own neighbours").
 DEFAULT_K = 8
 DEFAULT_ALPHA = 1.0
@@ -33,9 +35,9 @@ class Refinement:
 
     def __post_init__(self):
         if int(self.k) != self.k or self.k < 1:
-            raise ValueError(f"refine: k (neighbours averaged in) must be a positive whole number, got {self.k}")
+            raise InputError(f"refine: k (neighbours averaged in) must be a positive whole number, got {self.k}")
         if not self.alpha >= 0:
-            raise ValueError(f"refine: alpha (the weights' power) must be 0 or more, got {self.alpha}")
+            raise InputError(f"refine: alpha (the weights' power) must be 0 or more, got {self.alpha}")
 
     def to_dict(self) -> dict:
         return {"kind": "dba", "k": int(self.k), "alpha": float(self.alpha)}
@@ -152,7 +154,7 @@ def refine_collection(emb, r: Refinement, previous=None):
 
     x = emb.embeddings
     if len(x) < 2:
-        raise ValueError("refine: a collection of fewer than 2 images has no neighbours to average with")
+        raise InputError("refine: a collection of fewer than 2 images has no neighbours to average with")
     r = Refinement(min(r.k, len(x) - 1), r.alpha)
     usable = (
         previous is not None

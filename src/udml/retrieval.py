@@ -20,7 +20,7 @@ from . import distributed
 from .data import ImageFiles, make_loader, test_transform
 from .devices import precision_for, resolve_device
 from .embeddings import EMBEDDINGS_FORMAT, Embeddings, same_meta
-from .errors import ModelMismatch
+from .errors import InputError, MissingPath, ModelMismatch
 from .images import open_rgb, report_unreadable
 from .store import describe_files
 
@@ -76,7 +76,7 @@ class Embedder:
             return cls(pretrained_backbone(str(path)[len(PRETRAINED) :]), device, source=str(path), amp=amp)
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"no model at {path}; give a model.pt, a checkpoint.pt or a run folder")
+            raise MissingPath(f"no model at {path}; give a model.pt, a checkpoint.pt or a run folder")
         model = load_model(path, "cpu")
         return cls(model, device, source=str(path.resolve()), amp=amp)
 
@@ -89,7 +89,7 @@ class Embedder:
             return self.transform(open_rgb(item))
         except Exception as e:  # noqa: BLE001 - any decoder failure: say which image
             where = item if isinstance(item, (str, Path)) else f"image of type {type(item).__name__}"
-            raise ValueError(
+            raise InputError(
                 f"cannot read {where} ({type(e).__name__}: {e}); pass a PIL image or the path of an image file"
             ) from e
 
@@ -195,7 +195,7 @@ def embed_folder(
         report_unreadable(root, skipped)
     ok = [i for i, p in enumerate(paths) if p in kept_rows or p in new_rows]
     if not ok:
-        raise ValueError(f"none of the {len(paths)} images under {root} could be read")
+        raise InputError(f"none of the {len(paths)} images under {root} could be read")
     rows = [previous.embeddings[kept_rows[paths[i]]] if paths[i] in kept_rows else new_rows[paths[i]] for i in ok]
     emb = np.ascontiguousarray(np.stack(rows), dtype=np.float32)
     meta = {

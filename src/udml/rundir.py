@@ -11,6 +11,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Callable
 
+from .errors import InputError, MissingPath, PathProblem
+
 CONFIG = "config.yaml"  # the resolved configuration of the run
 CHECKPOINT = "checkpoint.pt"  # resume state, after the last finished clustering round
 MODEL = "model.pt"  # the final network for inference
@@ -39,17 +41,17 @@ class RunDir:
     def check_resumable(self) -> None:
         """A clear error when ``--resume`` is given something that is not a run folder with a checkpoint."""
         if not self.path.exists():
-            raise FileNotFoundError(
+            raise MissingPath(
                 f"--resume {self.path}: the folder does not exist; give the run folder of an "
                 "earlier run (by default under runs/)"
             )
         if not self.path.is_dir():
-            raise NotADirectoryError(
+            raise PathProblem(
                 f"--resume {self.path}: not a folder; give the run folder of an earlier run, "
                 f"the one holding {CHECKPOINT} and {CONFIG}"
             )
         if not self.checkpoint.exists():
-            raise FileNotFoundError(
+            raise MissingPath(
                 f"--resume {self.path}: no {CHECKPOINT} there; give the run folder of a run "
                 "that wrote at least one checkpoint (one is written after each clustering "
                 "round)"
@@ -82,7 +84,7 @@ def check_same_configuration(now: dict, saved: dict, path: str | Path, ignore=()
         if k not in ignore and saved.get(k) != now[k]
     ]
     if diff:
-        raise ValueError(
+        raise InputError(
             f"checkpoint {path} was written with a different configuration ("
             + "; ".join(diff)
             + "). Resume with the run folder's own config.yaml "
@@ -117,7 +119,7 @@ def atomic_write(
                 pass
         if isinstance(e, OSError):
             then = ", then continue with --resume" if what == "checkpoint" else ""
-            raise OSError(
+            raise PathProblem(
                 e.errno,
                 f"could not write {what} {path} ({e.strerror}); the previous {what} there is "
                 f"intact. Free disk space or make the run folder writable{then}",

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import InputError
+
 
 def check_world_size(clusters_per_batch: int, world_size: int) -> None:
     if clusters_per_batch % world_size:
-        raise ValueError(
+        raise InputError(
             f"clusters_per_batch (P={clusters_per_batch}) must be divisible by the number of processes "
             f"({world_size}) so that every process trains on whole clusters; change P or "
             "--nproc_per_node"
@@ -91,7 +93,7 @@ class ClusterBatchSampler(GroupBatchSampler):
         order = drawn[np.argsort(inverse, kind="stable")]
         self.members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
         if len(self.members) < self.P:
-            raise ValueError(
+            raise InputError(
                 f"only {len(self.members)} non-empty clusters but clusters_per_batch (P) is {self.P}; "
                 "lower clusters_per_batch or raise num_clusters (k-means leaves clusters empty when "
                 "the data holds fewer distinct images than num_clusters: remove duplicates)"
@@ -124,12 +126,12 @@ class NeighbourBatchSampler(GroupBatchSampler):
     def reset(self, neighbours, seed: int, keep=None) -> None:
         neighbours = np.asarray(neighbours)
         if neighbours.ndim != 2 or neighbours.shape[1] < self.M - 1:
-            raise ValueError(
+            raise InputError(
                 f"a neighbourhood batch needs each image's {self.M - 1} nearest neighbours (images_per_cluster M = "
                 f"{self.M}); got a table of shape {neighbours.shape}"
             )
         if len(neighbours) < self.P:
-            raise ValueError(
+            raise InputError(
                 f"only {len(neighbours)} training images but clusters_per_batch (P, the queries of a batch) is "
                 f"{self.P}; lower clusters_per_batch"
             )

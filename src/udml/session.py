@@ -17,6 +17,7 @@ from .config import Config, default_num_clusters
 from .data import FrozenViews, ImageDataset, default_workers, resize_for, stack, test_transform, train_transform
 from .datasets import load_split
 from .devices import Precision, precision_for
+from .errors import InputError
 from .evaluation import check_recall_ks, evaluate
 from .inference import extract, frozen_features
 from .losses import create_loss
@@ -91,7 +92,7 @@ def build_datasets(cfg: Config, image_size: int):
             store_dir=cfg.store_dir,
         )
     if test is not None and test.labels is None:
-        raise ValueError(
+        raise InputError(
             f"the test split {test_set.name!r} has no labels; evaluation needs class labels "
             "(for a folder: one sub-folder per class)"
         )
@@ -136,9 +137,9 @@ def prepare(cfg: Config, device: torch.device) -> Session:
     metric_loss = create_loss(cfg.loss, cfg.loss_params).to(device)  # a bad loss name fails before decoding
     aug, plain, test = build_datasets(cfg, model.image_size)
     if cfg.num_clusters is None:
-        raise ValueError("num_clusters is null: resolve it first (resolve_num_clusters)")
+        raise InputError("num_clusters is null: resolve it first (resolve_num_clusters)")
     if cfg.num_clusters > len(aug):
-        raise ValueError(
+        raise InputError(
             f"num_clusters (K={cfg.num_clusters}) is larger than the number of training images "
             f"({len(aug)}); lower num_clusters"
         )
@@ -214,7 +215,7 @@ def frozen_cache_fits(model, precision: Precision, n_images: int, budget_gb: flo
     ``n_views`` training views (frozen_views, which must fit: an error says so otherwise); says so."""
     if not getattr(model, "frozen_stages", 0):
         if n_views:
-            raise ValueError(
+            raise InputError(
                 "frozen_views needs frozen stages whose outputs can be kept: freeze_stages on timm's EfficientNet "
                 "family (efficientnet_lite0, ...); set frozen_views=0"
             )
@@ -225,7 +226,7 @@ def frozen_cache_fits(model, precision: Precision, n_images: int, budget_gb: flo
     per_image = probe[0].numel() * probe.element_size() / 2**30
     views_gb = n_views * per_image
     if views_gb > budget_gb:
-        raise ValueError(
+        raise InputError(
             f"frozen_views: the frozen stages' outputs of {n_views} training views would take {views_gb:.2f} GB, over "
             f"frozen_cache_gb={budget_gb:g}; raise frozen_cache_gb or lower frozen_views (0: new crops every step)"
         )

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from . import images
-from .errors import StoreError
+from .errors import InputError, PathProblem, StoreError
 from .rundir import fsync_dir
 
 try:
@@ -83,9 +83,9 @@ def check_store_dir(store_dir: str | os.PathLike | None, key: str = "store_dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OSError(f"{key}: cannot create the image store directory {path} ({e}); {hint}") from None
+        raise PathProblem(f"{key}: cannot create the image store directory {path} ({e}); {hint}") from None
     if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(f"{key}: the image store directory {path} is not a writable folder; {hint}")
+        raise PathProblem(f"{key}: the image store directory {path} is not a writable folder; {hint}")
     return path
 
 
@@ -154,16 +154,16 @@ class ImageStore:
         """Image i as a read-only (height, width, 3) uint8 array."""
         offset, h, w = (int(v) for v in self.index[i])
         if h == 0:
-            raise ValueError(f"image {i} of the store {self.path} could not be read when the store was built")
+            raise InputError(f"image {i} of the store {self.path} could not be read when the store was built")
         n = h * w * 3
         try:
             buf = os.pread(self._file(), n, offset)
         except OSError as e:
-            raise OSError(
+            raise PathProblem(
                 f"cannot read image {i} from the image store {self.path} ({e}); delete that folder to rebuild it"
             ) from None
         if len(buf) != n:
-            raise OSError(
+            raise PathProblem(
                 f"image store {self.path}: {PIXELS} is shorter than its index; delete that folder to rebuild it"
             )
         return np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3)
@@ -330,7 +330,7 @@ def build(items: list, files: list[list], short_side: int | None, path: Path, na
     except OSError as e:  # decoding errors are caught per image: this is the store's own disk (full, read-only)
         shutil.rmtree(tmp, ignore_errors=True)
         need = f"about {offset / done * len(items) / 1e9:.1f} GB" if offset else "height x width x 3 bytes an image"
-        raise OSError(
+        raise PathProblem(
             e.errno,
             f"cannot write the image store of {name} in {path.parent} ({e.strerror or e}); the store needs {need}: "
             "free space there, set store_dir to a folder with room, or set cache_images=false (decode at every "

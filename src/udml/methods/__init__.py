@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 
+from ..errors import InputError
+
 # Each method's settings (``method_params``) with their defaults.
 PARAMS: dict[str, dict] = {
     "udml_ss": {},
@@ -38,13 +40,13 @@ def method_params(cfg) -> dict:
     """The defaults of ``cfg.method`` with ``cfg.method_params`` over them; an unknown method or key is an error that
     lists the valid ones."""
     if cfg.method not in PARAMS:
-        raise ValueError(f"unknown method {cfg.method!r}; valid names are {', '.join(PARAMS)}")
+        raise InputError(f"unknown method {cfg.method!r}; valid names are {', '.join(PARAMS)}")
     defaults = PARAMS[cfg.method]
     given = dict(cfg.method_params or {})
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         valid = ", ".join(defaults) if defaults else "none"
-        raise ValueError(f"method_params: {', '.join(unknown)} not a setting of method {cfg.method!r}; valid: {valid}")
+        raise InputError(f"method_params: {', '.join(unknown)} not a setting of method {cfg.method!r}; valid: {valid}")
     return {**defaults, **given}
 
 
@@ -54,19 +56,19 @@ def check_method(cfg) -> None:
     if cfg.method != "stml":
         return
     if not 0 <= p["momentum"] < 1:
-        raise ValueError(f"method_params.momentum must be in [0, 1), got {p['momentum']}")
+        raise InputError(f"method_params.momentum must be in [0, 1), got {p['momentum']}")
     if not p["sigma"] > 0 or not p["margin"] > 0:
-        raise ValueError(f"method_params.sigma and margin must be positive, got {p['sigma']} and {p['margin']}")
+        raise InputError(f"method_params.sigma and margin must be positive, got {p['sigma']} and {p['margin']}")
     batch = cfg.clusters_per_batch * cfg.images_per_cluster * 2
     if p["topk"] is not None and not 2 <= p["topk"] <= batch:
-        raise ValueError(
+        raise InputError(
             f"method_params.topk must be null (M x 2) or between 2 and the batch's {cfg.clusters_per_batch} x "
             f"{cfg.images_per_cluster} x 2 views = {batch}, got {p['topk']}"
         )
     if p["wide_dim"] is not None and p["wide_dim"] < 1:
-        raise ValueError(f"method_params.wide_dim must be null (no wide head) or positive, got {p['wide_dim']}")
+        raise InputError(f"method_params.wide_dim must be null (no wide head) or positive, got {p['wide_dim']}")
     if cfg.supervised:
-        raise ValueError("supervised=true (the ceiling on the true labels) goes with method udml_ss, not stml")
+        raise InputError("supervised=true (the ceiling on the true labels) goes with method udml_ss, not stml")
 
 
 def wide_dim(cfg) -> int | None:

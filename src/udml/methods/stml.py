@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
+from ..errors import InputError
 from ..evaluation import knn
 from ..losses import distillation_loss, relaxed_contrastive_loss, rotation_batch, rotation_loss
 from ..samplers import NeighbourBatchSampler
@@ -127,7 +128,7 @@ class STML(Method):
 
     def load_state_dict(self, state: dict) -> None:
         if "teacher" not in state:
-            raise ValueError(
+            raise InputError(
                 "the checkpoint holds no STML teacher (it was written by another method or an older udml); resume "
                 "it with the method it was trained with, or start a new run"
             )

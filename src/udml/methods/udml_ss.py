@@ -10,6 +10,7 @@ import torch
 
 from .. import distributed
 from ..devices import Precision
+from ..errors import InputError
 from ..losses import rotation_batch, rotation_loss
 from ..samplers import ClusterBatchSampler, one_per_cluster
 from .base import Method, RoundTargets
@@ -24,7 +25,7 @@ class UDMLSS(Method):
         cfg = s.cfg
         if cfg.supervised:
             if s.aug.labels is None:
-                raise ValueError("supervised=true needs a labelled training split; this one has no labels")
+                raise InputError("supervised=true needs a labelled training split; this one has no labels")
             return RoundTargets(torch.as_tensor(s.aug.labels))
         labels, keep, result, stats = cluster(s, previous, seed=cfg.seed + rnd)
         record = {"kind": "cluster", **stats}

@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from ..errors import ServeError
+from ..errors import PortUnavailable, ServeError
 from ..plots import map_method
 from .collection import MAX_K, Collection
 
@@ -241,7 +241,7 @@ def bind(host: str, port: int) -> socket.socket:
         return sock
     except OSError as e:
         sock.close()
-        raise OSError(
+        raise PortUnavailable(
             f"cannot listen on {host}:{port} ({e.strerror}); choose another --port (0: any free port) or --host"
         ) from e
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ServeError
+from ..errors import InputError, ServeError
 from ..plots import MAP_FIT_POINTS, map_2d, map_method
 from ..rundir import atomic_write
 
@@ -43,7 +43,7 @@ class Collection:
         groups: dict[str, dict] | None = None,
     ):
         if index.ntotal != len(paths) or not paths:
-            raise ValueError(
+            raise InputError(
                 f"the index holds {index.ntotal} vectors and {len(paths)} paths; need as many of each, at least one"
             )
         self.index, self.paths, self.meta = index, list(paths), meta
@@ -61,7 +61,7 @@ class Collection:
             ("default_k", default_k, 1),
         ):
             if value < least:
-                raise ValueError(f"{name} must be at least {least}, got {value}")
+                raise InputError(f"{name} must be at least {least}, got {value}")
         self.thumb_size, self.map_fit_points, self.default_k = thumb_size, map_fit_points, min(default_k, MAX_K)
         self.search_threads = search_threads
         _make_reconstructable(index)
@@ -79,7 +79,7 @@ class Collection:
             self.group_of = np.array([r.get("group", -1) for r in rows], dtype=np.int64)
             self.duplicate_of = np.array([r.get("duplicate_group", -1) for r in rows], dtype=np.int64)
             if (self.group_of < 0).all() and (self.duplicate_of < 0).all():
-                raise ValueError(
+                raise InputError(
                     "the groups file lists none of the indexed images; give the groups that udml cluster wrote "
                     "for this collection's embeddings"
                 )
@@ -347,7 +347,7 @@ def _make_reconstructable(index) -> None:
         faiss.extract_index_ivf(index).make_direct_map()
         index.reconstruct(0)
     except RuntimeError as e:
-        raise ValueError(
+        raise InputError(
             f"the stored vectors cannot be read back from this {type(index).__name__}; rebuild the "
             "index with udml index (flat, --ivf or --hnsw)"
         ) from e
