@@ -3,7 +3,8 @@ import urllib.error
 import pytest
 import torch
 
-from udml.models import BACKBONES, PretrainedWeightsUnavailable, UDMLNet, create_backbone
+from udml.config import make_config
+from udml.models import BACKBONES, PretrainedWeightsUnavailable, UDMLNet, create_backbone, model_from_config
 
 
 def test_lite0_loads_the_offline_imagenet_weights_in_key_order():
@@ -176,3 +177,24 @@ def test_lite2_loads_its_offline_weights_in_key_order():
     sd = b.module.state_dict()
     assert torch.equal(sd["conv_stem.weight"], source["_conv_stem.weight"].float())
     assert b.feature_dim == 1280 and b.image_size == 260 and b.mean == (0.5, 0.5, 0.5)
+
+
+def test_gem_pooling_is_the_generalised_mean_and_travels_with_the_model_file(tmp_path):
+    from udml.checkpoint import save_model
+    from udml.inference import load_model
+    from udml.models import GeM
+
+    x = torch.rand(2, 5, 3, 4)
+    torch.testing.assert_close(GeM(1.0)(x), x.clamp_min(1e-6).mean((2, 3)))  # p = 1: average pooling
+    torch.testing.assert_close(GeM(3.0)(x), x.clamp_min(1e-6).pow(3).mean((2, 3)).pow(1 / 3))
+    assert GeM(3.0, flatten=False)(x).shape == (2, 5, 1, 1)
+    cfg = make_config("folder", ["pretrained=false", "pooling=gem", "gem_p=4", "embedding_dim=8"])
+    model = model_from_config(cfg)
+    assert isinstance(model.backbone.global_pool, GeM) and float(model.backbone.global_pool.p) == 4.0
+    with torch.no_grad():
+        model.backbone.global_pool.p.fill_(2.5)  # as training may leave it
+    save_model(model, cfg, tmp_path / "model.pt")
+    loaded = load_model(tmp_path / "model.pt")
+    assert float(loaded.backbone.global_pool.p) == 2.5
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    torch.testing.assert_close(loaded(images), model.eval()(images))

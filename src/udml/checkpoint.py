@@ -111,6 +111,7 @@ def save_model(model, cfg, path: str | Path) -> None:
                 "embedding_dim": cfg.embedding_dim,
                 "rotation_hidden": cfg.rotation_hidden,
                 "image": model.image.to_dict(),
+                "pooling": cfg.pooling,
             },
         },
         path,
@@ -139,6 +140,7 @@ def read_model(path: str | Path) -> tuple[dict, dict]:
             "rotation_hidden": cfg.rotation_hidden,
             "image_size": cfg.image_size,
             "resize_size": cfg.resize_size,
+            "pooling": cfg.pooling,
         }
         return arch, inference_weights(state["model"])
     raise InputError(f"{path} is neither a udml model file nor a udml training checkpoint")

@@ -44,6 +44,8 @@ class Config:
     backbone: str = "smallconv"  # a name in udml.models.BACKBONES or "timm:<model name>"
     pretrained: bool = True
     embedding_dim: int = 512
+    pooling: str = "avg"  # the backbone's global pooling: avg, or gem (generalised mean, its power p trained)
+    gem_p: float = 3.0  # GeM's starting power
     rotation_hidden: int = 256
     freeze_bn: bool = True  # keep BatchNorm running statistics fixed while training
     grad_checkpointing: bool | None = None  # recompute activations in the backward pass (timm backbones): less
@@ -380,6 +382,8 @@ def validate(cfg: Config) -> None:
         cfg.kmeans_backend in KMEANS_BACKENDS,
         f"kmeans_backend must be one of {', '.join(KMEANS_BACKENDS)}, got {cfg.kmeans_backend!r}",
     )
+    need(cfg.pooling in ("avg", "gem"), f"pooling must be avg or gem, got {cfg.pooling!r}")
+    need(cfg.gem_p >= 1, f"gem_p must be at least 1 (1: average pooling), got {cfg.gem_p}")
     need(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     need(
         cfg.frozen_views >= 0 and (cfg.frozen_views == 0 or cfg.freeze_stages > 0),

