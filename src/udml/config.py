@@ -69,6 +69,10 @@ class Config:
     confident_fraction: float = 1.0  # each round's batches draw from this fraction of each cluster's images, those
     # nearest its centre (at least M); 1 = all
     recluster_init: str = "warm"  # warm: start from the previous clusters' centres; fresh: k-means++ each time
+    target_neighbours: int = 0  # the training images' features averaged with their k nearest neighbours
+    # (database-side augmentation, weights similarity^target_alpha) before they make a round's targets: before
+    # k-means (udml_ss) and before the neighbour graph (stml); 0: off
+    target_alpha: float = 3.0
 
     # the training method (udml.methods): udml_ss (k-means pseudo-labels, the paper's method) or stml (soft
     # neighbourhood targets from a moving-average teacher); method_params: that method's own settings by name
@@ -382,6 +386,11 @@ def validate(cfg: Config) -> None:
         cfg.kmeans_backend in KMEANS_BACKENDS,
         f"kmeans_backend must be one of {', '.join(KMEANS_BACKENDS)}, got {cfg.kmeans_backend!r}",
     )
+    need(
+        cfg.target_neighbours >= 0,
+        f"target_neighbours must be 0 (off) or a number of neighbours, got {cfg.target_neighbours}",
+    )
+    need(cfg.target_alpha >= 0, f"target_alpha must be 0 or more, got {cfg.target_alpha}")
     need(cfg.pooling in ("avg", "gem"), f"pooling must be avg or gem, got {cfg.pooling!r}")
     need(cfg.gem_p >= 1, f"gem_p must be at least 1 (1: average pooling), got {cfg.gem_p}")
     need(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")

@@ -1,6 +1,7 @@
 """The loop's clustering step: pseudo-labels for the training images from the current network (features in eval
-mode with the test transform, spherical k-means in the evaluation's geometry), and the statistics that
-metrics.jsonl records for each clustering. K-means itself is udml.clustering's."""
+mode with the test transform, optionally averaged with their nearest neighbours, spherical k-means in the
+evaluation's geometry), and the statistics that metrics.jsonl records for each clustering. K-means itself is
+udml.clustering's."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def cluster(s: Session, previous: torch.Tensor | None, seed: int):
     features = pooled if previous is None else emb
     if not bool(torch.isfinite(features).all()):
         raise NonFiniteError("the network's outputs on the training images are NaN or infinite")
-    features = F.normalize(features, dim=1)
+    features = neighbour_averaged(F.normalize(features, dim=1), cfg.target_neighbours, cfg.target_alpha)
     result, stats, labels = None, {}, None
     if distributed.is_main():
         warm = previous is not None and cfg.recluster_init == "warm"
@@ -52,6 +53,19 @@ def cluster(s: Session, previous: torch.Tensor | None, seed: int):
     labels = distributed.broadcast(labels, like=torch.empty(2, len(features), dtype=torch.long, device=features.device))
     labels = labels.cpu()
     return labels[0], labels[1].bool(), result, stats
+
+
+def neighbour_averaged(x: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
+    """Each L2-normalised row averaged with its ``k`` nearest other rows, weights max(0, similarity)^alpha (1 for
+    itself), normalised again: udml.refine's database-side augmentation, in torch on the features' device (the
+    training loop runs where faiss may be missing). ``k=0``: ``x`` unchanged."""
+    if not k:
+        return x
+    from .evaluation import knn
+
+    sims, rows = knn(x, x, min(k, len(x) - 1), exclude=torch.arange(len(x), device=x.device))
+    w = sims.clamp_min(0).pow(alpha)
+    return F.normalize(x + (w.unsqueeze(2) * x[rows]).sum(1), dim=1)
 
 
 def warm_start(features: torch.Tensor, previous_labels: torch.Tensor, k: int) -> torch.Tensor:

@@ -39,12 +39,15 @@ class STML(Method):
         self.teacher = copy.deepcopy(s.model).eval().requires_grad_(False)
 
     def round_targets(self, s, previous, rnd):
-        """Every image's M - 1 nearest neighbours in the teacher's embedding of the un-augmented training images
-        (the main process finds them and broadcasts the table)."""
+        """Every image's M - 1 nearest neighbours in the teacher's embedding of the un-augmented training images,
+        averaged first with their own nearest neighbours where ``target_neighbours`` asks (the main process finds
+        them and broadcasts the table)."""
+        from ..pseudolabels import neighbour_averaged
         from ..session import extract_all
 
         m = s.cfg.images_per_cluster
         emb = teacher_embedding(self.teacher, *extract_all(s, "train", pooled=True, model=self.teacher))
+        emb = neighbour_averaged(F.normalize(emb.float(), dim=1), s.cfg.target_neighbours, s.cfg.target_alpha)
         table, record = None, None
         if distributed.is_main():
             sims, table = knn(emb, emb, max(1, m - 1), exclude=torch.arange(len(emb), device=emb.device))
