@@ -38,6 +38,25 @@ def cub_photos(root: Path, classes, per_class: int | None = None, copy: bool = F
     return root
 
 
+def spare_photos(n: int) -> list[Path]:
+    """Photos not in a collection of ``cub_photos(root, CUB_CLASSES, 4)``: the next ones of the first species."""
+    return sorted((shared_data("CUB_200_2011", "images") / CUB_CLASSES[0]).iterdir())[4 : 4 + n]
+
+
+def change_collection(root: Path) -> dict:
+    """Add 2 photos, change 1 (other content under its name), remove 1, rename 1, add an unreadable file."""
+    first, second = sorted((root / CUB_CLASSES[0]).iterdir()), sorted((root / CUB_CLASSES[1]).iterdir())
+    for f in spare_photos(2):
+        shutil.copy2(f, root / CUB_CLASSES[0] / f.name)
+    changed = second[0]
+    changed.write_bytes(second[1].read_bytes())  # another photo's content: size and mtime change
+    first[0].unlink()
+    renamed = root / CUB_CLASSES[2] / "renamed.jpg"
+    os.rename(sorted((root / CUB_CLASSES[2]).iterdir())[0], renamed)
+    (root / "broken.jpg").write_bytes(b"not an image")
+    return {"changed": str(changed), "removed": str(first[0]), "renamed": str(renamed)}
+
+
 @pytest.fixture
 def cub_root() -> Path:
     return shared_data("CUB_200_2011")
@@ -46,6 +65,12 @@ def cub_root() -> Path:
 @pytest.fixture
 def omniglot_root() -> Path:
     return shared_data("omniglot")
+
+
+@pytest.fixture(scope="module")
+def cub3(tmp_path_factory) -> Path:
+    """Three CUB classes (CUB_CLASSES), every photo of each, linked file by file into a folder per class."""
+    return cub_photos(tmp_path_factory.mktemp("cub3"), CUB_CLASSES)
 
 
 @pytest.fixture(scope="module")

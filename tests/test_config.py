@@ -1,6 +1,6 @@
 import pytest
 
-from udml.config import FIELDS, Config, load_config, make_config, preset_names, save_config
+from udml.config import FIELDS, Config, default_num_clusters, load_config, make_config, preset_names, save_config
 
 
 def test_presets_load_and_follow_the_recipe():
@@ -52,3 +52,36 @@ def test_config_round_trips_through_yaml(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     assert set(cfg.to_dict()) == set(FIELDS) and isinstance(cfg, Config)
+
+
+def test_default_num_clusters_rule():
+    assert default_num_clusters(5864) == 117  # CUB's training split: near the paper's 100
+    assert default_num_clusters(50_000) == 1000
+    assert default_num_clusters(100) == 16  # at least one batch's worth of clusters
+    assert default_num_clusters(100, clusters_per_batch=4) == 4
+    assert default_num_clusters(10_000_000) == 10_000
+    assert make_config("folder").num_clusters is None
+    with pytest.raises(ValueError, match="num_clusters is null"):
+        make_config("folder").iterations_per_round()
+
+
+def test_time_budget_values():
+    from udml.config import parse_duration
+
+    assert [parse_duration(v) for v in ("90", "90s", "20m", "20 min", "1.5h")] == [90, 90, 1200, 1200, 5400]
+    for bad in ("soon", "-5m", "0"):
+        with pytest.raises(ValueError, match="is not a duration; write a positive number with a unit"):
+            make_config("digits", [f"time_budget={bad}"])
+
+
+@pytest.mark.parametrize("value", ["dsk", "memory", "2", "[disk]"])
+def test_a_bad_cache_images_value_is_a_clear_error(value):
+    with pytest.raises(ValueError, match=r"cache_images must be true .*false .*disk .*got"):
+        make_config(None, [f"cache_images={value}"])
+
+
+def test_cache_images_values(tmp_path):
+    assert make_config(None, ["cache_images=disk"]).cache_images == "disk"
+    assert make_config(None, ["cache_images=false"]).cache_images is False
+    assert make_config(None, ["cache_images=true"]).cache_images is True
+    assert make_config(None, {"cache_images": "Disk"}).cache_images == "disk"

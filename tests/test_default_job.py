@@ -68,31 +68,6 @@ def test_train_without_arguments_uses_the_omniglot_mini_preset(monkeypatch, tmp_
     assert seen[0].backbone == "smallconv" and not seen[0].pretrained and seen[0].data_root is None
 
 
-def test_data_alone_picks_the_folder_preset_or_its_cpu_variant(monkeypatch, tmp_path, capsys):
-    """`udml train --data DIR`: the folder preset's GPU recipe where CUDA is found, its CPU variant (folder_cpu:
-    frozen stages, a time budget) elsewhere, said on the first line; --config and --device decide when given."""
-    import udml.cli
-    import udml.training
-
-    seen = []
-    monkeypatch.setattr(udml.training, "train", lambda cfg, **kw: seen.append(cfg))
-    for gpu in (False, True):
-        monkeypatch.setattr(udml.cli.train, "_has_gpu", lambda gpu=gpu: gpu)
-        assert main(["train", "--data", str(tmp_path)]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("no GPU in use: the folder_cpu preset") and "--config folder" in out[0]
-    assert out[1].startswith("the folder preset (the paper's recipe on Lite0, docs/method.md")
-    cpu, gpu = seen
-    assert cpu.to_dict() == make_config("folder_cpu", {"data_root": str(tmp_path)}).to_dict()
-    assert (cpu.freeze_stages, cpu.embedding_dim, cpu.time_budget, cpu.cache_images) == (5, None, "20m", "disk")
-    assert gpu.to_dict() == make_config("folder", {"data_root": str(tmp_path)}).to_dict()
-    monkeypatch.setattr(udml.cli.train, "_has_gpu", lambda: True)
-    assert main(["train", "--data", str(tmp_path), "--device", "cpu"]) == 0  # asked for the CPU: its variant
-    assert main(["train", "--data", str(tmp_path), "device=cpu"]) == 0
-    assert main(["train", "--data", str(tmp_path), "--config", "folder", "--device", "cpu"]) == 0  # as asked
-    assert [c.freeze_stages for c in seen[2:]] == [5, 5, 0]
-
-
 @pytest.mark.slow
 def test_default_job_learns(tmp_path):
     """`udml train` with no preset argument: the Omniglot subset, and training clearly beats the untrained
@@ -108,21 +83,3 @@ def test_default_job_learns(tmp_path):
     assert final["recall@1"] > start["recall@1"] + 0.15
     assert final["nmi"] > max(start["nmi"], pooled["nmi"]) and final["map@r"] > max(start["map@r"], pooled["map@r"])
     assert (run / "model.pt").exists()
-
-
-def test_key_value_overrides_may_follow_options(monkeypatch, tmp_path, capsys):
-    """`udml train --out DIR lr=1e-4` and `udml train lr=1e-4 --out DIR` mean the same; other stray words are
-    still errors."""
-    import udml.training
-
-    seen = []
-    monkeypatch.setattr(udml.training, "train", lambda cfg, **kw: seen.append(cfg))
-    assert main(["train", "--out", str(tmp_path), "run_name=a", "lr=0.002"]) == 0
-    assert main(["train", "run_name=a", "--out", str(tmp_path), "lr=0.002"]) == 0
-    assert seen[0].to_dict() == seen[1].to_dict()
-    assert (seen[0].run_name, seen[0].lr, seen[0].out_dir) == ("a", 0.002, str(tmp_path))
-    with pytest.raises(SystemExit):
-        main(["train", "--out", str(tmp_path), "--no-such-flag"])
-    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["embed", "pretrained:x", str(tmp_path), "-o", "x.npz", "lr=1"])  # only train takes key=value

@@ -198,3 +198,19 @@ def test_gem_pooling_is_the_generalised_mean_and_travels_with_the_model_file(tmp
     assert float(loaded.backbone.global_pool.p) == 2.5
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     torch.testing.assert_close(loaded(images), model.eval()(images))
+
+
+def test_the_frozen_part_runs_without_autograd_and_its_statistics_stay_fixed():
+    model = model_from_config(make_config("folder", ["freeze_stages=5", "pretrained=false", "freeze_bn=false"]), "cpu")
+    model.train()
+    net = model.backbone
+    assert not net.bn1.training and not net.blocks[4].training and net.blocks[5].training
+    seen = {}
+    net.blocks[4].register_forward_hook(lambda m, i, o: seen.update(frozen=o.requires_grad))
+    net.blocks[5].register_forward_hook(lambda m, i, o: seen.update(trained=o.requires_grad))
+    x = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    emb, logits = model(x, x)
+    (emb.sum() + logits.sum()).backward()
+    assert seen == {"frozen": False, "trained": True}
+    assert all(p.grad is None for p in net.blocks[:5].parameters())
+    assert all(p.grad is not None for p in net.blocks[5:].parameters())

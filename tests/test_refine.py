@@ -5,8 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import CUB_CLASSES, cub_photos
-from test_collection_updates import change_collection
+from conftest import CUB_CLASSES, change_collection, cub_photos
 
 from udml.cli import main
 from udml.embeddings import Embeddings, load_embeddings
@@ -109,7 +108,7 @@ def test_embed_refine_index_search_cluster_and_update(tmp_path, model_file, caps
     photos = cub_photos(tmp_path / "photos", CUB_CLASSES, 6, copy=True)
     out, idx = tmp_path / "p.npz", tmp_path / "p.faiss"
     embed = ["embed", str(model_file), str(photos), "-o", str(out), "--device", "cpu", "--workers", "0"]
-    assert main([*embed, "--refine", "--refine-k", "3"]) == 0
+    assert main([*embed, "--refine", "--refine-k", "3", "--refine-alpha", "1"]) == 0
     assert "refined by the collection's own neighbours: each embedding averaged with its 3 nearest" in (
         capsys.readouterr().out
     )
@@ -140,3 +139,20 @@ def test_embed_refine_index_search_cluster_and_update(tmp_path, model_file, caps
     # --no-refine drops it
     assert main([*embed, "--no-refine"]) == 0
     assert load_embeddings(out).refined is None
+
+
+@pytest.mark.parametrize("k, alpha", [(1, 1.0), (5, 3.0), (8, 0.0)])
+def test_the_training_targets_neighbour_averaging_is_the_collections_refinement(k, alpha):
+    """target_neighbours (udml.pseudolabels.neighbour_averaged, in torch for the training loop) computes what
+    udml.refine.refine does for a collection (faiss and numpy), on the same rows."""
+    import torch
+
+    from udml.pseudolabels import neighbour_averaged
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    expected, _, _ = refine(x, Refinement(k, alpha))
+    got = neighbour_averaged(torch.from_numpy(x), k, alpha).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_array_equal(neighbour_averaged(torch.from_numpy(x), 0, alpha).numpy(), x)

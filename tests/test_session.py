@@ -6,9 +6,11 @@ import torch
 
 from udml.config import make_config
 from udml.data import FrozenViews
+from udml.devices import precision_for
 from udml.inference import frozen_features
 from udml.methods.udml_ss import StepSettings, training_step
-from udml.session import prepare, prepare_views
+from udml.models import model_from_config
+from udml.session import frozen_cache_fits, prepare, prepare_views
 from udml.training import train
 
 # Lite0 with random weights at 32 px: the frozen-stage machinery of the CPU preset on a tiny problem.
@@ -78,3 +80,17 @@ def test_frozen_views_need_frozen_stages_and_memory():
         make_config("digits", ["frozen_views=2"])
     with pytest.raises(ValueError, match="over frozen_cache_gb=1e-06; raise frozen_cache_gb or lower frozen_views"):
         prepare(make_config("digits", LITE + ["frozen_views=2", "frozen_cache_gb=0.000001"]), torch.device("cpu"))
+
+
+def test_probing_the_frozen_stages_leaves_the_pretrained_network_as_it_is():
+    """Sizing the frozen stages' outputs (a forward pass of blank images) changes no weight nor BatchNorm
+    statistic, even on a model in training mode: the run starts from the pretrained network itself."""
+    pretrained = model_from_config(make_config("folder", ["embedding_dim=null"]), "cpu").state_dict()
+    for freeze_bn in (True, False):
+        cfg = make_config("folder", ["embedding_dim=null", "freeze_stages=5", f"freeze_bn={freeze_bn}"])
+        model = model_from_config(cfg, "cpu")
+        assert not model.backbone.blocks[0].training  # frozen stages in eval mode from construction on
+        model.train()
+        assert frozen_cache_fits(model, precision_for("cpu"), 10, 2.0)
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in pretrained.items() if k.startswith("backbone."))

@@ -366,19 +366,6 @@ def test_a_folder_of_in_memory_images_falls_back_to_the_memory_cache(tmp_path, u
     assert not (tmp_path / "stores").exists() or stores(tmp_path / "stores") == []
 
 
-@pytest.mark.parametrize("value", ["dsk", "memory", "2", "[disk]"])
-def test_a_bad_cache_images_value_is_a_clear_error(value):
-    with pytest.raises(ValueError, match=r"cache_images must be true .*false .*disk .*got"):
-        make_config(None, [f"cache_images={value}"])
-
-
-def test_cache_images_values(tmp_path):
-    assert make_config(None, ["cache_images=disk"]).cache_images == "disk"
-    assert make_config(None, ["cache_images=false"]).cache_images is False
-    assert make_config(None, ["cache_images=true"]).cache_images is True
-    assert make_config(None, {"cache_images": "Disk"}).cache_images == "disk"
-
-
 def test_an_unwritable_store_dir_is_reported_before_training(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")

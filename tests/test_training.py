@@ -2,17 +2,18 @@ import json
 
 import pytest
 import torch
+from conftest import CUB_CLASSES
 
 from udml import checkpoint as ckpt
+from udml.cli import main
 from udml.cli import main as cli
-from udml.config import make_config
+from udml.config import default_num_clusters, load_config, make_config
 from udml.inference import load_model
-from udml.losses import create_loss
-from udml.methods.udml_ss import StepSettings, training_step
 from udml.models import model_from_config
 from udml.rundir import CHECKPOINT, METRICS, MODEL
 from udml.training import train
 
+CLASSES = CUB_CLASSES
 QUICK = ["pseudo_epochs=4", "recluster_every=2", "num_workers=0", "pictures=false"]
 
 
@@ -99,20 +100,6 @@ def test_resume_continues_and_reaches_the_same_result(tmp_path):
     assert log_text.count("===== udml train --resume") == 2  # the refused resume, then the one that ran
 
 
-def test_rotation_weight_zero_switches_the_rotation_task_off():
-    cfg = make_config("digits", ["rotation_weight=0"])
-    model = model_from_config(cfg).train()
-    x = torch.randint(0, 256, (80, 3, 32, 32), dtype=torch.uint8)
-    y = torch.arange(16).repeat_interleave(5)
-    loss, terms = training_step(model, create_loss(cfg.loss), x, y, StepSettings.of(cfg))
-    loss.backward()
-    assert list(terms) == ["metric_loss"] and all(p.grad is None for p in model.rotation.parameters())
-    cfg = make_config("digits", ["rotation_weight=0.5"])
-    loss, terms = training_step(model, create_loss(cfg.loss), x, y, StepSettings.of(cfg))
-    assert loss.item() == pytest.approx(terms["metric_loss"].item() + 0.5 * terms["rotation_loss"].item(), rel=1e-5)
-    assert 0 <= terms["rotation_accuracy"] <= 1
-
-
 @pytest.mark.slow
 def test_udml_ss_on_omniglot_beats_its_own_start(tmp_path, omniglot_root):
     """Real data from ../shared, from scratch on CPU: the trained embedding must retrieve better than the start."""
@@ -182,15 +169,6 @@ def test_a_time_budget_stops_training_cleanly_with_a_finished_model(tmp_path, ud
     assert again["step"] > result["step"]
 
 
-def test_time_budget_values():
-    from udml.config import parse_duration
-
-    assert [parse_duration(v) for v in ("90", "90s", "20m", "20 min", "1.5h")] == [90, 90, 1200, 1200, 5400]
-    for bad in ("soon", "-5m", "0"):
-        with pytest.raises(ValueError, match="is not a duration; write a positive number with a unit"):
-            make_config("digits", [f"time_budget={bad}"])
-
-
 def test_training_loader_workers_end_before_the_final_evaluation(tmp_path, monkeypatch):
     """The training loader's persistent workers are gone when the final evaluation and the pictures start their own
     loaders (issue #19: two sets of workers at once put the whole CUB run's tree PSS over 4 GB)."""
@@ -218,3 +196,60 @@ def test_training_loader_workers_end_before_the_final_evaluation(tmp_path, monke
     train(make_config("digits", overrides))
     assert steps and steps[-1] >= 1  # the test would see nothing if the training loader had no workers
     assert seen["workers"] == 0
+
+
+@pytest.mark.slow
+def test_train_on_an_unlabelled_folder(tmp_path, cub3, capsys):
+    """`udml train --data DIR`: the folder preset, K from N, a damaged file skipped, no evaluation, pictures."""
+    data = tmp_path / "photos"
+    (data / "2019" / "trip").mkdir(parents=True)
+    for i, f in enumerate(sorted((cub3 / CLASSES[1]).iterdir())[:40]):
+        (data / ("2019/trip" if i % 2 else "") / f"img{i}.jpg").write_bytes(f.read_bytes())
+    (data / "damaged.jpg").write_bytes(b"\xff\xd8 truncated")
+    small = [
+        "backbone=smallconv",
+        "pretrained=false",
+        "freeze_bn=false",
+        "image_size=32",
+        "resize_size=36",
+        "embedding_dim=32",
+        "clusters_per_batch=4",
+        "pseudo_epochs=5",
+        "lr=1e-3",
+        "num_workers=0",
+        "cache_images=false",
+        "freeze_stages=0",  # the CPU variant (folder_cpu) freezes Lite0's stages; smallconv has none
+        "run_name=r",
+    ]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "runs"), "--device", "cpu", *small]) == 0
+    run = tmp_path / "runs" / "r"
+    cfg = load_config(run / "config.yaml")
+    assert cfg.dataset == "folder" and cfg.num_clusters == default_num_clusters(40, 4) == 4
+    log = (run / "train.log").read_text()
+    assert "damaged.jpg" in log and "not evaluated" in log and "40 train / 0 test images" in log
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"cluster", "train"}
+    for name in ("model.pt", "curves.png", "retrieval.png", "embeddings.png"):
+        assert (run / name).is_file(), name
+
+    # with a labelled test folder the run is evaluated
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "runs"),
+                "--device",
+                "cpu",
+                *small[:-1],
+                f"test_root={cub3}",
+                "run_name=r2",
+            ]
+        )
+        == 0
+    )
+    records = [json.loads(line) for line in (tmp_path / "runs" / "r2" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if r.get("final")]
+    assert len(final) == 1 and 0 < final[0]["recall@1"] <= 1

@@ -1,5 +1,6 @@
-"""The training transform (udml.data.TrainCrop): torchvision's Resize -> RandomResizedCrop -> flip -> tensor in one
-resampling, checked against torchvision itself; and the two random-crop rules."""
+"""udml.data: the training transform (TrainCrop), torchvision's Resize -> RandomResizedCrop -> flip -> tensor in one
+resampling, checked against torchvision itself; the two random-crop rules; crops made together in one batch; and a
+cached data set's items alone, in a batch and through loader workers."""
 
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
-"""STML (udml.methods.stml, udml.losses): its targets, losses and teacher against naive loop references, and the
-properties the method relies on."""
+"""The training methods (udml.methods): UDML-SS's step, and STML's targets, losses and teacher against naive loop
+references, with the properties the method relies on."""
 
 import math
 
@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from udml.losses import distillation_loss, relative_distances, relaxed_contrastive_loss
+from udml.config import make_config
+from udml.losses import create_loss, distillation_loss, relative_distances, relaxed_contrastive_loss
 from udml.methods.stml import contextual_neighbours, moving_average, stml_targets
+from udml.methods.udml_ss import StepSettings, training_step
+from udml.models import model_from_config
 
 
 def batch(n_images=10, views=2, dim=8, seed=0):
@@ -190,3 +193,17 @@ def test_unknown_method_settings_are_named():
         make_config("digits", ["method=stlm"])
     with pytest.raises(ValueError, match="supervised=true .* goes with method udml_ss"):
         make_config("digits", ["method=stml", "supervised=true"])
+
+
+def test_rotation_weight_zero_switches_the_rotation_task_off():
+    cfg = make_config("digits", ["rotation_weight=0"])
+    model = model_from_config(cfg).train()
+    x = torch.randint(0, 256, (80, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(16).repeat_interleave(5)
+    loss, terms = training_step(model, create_loss(cfg.loss), x, y, StepSettings.of(cfg))
+    loss.backward()
+    assert list(terms) == ["metric_loss"] and all(p.grad is None for p in model.rotation.parameters())
+    cfg = make_config("digits", ["rotation_weight=0.5"])
+    loss, terms = training_step(model, create_loss(cfg.loss), x, y, StepSettings.of(cfg))
+    assert loss.item() == pytest.approx(terms["metric_loss"].item() + 0.5 * terms["rotation_loss"].item(), rel=1e-5)
+    assert 0 <= terms["rotation_accuracy"] <= 1

@@ -1,5 +1,5 @@
-"""Model files and checkpoints are read as tensors and plain data: a file whose unpickling would run code is
-refused with a clear error, and runs nothing."""
+"""udml.checkpoint: model files and checkpoints are read as tensors and plain data (a file whose unpickling would run
+code is refused with a clear error, and runs nothing), and an older checkpoint is explained and can be upgraded."""
 
 import os
 
