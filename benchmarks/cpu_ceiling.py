@@ -1,6 +1,6 @@
 """udml against plain PyTorch on the CPU: the embedding pass and the training step, side by side in one process.
 
-    python benchmarks/cpu_ceiling.py --cub ../shared/data/CUB_200_2011          # Lite0 224 px and the smallconv
+    python -m benchmarks.cpu_ceiling --cub ../shared/data/CUB_200_2011          # Lite0 224 px and the smallconv
 
 For each model (EfficientNet-Lite0 at 224 px as the CPU recipe trains it, ``freeze_stages=5``; the default job's
 smallconv at 28 px), three ways of running the same network on the same real images, in alternating rounds
@@ -28,10 +28,7 @@ Writes ``benchmarks/results/cpu_ceiling.json`` (``--output``) and prints images/
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,44 +36,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from udml import distributed
+from udml.config import make_config
+from udml.data import make_loader
+from udml.devices import keep_freed_memory, precision_for
+from udml.inference import extract
+from udml.losses import rotation_batch
+from udml.methods.udml_ss import StepSettings, training_step
+from udml.models import after_stages, stem_and_stages
+from udml.samplers import ClusterBatchSampler, one_per_cluster
+from udml.session import prepare, resolve_num_clusters
+from udml.training import train_round
 
-from udml import distributed  # noqa: E402
-from udml.config import make_config  # noqa: E402
-from udml.data import make_loader  # noqa: E402
-from udml.devices import keep_freed_memory, precision_for  # noqa: E402
-from udml.inference import extract  # noqa: E402
-from udml.losses import rotation_batch  # noqa: E402
-from udml.methods.udml_ss import StepSettings, training_step  # noqa: E402
-from udml.models import after_stages, stem_and_stages  # noqa: E402
-from udml.samplers import ClusterBatchSampler, one_per_cluster  # noqa: E402
-from udml.session import prepare, resolve_num_clusters  # noqa: E402
-from udml.training import train_round  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
+from .harness import RESULTS, base_parser, cub_images, link_photos, write_results
 
 
-def cub_folder(cub: Path, n: int) -> Path:
-    """A temporary folder of links to the first ``n`` of CUB's test images (classes 101-200), by class."""
-    root = Path(tempfile.mkdtemp(prefix="udml-ceiling-"))
-    classes = sorted(p for p in (cub / "images").iterdir() if int(p.name.split(".")[0]) >= 101)
-    done = 0
-    for c in classes:
-        (root / c.name).mkdir()
-        for f in sorted(c.iterdir()):
-            (root / c.name / f.name).symlink_to(f)
-            done += 1
-            if done == n:
-                return root
-    return root
-
-
-def setups(args) -> dict[str, list[str]]:
-    """{name: [preset, overrides...]}"""
+def setups(args, tmp: Path) -> dict[str, list[str]]:
+    """{name: [preset, overrides...]}; the CUB photos linked under ``tmp``."""
     rows = {}
     if args.cub:
-        folder = cub_folder(Path(args.cub).resolve(), args.images)
+        folder = link_photos(cub_images(args.cub, "test")[: args.images], tmp / "cub")
         rows["efficientnet_lite0_224"] = [
             "folder",
             f"data_root={folder}",
@@ -243,26 +222,30 @@ def measure(name: str, argv: list[str], rounds: int, steps: int) -> dict:
 UNITS = (("embed", "images_per_s"), ("step", "steps_per_s"), ("step_only", "steps_per_s"))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = base_parser(__doc__, results=RESULTS / "cpu_ceiling.json", flag="--output")
     ap.add_argument("--cub", help="CUB_200_2011 root: also measure EfficientNet-Lite0 at 224 px on its images")
     ap.add_argument("--images", type=int, default=256, help="CUB test images to embed (default 256)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds for Lite0 (about a minute each)")
     ap.add_argument("--small-rounds", type=int, default=15, help="rounds for the small convnet (seconds each)")
     ap.add_argument("--steps", type=int, default=5, help="training steps per round")
-    ap.add_argument("--output", type=Path, default=HERE / "results" / "cpu_ceiling.json")
-    args = ap.parse_args()
-    results = {"machine": machine(), "cpu_allocator_keeps_freed_memory": keep_freed_memory(), "models": {}}
-    for name, argv in setups(args).items():
-        rounds = args.small_rounds if name.startswith("smallconv") else args.rounds
-        results["models"][name] = measure(name, argv, rounds, args.steps)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    args = ap.parse_args(argv)
+    results = {"cpu_allocator_keeps_freed_memory": keep_freed_memory(), "models": {}}
+    with tempfile.TemporaryDirectory(prefix="udml-ceiling-") as tmp:
+        for name, setup in setups(args, Path(tmp)).items():
+            rounds = args.small_rounds if name.startswith("smallconv") else args.rounds
+            results["models"][name] = measure(name, setup, rounds, args.steps)
+    write_results(args.output, results)
+    print_table(results["models"], args.output)
+    return 0
+
+
+def print_table(models: dict, output: str) -> None:
     print(
         f"\n{'model':24} {'':9} {'udml':>9} {'ceiling':>9} {'fp32 NCHW':>10} {'udml/ceiling':>13} {'paired':>7} "
         f"{'udml/fp32':>10}"
     )
-    for name, r in results["models"].items():
+    for name, r in models.items():
         for what, unit in UNITS:
             m, ratio = r[what][unit], r[what].get("udml_over_float32_nchw")
             fp32 = f"{m['float32_nchw']:10.2f}" if "float32_nchw" in m else f"{'':10}"
@@ -274,9 +257,8 @@ def main() -> int:
     print(
         f"(images/s for embed, steps/s for step; udml's precision: {r['precision']}; step: with the loader, "
         f"step_only: on a loaded batch; udml/ceiling: of the medians over rounds; paired: the median of the "
-        f"rounds' own ratios) -> {args.output}"
+        f"rounds' own ratios) -> {output}"
     )
-    return 0
 
 
 if __name__ == "__main__":

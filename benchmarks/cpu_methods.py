@@ -1,7 +1,7 @@
 """Training methods on a CPU against their supervised ceiling (issue #28): CUB `val`, gain against minutes.
 
-    python benchmarks/cpu_methods.py --data ../shared/data/CUB_200_2011 --rows sup_fs5 stml_fs5 --minutes 20
-    python benchmarks/cpu_methods.py --data ... --rows stml_fs5 --seeds 0 1 2 --minutes 20 --split test
+    python -m benchmarks.cpu_methods --data ../shared/data/CUB_200_2011 --rows sup_fs5 stml_fs5 --minutes 20
+    python -m benchmarks.cpu_methods --data ... --rows stml_fs5 --seeds 0 1 2 --minutes 20 --split test
 
 Each row is one `udml train --config folder_cpu` with the row's overrides, trained on CUB's `train_val` split (75
 training classes, no labels) and evaluated on `val` (the other 25 training classes), or with ``--split test`` on
@@ -15,12 +15,10 @@ seed and split, so a queue of invocations fills one file.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
-import suite
-from common import machine
+from . import suite
+from .harness import RESULTS, base_parser, read_results, stamped, write_results
 
 # The settings STML runs with on a CPU: the paper's optimiser (AdamW, lr 1e-4, weight decay 1e-2 on the trained
 # stages and the head alike), batches of 24 neighbourhoods x 5 images in two views, the first 5 stages' outputs of
@@ -49,24 +47,31 @@ ROWS = {
     "sup_stml_net_fs4": ["supervised=true", *STML_NET, "freeze_stages=4"],
     # methods
     "udml_ss": [],  # the folder_cpu preset (UDML-SS), trained for the whole budget
+    "udml_ss_net_fs4": [*STML_NET, "freeze_stages=4"],
+    "udml_ss_net": STML_NET,  # UDML-SS in the STML rows' configuration: pseudo-labels where sup_stml_net has labels
     "stml_fs5": STML,
     "stml_fs4": [*STML, "freeze_stages=4"],
+    # the targets from features averaged with their 8 nearest neighbours first (target_neighbours)
+    "udml_ss_net_tn8": [*STML_NET, "target_neighbours=8"],
+    "stml_fs5_tn8": [*STML, "target_neighbours=8"],
 }
 
 MINUTES = (3, 10, 20)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(
+        __doc__,
+        results=RESULTS / "cpu_methods_cub.json",
+        out="runs/bench_cpu_methods",
+        seeds=[0],
+        overrides="extra key=value overrides for every row (after the row's own)",
+    )
     p.add_argument("--data", required=True)
     p.add_argument("--rows", nargs="+", required=True, help=f"rows: {', '.join(ROWS)}")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--minutes", type=float, default=20, help="time budget of the whole command")
     p.add_argument("--split", choices=["val", "test"], default="val")
-    p.add_argument("--out", default="runs/bench_cpu_methods")
-    p.add_argument("--results", default="benchmarks/results/cpu_methods_cub.json")
-    p.add_argument("overrides", nargs="*", help="extra key=value overrides for every row (after the row's own)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rows = suite.select(ROWS, args.rows)
     split = ["train_split=train_val", "test_split=val"] if args.split == "val" else []
     common = [
@@ -79,7 +84,6 @@ def main() -> None:
         "pseudo_epochs=2200",  # the budget, not the schedule, ends training
         "recluster_every=11",
     ]
-    path = Path(args.results)
     for seed in args.seeds:
         for row, overrides in rows.items():
             name = f"{row}_{args.split}_{args.minutes:g}m"
@@ -87,8 +91,8 @@ def main() -> None:
             suite.run([j])
             record = summarise(suite.collect(j), j)
             record.update(row=row, split=args.split, minutes=args.minutes, overrides=[*overrides, *args.overrides])
-            save(path, record)
-            print(line(record), flush=True)
+            print(line(save(Path(args.results), record)), flush=True)
+    return 0
 
 
 def summarise(r: dict, j: dict) -> dict:
@@ -101,7 +105,8 @@ def summarise(r: dict, j: dict) -> dict:
     at = {}
     for minutes in MINUTES:
         seen = [c for c in curve if c["elapsed_s"] is not None and c["elapsed_s"] <= 60 * minutes]
-        if seen and minutes * 60 <= (r.get("wall_s") or 0) + 1:
+        # a run budgeted for these minutes ends a little before them: its last evaluation is read there
+        if seen and minutes * 60 <= (r.get("wall_s") or 0) + 60:
             at[f"{minutes}m"] = {k: v for k, v in seen[-1].items() if k not in ("elapsed_s",)}
     train = [m for m in ms if m["kind"] == "train"]
     steps = sum(m["iterations"] for m in train)  # the planned iterations; the last round may stop early
@@ -121,13 +126,14 @@ def summarise(r: dict, j: dict) -> dict:
     }
 
 
-def save(path: Path, record: dict) -> None:
-    data = json.loads(path.read_text()) if path.exists() else {"rows": []}
+def save(path: Path, record: dict) -> dict:
+    """Merge the record, stamped with the machine block, into the results file by row, seed, split and minutes."""
+    record = stamped(record)
+    data = read_results(path, {"rows": []})
     key = (record["row"], record["seed"], record["split"], record["minutes"])
     data["rows"] = [r for r in data["rows"] if (r["row"], r["seed"], r["split"], r["minutes"]) != key] + [record]
-    record["machine"] = machine()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
+    write_results(path, data, block=None, indent=1)
+    return record
 
 
 def line(r: dict) -> str:
@@ -143,4 +149,4 @@ def line(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,12 +1,12 @@
 """Exact Recall@1 + MAP@R, udml against pytorch-metric-learning's AccuracyCalculator (faiss), side by side in one
 process on the same SOP-sized class-structured embeddings.
 
-    python benchmarks/eval_vs_pml.py                      # 60,502 x 512, 3 alternating rounds, float64 check
-    python benchmarks/eval_vs_pml.py --n 6000 --repeats 1 # a quick look
+    python -m benchmarks.eval_vs_pml                      # 60,502 x 512, 3 alternating rounds, float64 check
+    python -m benchmarks.eval_vs_pml --n 6000 --repeats 1 # a quick look
 
-The data are scale.py's synthetic SOP-like embeddings (``make_data``: N L2-normalised float32 vectors of dimension
-512 around N / 5.35 random class centres, SOP's test split being 60,502 images of 11,316 classes). Each round times,
-in alternating order:
+The data are scale.py's synthetic SOP-like embeddings (``harness.synthetic_embeddings``: N L2-normalised float32
+vectors of dimension 512 around N / 5.35 random class centres, SOP's test split being 60,502 images of 11,316
+classes). Each round times, in alternating order:
 
 - udml: ``evaluate(x, labels, recall_ks=(1,), compute_nmi=False)``: exact Recall@1 and MAP@R, every item a query
   against all the others;
@@ -22,18 +22,15 @@ metric values, the load average and the machine.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from common import machine, sync
-from scale import make_data
 
 from udml.evaluation import _average_precision_at_r, evaluate, knn, map_at_r, recall_at_k
+
+from .harness import RESULTS, add_synthetic_options, base_parser, sync, synthetic_embeddings, write_results
 
 
 def udml_metrics(x, labels, chunk_size):
@@ -82,33 +79,42 @@ def load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__, results=RESULTS / "eval_vs_pml_cpu.json", flag="--output")
     p.add_argument("--n", type=int, default=60502)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--points-per-class", type=float, default=60502 / 11316)
-    p.add_argument("--noise", type=float, default=2.2)
-    p.add_argument("--seed", type=int, default=0)
+    add_synthetic_options(p, points_per_class=60502 / 11316)
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds; the medians are reported")
     p.add_argument("--chunk-size", type=int, default=None, help="evaluate's chunk_size (default: its default)")
     p.add_argument("--knn-loop", action="store_true", help="also time udml's previous path (knn chunk by chunk)")
     p.add_argument("--no-check", action="store_true", help="skip the float64 brute-force check")
-    p.add_argument("--output", default=str(Path(__file__).parent / "results" / "eval_vs_pml_cpu.json"))
-    args = p.parse_args()
-    import faiss
+    args = p.parse_args(argv)
 
-    x, labels, classes = make_data(args.n, args.dim, args.points_per_class, args.noise, args.seed)
+    x, labels, classes = synthetic_embeddings(args.n, args.dim, args.points_per_class, args.noise, args.seed)
     counts = torch.bincount(labels, minlength=classes)
     r = counts[labels] - 1
     k = int(r.max())
     chunk = args.chunk_size or evaluate.__kwdefaults__["chunk_size"]
+    info = describe(args, counts, chunk)
+    contenders = {"udml": lambda: udml_metrics(x, labels, chunk), "pml": lambda: pml_metrics(x, labels)}
+    if args.knn_loop:
+        contenders["udml_knn_loop"] = lambda: knn_loop_metrics(x, labels, r, k, chunk)
+    record = {"info": info, **alternate(contenders, args.repeats)}
+    record["brute_force_check"] = None if args.no_check else check(x, labels, r, k, record["metrics"]["udml"])
+    write_results(args.output, record, block="flat")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def describe(args, counts: torch.Tensor, chunk: int) -> dict:
+    import faiss
+
     info = {
         "n": args.n,
         "dim": args.dim,
-        "classes": classes,
+        "classes": len(counts),
         "class_size_min": int(counts.min()),
         "class_size_max": int(counts.max()),
-        "max_r": k,
+        "max_r": int(counts.max()) - 1,
         "noise": args.noise,
         "seed": args.seed,
         "chunk_size": chunk,
@@ -116,19 +122,19 @@ def main() -> None:
         "faiss_threads": faiss.omp_get_max_threads(),
     }
     print(
-        f"{args.n} x {args.dim}, {classes} classes of {int(counts.min())}-{int(counts.max())}; torch threads "
-        f"{info['torch_threads']}, faiss threads {info['faiss_threads']}; load {load()}",
+        f"{args.n} x {args.dim}, {info['classes']} classes of {info['class_size_min']}-{info['class_size_max']}; "
+        f"torch threads {info['torch_threads']}, faiss threads {info['faiss_threads']}; load {load()}",
         flush=True,
     )
+    return info
 
-    contenders = {"udml": lambda: udml_metrics(x, labels, chunk), "pml": lambda: pml_metrics(x, labels)}
-    if args.knn_loop:
-        contenders["udml_knn_loop"] = lambda: knn_loop_metrics(x, labels, r, k, chunk)
+
+def alternate(contenders: dict, repeats: int) -> dict:
+    """Time the contenders in rounds, in turn forwards and backwards; their times, medians, last metrics."""
     times = {name: [] for name in contenders}
     metrics, loads = {}, [load()]
-    for rep in range(args.repeats):
-        names = list(contenders) if rep % 2 == 0 else list(contenders)[::-1]
-        for name in names:
+    for rep in range(repeats):
+        for name in list(contenders) if rep % 2 == 0 else list(contenders)[::-1]:
             sync()
             t = time.perf_counter()
             metrics[name] = contenders[name]()
@@ -143,33 +149,24 @@ def main() -> None:
         f"({1 / ratio:.2f}x faster)",
         flush=True,
     )
-
-    check = None
-    if not args.no_check:
-        t = time.perf_counter()
-        brute = brute_force(x, labels, r, k)
-        seconds = time.perf_counter() - t
-        ours = metrics["udml"]
-        equal = all(abs(ours[key] - brute[key]) <= 1e-12 for key in brute)
-        check = {"float64_brute_force": brute, "udml": ours, "equal": equal, "seconds": seconds}
-        print(
-            f"float64 brute force over all queries ({seconds:.0f} s): {brute}; udml {ours}; equal: {equal}", flush=True
-        )
-
-    record = {
-        "info": info,
+    return {
         "times_s": times,
         "median_s": median,
         "udml_over_pml": ratio,
         "metrics": metrics,
-        "brute_force_check": check,
         "load_average_1_5_15": loads,
-        **machine(),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.output}")
+
+
+def check(x, labels, r, k: int, ours: dict) -> dict:
+    """udml's Recall@1 and MAP@R against a float64 brute force over all queries."""
+    t = time.perf_counter()
+    brute = brute_force(x, labels, r, k)
+    seconds = time.perf_counter() - t
+    equal = all(abs(ours[key] - brute[key]) <= 1e-12 for key in brute)
+    print(f"float64 brute force over all queries ({seconds:.0f} s): {brute}; udml {ours}; equal: {equal}", flush=True)
+    return {"float64_brute_force": brute, "udml": ours, "equal": equal, "seconds": seconds}
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -8,16 +8,17 @@
 set -uo pipefail
 data=${1:?data root}; results=${2:?results folder}; part=${3:?throughput, udml_ss, udml or both}; seed=${4:-0}
 timeout=${TIMEOUT:-540}
-here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$(dirname "$0")/.." && pwd)  # the repository: python -m benchmarks.NAME finds the package from any folder
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$results"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 case "$part" in
-  throughput) exec python3 "$here/throughput.py" --config cub_lite0 --data "$data" --output "$results/throughput.json" ;;
+  throughput) exec python3 -m benchmarks.throughput --config cub_lite0 --data "$data" --output "$results/throughput.json" ;;
   both) rows="udml_ss udml"; parallel=--parallel ;;
   udml_ss|udml) rows=$part; parallel= ;;
   *) echo "unknown part $part: throughput, udml_ss, udml or both" >&2; exit 2 ;;
 esac
-python3 "$here/cub.py" --config cub_lite0 --data "$data" --out /tmp/udml_runs --rows $rows --seeds "$seed" $parallel \
+python3 -m benchmarks.cub --config cub_lite0 --data "$data" --out /tmp/udml_runs --rows $rows --seeds "$seed" $parallel \
     --timeout "$timeout" --results "$results/cub_${part}_seed$seed.json" eval_every=20 checkpoint_every=10
 for row in $rows; do
     cp /tmp/udml_runs/${row}_seed$seed/metrics.jsonl "$results/${row}_seed$seed.metrics.jsonl" 2>/dev/null

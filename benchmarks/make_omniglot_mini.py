@@ -1,7 +1,7 @@
 """Rebuild src/udml/packs/omniglot_mini.npz, the small Omniglot subset shipped inside the package (the
 default job of `udml train`), from the official Omniglot folders:
 
-    python benchmarks/make_omniglot_mini.py --data ../shared/data/omniglot
+    python -m benchmarks.make_omniglot_mini --data ../shared/data/omniglot
 
 Which alphabets (fixed by rule, in each folder sorted by name, before any training was run):
   train: every fourth alphabet of images_background, starting with the second (positions 1, 5, 9, ...)
@@ -19,7 +19,6 @@ byte for byte the same on every run (sorted order, fixed zip timestamps); the sc
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import os
@@ -29,12 +28,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .harness import ROOT, base_parser
+
 SIZE = 28
 THRESHOLD = 128
 SPLITS = {"train": ("images_background", 1), "val": ("images_background", 3), "test": ("images_evaluation", 1)}
 EVERY = 4
 DRAWERS = 20
-OUT = Path(__file__).resolve().parents[1] / "src" / "udml" / "packs" / "omniglot_mini.npz"
+OUT = ROOT / "src" / "udml" / "packs" / "omniglot_mini.npz"
 
 
 def sorted_dirs(path: Path) -> list[str]:
@@ -79,13 +80,13 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__)
     p.add_argument(
         "--data", default="../shared/data/omniglot", help="folder holding images_background/ and images_evaluation/"
     )
     p.add_argument("--out", default=str(OUT))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     root = Path(args.data)
     arrays = {"size": np.asarray(SIZE, dtype=np.int16)}
     for split, (folder, first) in SPLITS.items():
@@ -100,7 +101,8 @@ def main() -> None:
     write_npz(out, arrays)
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     print(f"{out}: {out.stat().st_size:,} bytes, sha256 {digest}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """Peak memory of ``udml train`` on a CPU against the number of training images (issue #10, item 7).
 
-    python benchmarks/memory.py --label after                           # N = 500 1500 3000 5864, no test split
-    python benchmarks/memory.py --label after_cub --sizes --cub         # CUB: 5,864 training + 5,924 test images
+    python -m benchmarks.memory --label after                           # N = 500 1500 3000 5864, no test split
+    python -m benchmarks.memory --label after_cub --sizes --cub         # CUB: 5,864 training + 5,924 test images
 
 Every run is ``udml train --data DIR`` (the ``folder`` preset: EfficientNet-Lite0, 224 px crops, resize 253) in
 a fresh subprocess on the CPU, with a tiny schedule: one clustering round of one training step
@@ -40,37 +40,40 @@ Writes ``benchmarks/results/memory_cpu_<label>.json`` and prints a table. Linux 
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import functools
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from .harness import (
+    RESULTS,
+    ROOT,
+    base_parser,
+    command_line,
+    link_photos,
+    mb,
+    python_env,
+    python_module,
+    reset_peak,
+    status_kb,
+    write_results,
+)
+
 DEFAULT_CUB = ROOT.parent / "shared" / "data" / "CUB_200_2011"
 SHORT_SCHEDULE = ["pseudo_epochs=1", "recluster_every=1", "epoch_images_per_cluster=1", "device=cpu"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# /proc readings
-
-
-def status_kb(field: str, pid: str | int = "self") -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+# a process tree, sampled (also used by benchmarks.store)
 
 
 def pss_kb(pid: int) -> int | None:
@@ -97,10 +100,6 @@ def descendants(pid: int) -> list[int]:
         except OSError:
             pass
     return out
-
-
-def mb(kb: int | None) -> float | None:
-    return None if kb is None else round(kb / 1024, 1)
 
 
 class TreeSampler:
@@ -132,7 +131,7 @@ class TreeSampler:
             )
             self._done.wait(self.interval)
 
-    def start(self) -> "TreeSampler":
+    def start(self) -> TreeSampler:
         self._thread.start()
         return self
 
@@ -145,6 +144,37 @@ class TreeSampler:
         """Largest value of ``column`` among the samples taken between t0 and t1 (seconds since t_start)."""
         k = self.COLUMNS.index(column)
         return max((r[k] for r in self.rows if t0 <= r[0] <= t1 and r[k] is not None), default=None)
+
+
+@dataclass
+class Sampled:
+    """A child process that ran: its output, its own resource usage (wait4), its process tree's samples."""
+
+    output: str
+    usage: resource.struct_rusage
+    sampler: TreeSampler
+    t_start: float
+    wall_s: float
+
+
+def run_sampled(cmd: list[str], interval: float, echo: Callable[[str], None] | None = None) -> Sampled:
+    """``cmd`` in a child process (PYTHONPATH: harness.python_env), its process tree sampled every ``interval``
+    seconds; each line of its output is passed to ``echo`` as it comes. Raises if the child fails."""
+    t_start = time.time()
+    proc = subprocess.Popen(cmd, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = TreeSampler(proc.pid, interval, t_start).start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if echo is not None:
+            echo(line)
+    _, status, usage = os.wait4(proc.pid, 0)  # the child's own resource usage
+    proc.returncode = rc = os.waitstatus_to_exitcode(status)
+    sampler.stop()
+    if rc != 0:
+        print("".join(lines)[-4000:], file=sys.stderr)
+        raise RuntimeError(f"{' '.join(cmd)} exited with {rc}")
+    return Sampled("".join(lines), usage, sampler, t_start, time.time() - t_start)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,21 +202,12 @@ class Probes:
     """Phase records of the main process, appended to a JSON-lines file as they end."""
 
     def __init__(self, path: str):
-        self.file = open(path, "a", buffering=1)  # noqa: SIM115 - open for the life of the process
-        self.can_reset = self._reset()
+        self.file = open(path, "a", buffering=1)  # open for the life of the process
+        self.can_reset = reset_peak()
         self.depth = 0
         self.evaluations = 0
         self.last = "start"
         atexit.register(self._between, "exit")
-
-    @staticmethod
-    def _reset() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
 
     def _write(self, **record) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -211,12 +232,9 @@ class Probes:
         def probed(*args, **kwargs):
             if self.depth:  # a phase inside a phase belongs to the outer one
                 return fn(*args, **kwargs)
-            name = phase
-            if phase == "evaluation":
-                name = "start evaluation" if self.evaluations == 0 else "evaluation"
-                self.evaluations += 1
+            name = self._name(phase)
             self._between(name)
-            self._reset()
+            reset_peak()
             t0, rss0 = time.time(), status_kb("VmRSS")
             self.depth += 1
             try:
@@ -234,14 +252,21 @@ class Probes:
                 produced_mb=None if made is None else round(made / 2**20, 1),
             )
             self.last = name
-            self._reset()
+            reset_peak()
             return result
 
         setattr(owner, attr, probed)
 
+    def _name(self, phase: str) -> str:
+        if phase != "evaluation":
+            return phase
+        self.evaluations += 1
+        return "start evaluation" if self.evaluations == 1 else "evaluation"
+
 
 def child(marks: str, argv: list[str]) -> int:
     import udml.data
+    import udml.pseudolabels
     import udml.session
     import udml.training
     from udml.cli import main
@@ -251,7 +276,7 @@ def child(marks: str, argv: list[str]) -> int:
     probes.wrap(udml.data.ImageDataset, "__init__", "decode", lambda args, _: nbytes(args[0]))
     probes.wrap(udml.session, "stack", "stack", lambda _, result: nbytes(result))
     probes.wrap(udml.training, "evaluate_model", "evaluation")
-    probes.wrap(udml.training, "cluster", "clustering")
+    probes.wrap(udml.pseudolabels, "cluster", "clustering")  # UDML-SS's round targets import it when they run
     probes.wrap(udml.training, "train_round", "training steps")
     probes.wrap(udml.training, "write_run_pictures", "pictures")
     return main(argv)
@@ -268,42 +293,47 @@ def link_folder(cub_root: Path, split: str, n: int | None, where: Path) -> Path:
 
     from udml.datasets import load_cub
 
-    image_set = load_cub(cub_root, split)
-    images = image_set.images
+    images = load_cub(cub_root, split).images
     n = len(images) if n is None else n
     if n > len(images):
         raise ValueError(f"CUB has {len(images)} {split} images, not {n}")
-    folder = where / f"cub_{split}{n}"
-    folder.mkdir()
-    for i in np.unique(np.linspace(0, len(images) - 1, n).round().astype(int)):
-        target = folder
-        if split == "test":
-            target = folder / image_set.class_names[image_set.labels[i]].replace("/", "_")
-            target.mkdir(exist_ok=True)
-        os.symlink(images[i], target / f"{i:05d}_{Path(images[i]).name}")
-    return folder
+    picks = np.unique(np.linspace(0, len(images) - 1, n).round().astype(int))
+    return link_photos([images[i] for i in picks], where / f"cub_{split}{n}", flat=split != "test")
 
 
 def run(argv: list[str], interval: float, work: Path) -> dict:
     """``udml train argv`` in a child process: its phases, sampled memory of its process tree, peaks."""
     marks = work / "marks.jsonl"
     marks.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(marks), "--", "train", *argv]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src")] + [p for p in [env.get("PYTHONPATH")] if p])
-    t_start = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = TreeSampler(proc.pid, interval, t_start).start()
-    log = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)  # the child's own resource usage
-    proc.returncode = rc = os.waitstatus_to_exitcode(status)
-    samples = sampler.stop()
-    wall = time.time() - t_start
-    if rc != 0:
-        print(log[-4000:], file=sys.stderr)
-        raise RuntimeError(f"udml train exited with {rc}: {' '.join(cmd)}")
+    ran = run_sampled(python_module("benchmarks.memory", "--child", marks, "--", "train", *argv), interval)
+    samples = ran.sampler.rows
+    phases = phases_of(marks, ran.t_start, samples)
+    main_phases = [p for p in phases if p["phase"] != "(between)"]
+    decoded = sum(p["produced_mb"] or 0 for p in main_phases if p["phase"] == "decode")
+    stacked = sum(p["produced_mb"] or 0 for p in main_phases if p["phase"] == "stack")
+    usage = ran.usage
+    return {
+        "argv": argv,
+        "wall_s": round(ran.wall_s, 1),
+        "peak_rss_mb": max(p["peak_mb"] or 0 for p in phases),
+        "ru_maxrss_mb": round(usage.ru_maxrss / 1024, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "user_s": round(usage.ru_utime, 1),
+        "sys_s": round(usage.ru_stime, 1),
+        "peak_tree_pss_mb": max(s[3] for s in samples),
+        "peak_tree_rss_mb": max(s[2] for s in samples),
+        "decoded_mb": round(decoded, 1),
+        "stacked_mb": round(stacked, 1),
+        "log_tail": ran.output.splitlines()[-12:],
+        "phases": phases,
+        "samples": {"columns": TreeSampler.COLUMNS, "rows": samples},
+    }
+
+
+def phases_of(marks: Path, t_start: float, samples: list[tuple]) -> list[dict]:
+    """The child's phase records: times relative to its start, and its tree's sampled peak during each phase."""
     phases = [json.loads(line) for line in marks.read_text().splitlines()]
-    for p in phases:  # times relative to the start, and the tree's sampled peak during each phase
+    for p in phases:
         for k in ("t0", "t"):
             if k in p:
                 p[k] = round(p[k] - t_start, 2)
@@ -314,25 +344,7 @@ def run(argv: list[str], interval: float, work: Path) -> dict:
         p["tree_pss_peak_mb"] = max((s[3] for s in window), default=None)
         p["processes"] = max((s[4] for s in window), default=None)
         start = p["t"]
-    main_phases = [p for p in phases if p["phase"] != "(between)"]
-    decoded = sum(p["produced_mb"] or 0 for p in main_phases if p["phase"] == "decode")
-    stacked = sum(p["produced_mb"] or 0 for p in main_phases if p["phase"] == "stack")
-    return {
-        "argv": argv,
-        "wall_s": round(wall, 1),
-        "peak_rss_mb": max(p["peak_mb"] or 0 for p in phases),
-        "ru_maxrss_mb": round(usage.ru_maxrss / 1024, 1),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-        "user_s": round(usage.ru_utime, 1),
-        "sys_s": round(usage.ru_stime, 1),
-        "peak_tree_pss_mb": max(s[3] for s in samples),
-        "peak_tree_rss_mb": max(s[2] for s in samples),
-        "decoded_mb": round(decoded, 1),
-        "stacked_mb": round(stacked, 1),
-        "log_tail": log.splitlines()[-12:],
-        "phases": phases,
-        "samples": {"columns": TreeSampler.COLUMNS, "rows": samples},
-    }
+    return phases
 
 
 def phase_peaks(result: dict) -> dict:
@@ -344,33 +356,63 @@ def phase_peaks(result: dict) -> dict:
     return out
 
 
+PHASE_ORDER = [
+    "decode",
+    "stack",
+    "model",
+    "start evaluation",
+    "clustering",
+    "training steps",
+    "evaluation",
+    "pictures",
+    "between",
+]
+
+
 def print_row(name: str, r: dict) -> None:
     peaks = phase_peaks(r)
-    order = [
-        "decode",
-        "stack",
-        "model",
-        "start evaluation",
-        "clustering",
-        "training steps",
-        "evaluation",
-        "pictures",
-        "between",
-    ]
     print(
         f"{name:>10} | peak RSS {r['peak_rss_mb']:7.0f} MB | tree PSS {r['peak_tree_pss_mb']:7.0f} MB | "
         f"decoded {r['decoded_mb']:6.0f} MB | stacked {r['stacked_mb']:6.0f} MB | {r['wall_s']:5.0f} s"
     )
-    print("           | " + "  ".join(f"{k} {peaks[k]:.0f}" for k in order if k in peaks))
+    print("           | " + "  ".join(f"{k} {peaks[k]:.0f}" for k in PHASE_ORDER if k in peaks))
 
 
-def main() -> int:
-    if "--child" in sys.argv:
-        i = sys.argv.index("--child")
-        rest = sys.argv[i + 2 :]
-        return child(sys.argv[i + 1], rest[1:] if rest[:1] == ["--"] else rest)
+@dataclass
+class Job:
+    """One run: its name, its training images, and what goes before and after --out (made when it runs)."""
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    name: str
+    n: int
+    options: Callable[[], list[str]]
+    overrides: Callable[[], list[str]]
+
+
+def jobs(args, work: Path) -> list[Job]:
+    """The folder preset's runs at each size (no test split, no pictures), then all of CUB when asked."""
+    out = [
+        Job(
+            f"folder N={n}",
+            n,
+            lambda n=n: ["--data", str(link_folder(args.cub_root, "train", n, work))],
+            lambda: ["pictures=false"],
+        )
+        for n in args.sizes
+    ]
+    if args.cub:
+        out.append(
+            Job(
+                "CUB 5864+5924",
+                5864,
+                lambda: ["--data", str(link_folder(args.cub_root, "train", None, work))],
+                lambda: [f"test_root={link_folder(args.cub_root, 'test', None, work)}", "pictures=true"],
+            )
+        )
+    return out
+
+
+def parser():
+    ap = base_parser(__doc__, results=True)
     ap.add_argument("--label", required=True, help="results go to results/memory_cpu_<label>.json")
     ap.add_argument(
         "--sizes",
@@ -383,57 +425,36 @@ def main() -> int:
     ap.add_argument("--cub-root", type=Path, default=Path(os.environ.get("UDML_CUB", DEFAULT_CUB)))
     ap.add_argument("--overrides", nargs="*", default=[], help="key=value, after the short schedule")
     ap.add_argument("--interval", type=float, default=0.2, help="seconds between two samples of the process tree")
-    ap.add_argument("--results", type=Path, default=None)
-    args = ap.parse_args()
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(ROOT / "src"))
-    from common import machine
+    return ap
 
-    results_path = args.results or HERE / "results" / f"memory_cpu_{args.label}.json"
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--child" in argv:
+        i = argv.index("--child")
+        rest = argv[i + 2 :]
+        return child(argv[i + 1], rest[1:] if rest[:1] == ["--"] else rest)
+    args = parser().parse_args(argv)
+    results_path = Path(args.results or RESULTS / f"memory_cpu_{args.label}.json")
     runs = []
     with tempfile.TemporaryDirectory(prefix="udml-memory-") as tmp:
         work = Path(tmp)
-        jobs = [
-            (
-                f"folder N={n}",
-                n,
-                lambda n=n: ["--data", str(link_folder(args.cub_root, "train", n, work))],
-                lambda: ["pictures=false"],
-            )
-            for n in args.sizes
-        ]
-        if args.cub:
-            jobs.append(
-                (
-                    "CUB 5864+5924",
-                    5864,
-                    lambda: ["--data", str(link_folder(args.cub_root, "train", None, work))],
-                    lambda: [f"test_root={link_folder(args.cub_root, 'test', None, work)}", "pictures=true"],
-                )
-            )
-        for name, n, options, overrides in jobs:
-            argv = (
-                options()
-                + ["--out", str(work / "runs")]
-                + overrides()
-                + [f"run_name=run{len(runs)}"]
-                + SHORT_SCHEDULE
-                + args.overrides
-            )
-            print(f"{name}: udml train {' '.join(argv)}", flush=True)
-            r = run(argv, args.interval, work)
-            r.update(name=name, n_train=n)
+        for job in jobs(args, work):
+            name = f"run_name=run{len(runs)}"
+            train = job.options() + ["--out", str(work / "runs")] + job.overrides() + [name]
+            train += SHORT_SCHEDULE + args.overrides
+            print(f"{job.name}: udml train {' '.join(train)}", flush=True)
+            r = run(train, args.interval, work)
+            r.update(name=job.name, n_train=job.n)
             runs.append(r)
-            print_row(name, r)
+            print_row(job.name, r)
             doc = {
                 "label": args.label,
-                "machine": machine(),
-                "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
+                "command": command_line(__file__, argv),
                 "notes": __doc__.split("What is recorded, per run:")[1].strip(),
                 "runs": runs,
             }
-            results_path.parent.mkdir(parents=True, exist_ok=True)
-            results_path.write_text(json.dumps(doc, indent=1) + "\n")
+            write_results(results_path, doc, indent=1)
     print(f"-> {results_path}")
     return 0
 

@@ -1,8 +1,8 @@
 """Omniglot from scratch on the CPU: random start, UDML, UDML-SS and a supervised ceiling, over seeds.
 
-    python benchmarks/omniglot.py --data ../shared/data/omniglot --seeds 0 1 2
-    python benchmarks/omniglot.py --data ../shared/data/omniglot --seeds 0 --sweep lambda   # or --sweep loss
-    python benchmarks/omniglot.py --data ... --sweep lambda train_split=train_val test_split=val
+    python -m benchmarks.omniglot --data ../shared/data/omniglot --seeds 0 1 2
+    python -m benchmarks.omniglot --data ../shared/data/omniglot --seeds 0 --sweep lambda   # or --sweep loss
+    python -m benchmarks.omniglot --data ... --sweep lambda train_split=train_val test_split=val
 
 The last form chooses settings honestly: it trains on 25 background alphabets and evaluates on the 5 held-out
 background alphabets (datasets.load_omniglot's train_val / val splits), never on images_evaluation.
@@ -15,21 +15,17 @@ is the untrained network of each UDML-SS run. Final models only.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-import suite
-from common import machine
+from . import suite
+from .harness import RESULTS, write_results
 
 ROWS = {"udml": ["rotation_weight=0"], "udml_ss": [], "supervised": ["supervised=true"]}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="omniglot")
-    suite.add_arguments(p, ROWS, out="runs/bench_omniglot", results="benchmarks/results/omniglot.json", seeds=[0, 1, 2])
-    args = p.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    p = suite.parser(
+        __doc__, ROWS, config="omniglot", out="runs/bench_omniglot", results=RESULTS / "omniglot.json", seeds=[0, 1, 2]
+    )
+    args = p.parse_args(argv)
     rows, jobs = suite.jobs_from(args, ROWS)
     suite.run(jobs)
     records = [suite.collect(j) for j in jobs]
@@ -38,29 +34,27 @@ def main() -> None:
         for r in records
         if r["row"] == suite.start_row(rows) and "embedding" in r["start"]
     ]
-    info = machine()
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(
-        json.dumps({"config": args.config, "overrides": args.overrides, **info, "rows": starts + records}, indent=2)
-    )
-
+    doc = {"config": args.config, "overrides": args.overrides, "rows": starts + records}
+    doc = write_results(args.results, doc, block="flat")
     print(
         f"\nOmniglot, {args.config} {' '.join(args.overrides)} {args.sweep or ''} | seeds {args.seeds} | "
-        f"{info['card']} | "
-        f"commit {info['commit']}"
+        f"{doc['card']} | commit {doc['commit']}"
     )
+    print_table([("random start", starts)] + [(row, [r for r in records if r["row"] == row]) for row in rows])
+    return 0
+
+
+def print_table(groups: list[tuple[str, list[dict]]]) -> None:
+    """One line per row: mean ± spread over its finished seeds."""
     print("| row | runs | R@1 | R@2 | R@4 | R@8 | NMI | MAP@R | wall s (mean) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, group in [("random start", starts)] + [(row, [r for r in records if r["row"] == row]) for row in rows]:
+    for name, group in groups:
         done = [r for r in group if r.get("finished", True)]
-        cells = []
-        for k in ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r"):
-            m, sd = suite.mean_spread(done, k)
-            cells.append(f"{m:.1f} ± {sd:.1f}")
+        cells = [suite.mean_spread_cell(done, k) for k in suite.TABLE_KEYS]
         walls = [r["wall_s"] for r in done if r.get("wall_s")]
         wall = f"{sum(walls) / len(walls):.0f}" if walls else "-"
         print(f"| {name} | {len(done)} of {len(group)} | " + " | ".join(cells) + f" | {wall} |")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

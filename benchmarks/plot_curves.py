@@ -1,19 +1,18 @@
 """Recall@1 and NMI against training steps, UDML-SS beside UDML, from benchmark results or run folders.
 
-    python benchmarks/plot_curves.py --title "Omniglot, 2 CPU cores" --out benchmarks/curves_omniglot.png \
+    python -m benchmarks.plot_curves --title "Omniglot, 2 CPU cores" --out benchmarks/curves_omniglot.png \
         benchmarks/results/omniglot_cpu_seed0.json benchmarks/results/omniglot_cpu_seed12.json
-    python benchmarks/plot_curves.py --title "CUB, H200" --out benchmarks/curves_cub.png \
+    python -m benchmarks.plot_curves --title "CUB, H200" --out benchmarks/curves_cub.png \
         udml_ss=benchmarks/results/h200-2eb964b/udml_ss_seed0.metrics.jsonl \
         udml=benchmarks/results/h200-2eb964b/udml_seed0.metrics.jsonl
 
-Inputs: results JSON files of benchmarks/omniglot.py or cub.py (rows "udml_ss" and "udml", every seed), or
+Inputs: results JSON files of benchmarks.omniglot or benchmarks.cub (rows "udml_ss" and "udml", every seed), or
 ROW=metrics.jsonl of single runs. Several seeds: the mean line with the seeds' range shaded. The curves are
 evaluations on the test classes during training, for the picture only: nothing is chosen from them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import textwrap
 from collections import defaultdict
@@ -24,6 +23,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from .harness import base_parser  # noqa: E402
 
 LABELS = {"udml_ss": "UDML-SS", "udml": "UDML (lambda = 0)"}
 COLOURS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
@@ -80,20 +81,21 @@ def plot(curves, title: str, out: Path, rows: list[str], labels: dict[str, str])
     print(f"wrote {out}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__)
     p.add_argument("inputs", nargs="+")
     p.add_argument("--title", default="")
     p.add_argument("--out", required=True)
     p.add_argument("--rows", nargs="+", default=["udml_ss", "udml"], help="rows to draw, in this order")
     p.add_argument("--label", nargs="*", default=[], metavar="ROW=TEXT", help="legend text of a row")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     labels = {**LABELS, **dict(x.split("=", 1) for x in args.label)}
     curves = load(args.inputs, args.rows)
     if not curves:
         raise SystemExit(f"no curves of the rows {args.rows} in the inputs")
     plot(curves, args.title, Path(args.out), args.rows, labels)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Latency of ``udml serve``'s neighbour query on a large index, through its HTTP API.
 
-    python benchmarks/serve_latency.py                      # 100,000 x 512-d, 200 queries, k = 10
+    python -m benchmarks.serve_latency                   # 100,000 x 512-d, 200 queries, k = 10
 
 The vectors are SYNTHETIC (L2-normalised Gaussian, fixed seed) and the paths made up: a neighbour query
 by id reads no image file, only the index. Each of ``--queries`` random ids is asked for its ``k``
@@ -18,19 +18,14 @@ Prints median, p95 and max in milliseconds and writes ``--results``
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from .harness import RESULTS, ROOT, base_parser, command_line, udml_serve, write_results
 
 
 def synthetic_collection(n: int, dim: int, kind: str, folder: str, seed: int = 0):
@@ -52,19 +47,8 @@ def synthetic_collection(n: int, dim: int, kind: str, folder: str, seed: int = 0
     return Collection(index, paths, meta, cache_dir=Path(folder) / "cache"), index_file, build_s
 
 
-def start_udml_serve(index_file: Path) -> tuple[subprocess.Popen, str]:
-    """``udml serve INDEX --port 0`` in its own process; returns it and the address it printed."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "udml", "serve", str(index_file), "--port", "0"], stdout=subprocess.PIPE, text=True
-    )
-    line = proc.stdout.readline()
-    if " at http://" not in line:
-        proc.kill()
-        raise RuntimeError(f"udml serve did not start: {line!r}")
-    return proc, line.split(" at ")[1].split()[0]
-
-
 def timed(call, ids) -> dict:
+    """Milliseconds per call over the ids: median, p95, max and mean."""
     times = []
     for i in ids:
         t0 = time.perf_counter()
@@ -80,24 +64,19 @@ def timed(call, ids) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__, results=RESULTS / "serve_latency_cpu.json")
     p.add_argument("--n", type=int, default=100_000, help="indexed vectors (default 100,000)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--kind", default="flat", choices=["flat", "ivf", "hnsw"], help="index kind (default flat: exact)")
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--results", default=str(Path(__file__).parent / "results" / "serve_latency_cpu.json"))
     args = p.parse_args(argv)
 
     import faiss
-    import httpx
-    from fastapi.testclient import TestClient
 
-    from udml.serve import create_app
-
-    load_before, host = os.getloadavg(), machine()  # before the queries: they set this thread's faiss threads to 1
+    load_before = os.getloadavg()  # before the queries: they set this thread's faiss threads to 1
     faiss_threads = faiss.omp_get_max_threads()
     with tempfile.TemporaryDirectory() as folder:
         collection, index_file, build_s = synthetic_collection(args.n, args.dim, args.kind, folder)
@@ -105,43 +84,11 @@ def main(argv=None) -> int:
             f"{args.kind} index of {args.n} x {args.dim}-d synthetic vectors built in {build_s:.1f} s; "
             f"faiss threads {faiss_threads} (one per query in udml serve)"
         )
-        rng = np.random.default_rng(1)
-        warm, ids = rng.integers(0, args.n, args.warmup), rng.integers(0, args.n, args.queries)
-        client = TestClient(create_app(collection))
-        server, url = start_udml_serve(index_file)
-        http = httpx.Client(base_url=url, timeout=30)
-
-        def library(i):
-            return collection.neighbours_of(i, args.k)
-
-        def through(client_):
-            def call(i):
-                r = client_.get(f"/api/neighbours/{i}", params={"k": args.k})
-                assert r.status_code == 200 and len(r.json()["results"]) == args.k, r.text
-
-            return call
-
-        results = {}
-        try:
-            for name, call in (("library", library), ("test_client", through(client)), ("http", through(http))):
-                for i in warm:
-                    call(int(i))
-                results[name] = timed(call, ids)
-                r = results[name]
-                print(
-                    f"{name:12s} median {r['median_ms']:7.2f} ms   p95 {r['p95_ms']:7.2f} ms   "
-                    f"max {r['max_ms']:7.2f} ms   ({r['queries']} queries, k = {args.k})"
-                )
-        finally:
-            http.close()
-            server.terminate()
-            server.wait(timeout=30)
-
+        results = latencies(args, collection, index_file)
     out = {
         "benchmark": "serve_latency",
-        "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-        "args": {**vars(args), "results": os.path.relpath(args.results, Path(__file__).resolve().parents[1])},
-        **host,
+        "command": command_line(__file__, argv),
+        "args": {**vars(args), "results": os.path.relpath(args.results, ROOT)},
         "faiss": {"version": faiss.__version__, "threads": faiss_threads, "threads_per_query": 1},
         "load_average_1_5_15_min": {
             "before": [round(v, 2) for v in load_before],
@@ -151,11 +98,47 @@ def main(argv=None) -> int:
         "data": "synthetic L2-normalised Gaussian vectors, seed 0; made-up paths (no image is read)",
         "latency": results,
     }
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(out, indent=2) + "\n")
+    write_results(args.results, out, block="flat")
     print(f"-> {args.results}")
     return 0
 
 
+def latencies(args, collection, index_file: Path) -> dict:
+    """The neighbour query timed three ways (library, TestClient, udml serve over HTTP) after a warm-up each."""
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from udml.serve import create_app
+
+    rng = np.random.default_rng(1)
+    warm, ids = rng.integers(0, args.n, args.warmup), rng.integers(0, args.n, args.queries)
+    results = {}
+    with udml_serve(index_file) as (_, url), httpx.Client(base_url=url, timeout=30) as http:
+        ways = {
+            "library": lambda i: collection.neighbours_of(i, args.k),
+            "test_client": through(TestClient(create_app(collection)), args.k),
+            "http": through(http, args.k),
+        }
+        for name, call in ways.items():
+            for i in warm:
+                call(int(i))
+            r = results[name] = timed(call, ids)
+            print(
+                f"{name:12s} median {r['median_ms']:7.2f} ms   p95 {r['p95_ms']:7.2f} ms   "
+                f"max {r['max_ms']:7.2f} ms   ({r['queries']} queries, k = {args.k})"
+            )
+    return results
+
+
+def through(client, k: int):
+    """The neighbour query of the JSON API through a client (TestClient or httpx), checked."""
+
+    def call(i):
+        r = client.get(f"/api/neighbours/{i}", params={"k": k})
+        assert r.status_code == 200 and len(r.json()["results"]) == k, r.text
+
+    return call
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

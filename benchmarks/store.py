@@ -1,15 +1,16 @@
 """The decoded-image store on disk (``cache_images=disk``) at 10k and 100k images, against the in-memory cache
 (issue #14, item 3): build time, training-batch and embedding throughput, peak memory, disk used.
 
-    python benchmarks/store.py --folder /work/synthetic_jpegs --sizes 10000 100000      # the measurement
-    python benchmarks/store.py --folder /tmp/synthetic_jpegs --sizes 1000 --label 1k    # a quick check (~1 min)
+    python -m benchmarks.store --folder /work/synthetic_jpegs --sizes 10000 100000      # the measurement
+    python -m benchmarks.store --folder /tmp/synthetic_jpegs --sizes 1000 --label 1k    # a quick check (~1 min)
 
 Images: ``--folder``/all/dNNN/ holds sub-folders of 1,000 generated JPEGs (Pillow, quality 85), made once and
 reused (a sub-folder is complete when its ``.complete`` marker exists). Sizes vary around 400 x 300 (width
 320-480, height 240-360, one in five portrait); each image belongs to one of 500 classes, which fix its
 background colour, the direction of a gradient and the kind, colour and place of a shape, jittered per image,
-with noise on top. The images of size N are ``--folder``/nN/, links to the first N / 1,000 sub-folders (the
-10k images are the first 10k of the 100k). Nothing is labelled: ``udml train`` sees an unlabelled folder.
+with noise on top (``harness.synthetic_image``). The images of size N are ``--folder``/nN/, links to the first
+N / 1,000 sub-folders (the 10k images are the first 10k of the 100k). Nothing is labelled: ``udml train`` sees an
+unlabelled folder.
 
 Every (size, mode) runs in a fresh subprocess, sampled by this one every ``--interval`` s (the process and its
 DataLoader workers: RSS and PSS, ``memory.TreeSampler``). Settings are those of the ``folder`` preset
@@ -47,50 +48,30 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from .harness import (
+    RESULTS,
+    base_parser,
+    command_line,
+    mb,
+    python_module,
+    reset_peak,
+    status_kb,
+    write_results,
+    write_synthetic_images,
+)
+from .memory import run_sampled
+
 PER_FOLDER = 1000
-CLASSES = 500
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # generated JPEGs
-
-
-def make_image(i: int):
-    """Image i: the look of its class (background, gradient, shape), jittered, with noise; about 400 x 300."""
-    from PIL import Image
-
-    rng = np.random.default_rng(i)
-    c = int(rng.integers(CLASSES))
-    look = np.random.default_rng(10_000 + c)
-    w, h = int(rng.integers(320, 481)), int(rng.integers(240, 361))
-    if rng.random() < 0.2:
-        w, h = h, w
-    background, ink = look.integers(0, 256, 3), look.integers(0, 256, 3)
-    angle = look.uniform(0, 2 * np.pi) + rng.normal(0, 0.2)
-    yy, xx = np.ogrid[0:h, 0:w]
-    ramp = (np.cos(angle) * xx / w + np.sin(angle) * yy / h).astype(np.float32)
-    img = background.astype(np.float32) + 70 * ramp[..., None]
-    cx, cy = (look.uniform(0.25, 0.75, 2) + rng.normal(0, 0.05, 2)) * (w, h)
-    r = min(w, h) * (look.uniform(0.12, 0.3) * rng.uniform(0.8, 1.25))
-    if c % 3 == 0:
-        mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
-    elif c % 3 == 1:
-        mask = (abs(xx - cx) < r) & (abs(yy - cy) < 0.6 * r)
-    else:
-        mask = abs(xx - cx) + abs(yy - cy) < r
-    img[mask] = ink
-    img += rng.normal(0, 12, (h, w, 1)).astype(np.float32)  # grain, so that the JPEGs are not trivially small
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), c
 
 
 def generate(folder: Path, n: int, threads: int) -> Path:
@@ -99,11 +80,6 @@ def generate(folder: Path, n: int, threads: int) -> Path:
         raise ValueError(f"sizes must be multiples of {PER_FOLDER}, got {n}")
     everything = folder / "all"
     everything.mkdir(parents=True, exist_ok=True)
-
-    def save(i: int, where: Path) -> None:
-        img, c = make_image(i)
-        img.save(where / f"{i:06d}_c{c:03d}.jpg", quality=85)
-
     for d in range(n // PER_FOLDER):
         sub = everything / f"d{d:03d}"
         if (sub / ".complete").exists():
@@ -111,8 +87,8 @@ def generate(folder: Path, n: int, threads: int) -> Path:
         t = time.time()
         shutil.rmtree(sub, ignore_errors=True)
         sub.mkdir()
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda i: save(i, sub), range(d * PER_FOLDER, (d + 1) * PER_FOLDER)))
+        indices = range(d * PER_FOLDER, (d + 1) * PER_FOLDER)
+        write_synthetic_images(indices, lambda i, c, sub=sub: sub / f"{i:06d}_c{c:03d}.jpg", threads=threads)
         (sub / ".complete").write_text("")
         print(f"generated {sub} ({PER_FOLDER} JPEGs, {time.time() - t:.1f} s)", flush=True)
     root = folder / f"n{n}"
@@ -142,16 +118,11 @@ class Phases:
     """Per phase: wall time and the main process's resident-set high-water mark (reset at each start)."""
 
     def __init__(self):
-        from memory import Probes
-
-        self.reset = Probes._reset
         self.records: list[dict] = []
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        from memory import mb, status_kb
-
-        self.reset()
+        reset_peak()
         t0 = time.time()
         record = {"phase": name, "t0": t0}
         yield record
@@ -161,51 +132,76 @@ class Phases:
 
 
 def child(args) -> dict:
-    import torch
-
-    from udml.config import default_num_clusters, make_config
-    from udml.data import ImageDataset, default_workers, make_loader, resize_for, stack, test_transform
-    from udml.data import train_transform as random_crop
+    from udml.config import make_config
+    from udml.data import default_workers, resize_for
     from udml.datasets import load_folder
-    from udml.samplers import ClusterBatchSampler
 
     cfg = make_config("folder")
-    size = cfg.image_size
-    short = resize_for(size, cfg.resize_size)
+    short = resize_for(cfg.image_size, cfg.resize_size)
     workers = default_workers()
     phase = Phases()
-    out = {"n": args.n, "mode": args.mode, "workers": workers, "short_side": short, "image_size": size}
-
+    out = {"n": args.n, "mode": args.mode, "workers": workers, "short_side": short, "image_size": cfg.image_size}
     with phase("list") as p:
         image_set = load_folder(args.root, "train")
     out["list_s"] = p["seconds"]
-    if args.mode == "disk":
-        shutil.rmtree(args.store_dir, ignore_errors=True)
-        with phase("build") as p:
-            ds = ImageDataset(image_set, None, cache="disk", short_side=short, store_dir=args.store_dir)
-        out["build_s"] = p["seconds"]
-        del ds
-        with phase("reopen") as p:
-            ds = ImageDataset(image_set, None, cache="disk", short_side=short, store_dir=args.store_dir)
-        out["reopen_s"] = p["seconds"]
-        out["store_mb"] = disk_mb(ds.store.path)
-        plain_data = ds.with_transform(test_transform(size, resize_size=cfg.resize_size))
-    else:
-        with phase("build") as p:
-            ds = ImageDataset(image_set, None, cache=True, short_side=short)
-        out["build_s"] = p["seconds"]
-        out["decoded_mb"] = round(sum(a.nbytes for a in ds.arrays) / 2**20, 1)
-        with phase("stack") as p:
-            plain_data = stack(
-                ds.with_transform(test_transform(size, resize_size=cfg.resize_size)),
-                num_workers=workers,
-                budget_gb=cfg.stack_budget_gb,
-            )
-        out["stack_s"] = p["seconds"]
-        out["stacked_mb"] = round(plain_data.numel() / 2**20, 1) if isinstance(plain_data, torch.Tensor) else 0
+    build = build_disk if args.mode == "disk" else build_memory
+    ds, plain_data = build(args, cfg, image_set, short, workers, phase, out)
+    training_batches(cfg, ds, args.batches, workers, phase, out)
+    embedding_pass(cfg, plain_data, workers, phase, out)
+    if args.model:
+        model_embedding(cfg, ds, plain_data, args.model_images, workers, phase, out)
+    out["phases"] = phase.records
+    out["peak_rss_mb"] = max(r["peak_mb"] for r in phase.records)
+    return out
+
+
+def build_disk(args, cfg, image_set, short: int, workers: int, phase: Phases, out: dict):
+    """The store built from nothing, then opened again as a later run does; (the data set, its test view)."""
+    from udml.data import ImageDataset, test_transform
+
+    shutil.rmtree(args.store_dir, ignore_errors=True)
+    with phase("build") as p:
+        ds = ImageDataset(image_set, None, cache="disk", short_side=short, store_dir=args.store_dir)
+    out["build_s"] = p["seconds"]
+    del ds
+    with phase("reopen") as p:
+        ds = ImageDataset(image_set, None, cache="disk", short_side=short, store_dir=args.store_dir)
+    out["reopen_s"] = p["seconds"]
+    out["store_mb"] = disk_mb(ds.store.path)
+    return ds, ds.with_transform(test_transform(cfg.image_size, resize_size=cfg.resize_size))
+
+
+def build_memory(args, cfg, image_set, short: int, workers: int, phase: Phases, out: dict):
+    """The images decoded into memory, then their centre crops stacked; (the data set, the stacked crops)."""
+    import torch
+
+    from udml.data import ImageDataset, stack, test_transform
+
+    with phase("build") as p:
+        ds = ImageDataset(image_set, None, cache=True, short_side=short)
+    out["build_s"] = p["seconds"]
+    out["decoded_mb"] = round(sum(a.nbytes for a in ds.arrays) / 2**20, 1)
+    with phase("stack") as p:
+        plain_data = stack(
+            ds.with_transform(test_transform(cfg.image_size, resize_size=cfg.resize_size)),
+            num_workers=workers,
+            budget_gb=cfg.stack_budget_gb,
+        )
+    out["stack_s"] = p["seconds"]
+    out["stacked_mb"] = round(plain_data.numel() / 2**20, 1) if isinstance(plain_data, torch.Tensor) else 0
+    return ds, plain_data
+
+
+def training_batches(cfg, ds, batches: int, workers: int, phase: Phases, out: dict) -> None:
+    """Training batches of random pseudo-labels through the training loader, after one that starts the workers."""
+    from udml.config import default_num_clusters
+    from udml.data import make_loader
+    from udml.data import train_transform as random_crop
+    from udml.samplers import ClusterBatchSampler
+
     aug = ds.with_transform(
         random_crop(
-            size,
+            cfg.image_size,
             resize_size=cfg.resize_size,
             crop_scale_min=cfg.crop_scale_min,
             hflip=cfg.hflip,
@@ -214,9 +210,9 @@ def child(args) -> dict:
     )
     k = default_num_clusters(len(ds), cfg.clusters_per_batch)
     labels = np.random.default_rng(0).integers(0, k, len(ds))
-    sampler = ClusterBatchSampler(labels, cfg.clusters_per_batch, cfg.images_per_cluster, args.batches + 1, seed=1)
+    sampler = ClusterBatchSampler(labels, cfg.clusters_per_batch, cfg.images_per_cluster, batches + 1, seed=1)
     loader = make_loader(aug, batch_sampler=sampler, num_workers=workers, persistent=True)
-    with phase("training batches") as p:
+    with phase("training batches"):
         batches = iter(loader)
         t = time.time()
         images = len(next(batches)[0])
@@ -225,7 +221,14 @@ def child(args) -> dict:
         for x, _ in batches:
             images += len(x)
         out["train_img_s"] = round((images - cfg.clusters_per_batch * cfg.images_per_cluster) / (time.time() - t), 1)
-    del batches, loader
+
+
+def embedding_pass(cfg, plain_data, workers: int, phase: Phases, out: dict) -> None:
+    """Every training image once, as the clustering reads them: stacked crops in slices, or through the loader."""
+    import torch
+
+    from udml.data import make_loader
+
     with phase("embedding pass") as p:
         n = 0
         if isinstance(plain_data, torch.Tensor):
@@ -235,23 +238,25 @@ def child(args) -> dict:
             for x, _ in make_loader(plain_data, batch_size=cfg.eval_batch_size, num_workers=workers):
                 n += len(x)
         out["embed_img_s"] = round(n / (time.time() - p["t0"]), 1)
-    if args.model:
-        from udml.inference import extract
-        from udml.models import model_from_config
 
-        model = model_from_config(make_config("folder", ["pretrained=false"]))
-        part = min(args.model_images, len(ds))
-        data = (
-            plain_data[:part]
-            if isinstance(plain_data, torch.Tensor)
-            else torch.utils.data.Subset(plain_data, range(part))
-        )
-        with phase("model embedding") as p:
-            extract(model, data, batch_size=cfg.eval_batch_size, num_workers=workers, pooled=False)
-        out["model_img_s"] = round(part / p["seconds"], 1)
-    out["phases"] = phase.records
-    out["peak_rss_mb"] = max(r["peak_mb"] for r in phase.records)
-    return out
+
+def model_embedding(cfg, ds, plain_data, images: int, workers: int, phase: Phases, out: dict) -> None:
+    """EfficientNet-Lite0 (random weights: the same speed) embedding the first ``images`` images."""
+    import torch
+
+    from udml.config import make_config
+    from udml.inference import extract
+    from udml.models import model_from_config
+
+    model = model_from_config(make_config("folder", ["pretrained=false"]))
+    part = min(images, len(ds))
+    if isinstance(plain_data, torch.Tensor):
+        data = plain_data[:part]
+    else:
+        data = torch.utils.data.Subset(plain_data, range(part))
+    with phase("model embedding") as p:
+        extract(model, data, batch_size=cfg.eval_batch_size, num_workers=workers, pooled=False)
+    out["model_img_s"] = round(part / p["seconds"], 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,39 +264,27 @@ def child(args) -> dict:
 
 
 def measure(args, n: int, mode: str, root: Path, store_dir: Path) -> dict:
-    from memory import TreeSampler
-
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(n), str(root), str(store_dir)]
-    cmd += ["--batches", str(args.batches), "--model-images", str(args.model_images)] + (
-        ["--model"] if args.model else []
-    )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(HERE)] + [p for p in [env.get("PYTHONPATH")] if p])
-    t_start = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = TreeSampler(proc.pid, args.interval, t_start).start()
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if not line.startswith("RESULT "):
-            print("   ", line.rstrip(), flush=True)
-    rc = proc.wait()
-    sampler.stop()
-    if rc != 0:
-        print("".join(lines[-40:]), file=sys.stderr)
-        raise RuntimeError(f"{' '.join(cmd)} exited with {rc}")
+    cmd = python_module("benchmarks.store", "--child", mode, n, root, store_dir, "--batches", args.batches)
+    cmd += ["--model-images", str(args.model_images)] + (["--model"] if args.model else [])
+    ran = run_sampled(cmd, args.interval, echo=echo)
+    lines = ran.output.splitlines()
     result = json.loads(next(x for x in reversed(lines) if x.startswith("RESULT "))[len("RESULT ") :])
     for p in result["phases"]:
-        t0, t1 = p.pop("t0") - t_start, p.pop("t") - t_start
-        p["tree_pss_peak_mb"] = sampler.peak("tree_pss_mb", t0, t1)
-        p["tree_rss_peak_mb"] = sampler.peak("tree_rss_mb", t0, t1)
+        t0, t1 = p.pop("t0") - ran.t_start, p.pop("t") - ran.t_start
+        p["tree_pss_peak_mb"] = ran.sampler.peak("tree_pss_mb", t0, t1)
+        p["tree_rss_peak_mb"] = ran.sampler.peak("tree_rss_mb", t0, t1)
     result.update(
-        wall_s=round(time.time() - t_start, 1),
-        peak_tree_pss_mb=sampler.peak("tree_pss_mb"),
-        peak_tree_rss_mb=sampler.peak("tree_rss_mb"),
+        wall_s=round(ran.wall_s, 1),
+        peak_tree_pss_mb=ran.sampler.peak("tree_pss_mb"),
+        peak_tree_rss_mb=ran.sampler.peak("tree_rss_mb"),
         jpeg_mb=disk_mb(root),
     )
     return result
+
+
+def echo(line: str) -> None:
+    if not line.startswith("RESULT "):
+        print("   ", line.rstrip(), flush=True)
 
 
 def row(r: dict) -> str:
@@ -334,20 +327,22 @@ def estimate(runs: list[dict], generate_s: dict, targets=(10_000, 100_000)) -> s
     )
 
 
-def main() -> int:
-    if "--child" in sys.argv:
-        i = sys.argv.index("--child")
-        ap = argparse.ArgumentParser()
-        ap.add_argument("--batches", type=int, default=50)
-        ap.add_argument("--model", action="store_true")
-        ap.add_argument("--model-images", type=int, default=1000)
-        args = ap.parse_args(sys.argv[i + 5 :])
-        args.mode, args.n, args.root, args.store_dir = sys.argv[i + 1], int(sys.argv[i + 2]), *sys.argv[i + 3 : i + 5]
-        logging.basicConfig(level=logging.INFO, format="    %(message)s", stream=sys.stdout)
-        print("RESULT " + json.dumps(child(args)), flush=True)
-        return 0
+def run_child(argv: list[str]) -> int:
+    """``--child MODE N ROOT STORE_DIR [options]``: one size, one mode; prints its record as "RESULT {json}"."""
+    i = argv.index("--child")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, default=50)
+    ap.add_argument("--model", action="store_true")
+    ap.add_argument("--model-images", type=int, default=1000)
+    args = ap.parse_args(argv[i + 5 :])
+    args.mode, args.n, args.root, args.store_dir = argv[i + 1], int(argv[i + 2]), *argv[i + 3 : i + 5]
+    logging.basicConfig(level=logging.INFO, format="    %(message)s", stream=sys.stdout)
+    print("RESULT " + json.dumps(child(args)), flush=True)
+    return 0
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def parser() -> argparse.ArgumentParser:
+    ap = base_parser(__doc__, results=True)
     ap.add_argument("--folder", type=Path, required=True, help="where the generated JPEGs and the stores live")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--memory-max", type=int, default=10_000, help="also run the in-memory cache up to this size")
@@ -357,13 +352,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads generating the JPEGs")
     ap.add_argument("--interval", type=float, default=0.2, help="seconds between two samples of the process tree")
     ap.add_argument("--label", default=None, help="results go to results/store_cpu_<label>.json")
-    ap.add_argument("--results", type=Path, default=None)
-    args = ap.parse_args()
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(ROOT / "src"))
-    from common import machine
+    return ap
 
-    results = args.results or HERE / "results" / f"store_cpu{'_' + args.label if args.label else ''}.json"
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--child" in argv:
+        return run_child(argv)
+    args = parser().parse_args(argv)
+    results = Path(args.results or RESULTS / f"store_cpu{'_' + args.label if args.label else ''}.json")
+    notes = __doc__.split("Recorded per run:")[1].split("Writes")[0].strip()
     runs, generate_s = [], {}
     for n in sorted(args.sizes):
         t = time.time()
@@ -375,14 +373,8 @@ def main() -> int:
             r["generate_s"] = generate_s[n]
             runs.append(r)
             print(row(r), flush=True)
-            results.parent.mkdir(parents=True, exist_ok=True)
-            doc = {
-                "machine": machine(),
-                "command": "python benchmarks/store.py " + " ".join(sys.argv[1:]),
-                "notes": __doc__.split("Recorded per run:")[1].split("Writes")[0].strip(),
-                "runs": runs,
-            }
-            results.write_text(json.dumps(doc, indent=1) + "\n")
+            doc = {"command": command_line(__file__, argv), "notes": notes, "runs": runs}
+            write_results(results, doc, indent=1)
     print()
     for r in runs:
         print(row(r))

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .harness import base_parser, python_env
+
 METRIC_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "recall@10", "recall@100", "recall@1000", "nmi", "map@r")
+TABLE_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")  # the columns of the printed tables
 
 
 def job(row: str, seed: int, config: str, out: str, overrides: list[str]) -> dict:
@@ -40,34 +42,39 @@ def run(jobs: list[dict], parallel: bool = False, timeout: float | None = None) 
     deadline = time.time() + timeout if timeout else None
     for j in jobs:
         j["run_dir"].parent.mkdir(parents=True, exist_ok=True)
-
-    def batch(group):
-        for j in group:
-            j["log"] = open(log_path(j), "w")
-            j["start"] = time.time()
-            j["proc"] = subprocess.Popen(
-                j["cmd"], stdout=j["log"], stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-            )
-        running = list(group)
-        while running:
-            for j in list(running):
-                code = j["proc"].poll()
-                if code is None and deadline is not None and time.time() > deadline:
-                    j["proc"].kill()
-                    j["proc"].wait()
-                    code = "timeout"
-                if code is not None:
-                    j["returncode"], j["wall_s"] = code, round(time.time() - j["start"], 1)
-                    j["log"].close()
-                    running.remove(j)
-            time.sleep(0.5)
-
     for group in [jobs] if parallel else [[j] for j in jobs]:
-        batch(group)
+        for j in group:
+            start(j)
+        wait(group, deadline)
         for j in group:
             if j["returncode"] != 0:  # say so at once; the table marks the row unfinished
                 tail = log_path(j).read_text().splitlines()[-5:]
                 print(f"{j['run_dir'].name}: exit {j['returncode']}\n  " + "\n  ".join(tail), flush=True)
+
+
+def start(j: dict) -> None:
+    """The job's `udml train` in its own process, its output into the job's log file."""
+    j["log"] = open(log_path(j), "w")  # closed by wait()
+    j["start"] = time.time()
+    env = {**python_env(), "PYTHONUNBUFFERED": "1"}
+    j["proc"] = subprocess.Popen(j["cmd"], stdout=j["log"], stderr=subprocess.STDOUT, env=env)
+
+
+def wait(group: list[dict], deadline: float | None) -> None:
+    """Until every job of the group has ended, or was stopped at the deadline (returncode "timeout")."""
+    running = list(group)
+    while running:
+        for j in list(running):
+            code = j["proc"].poll()
+            if code is None and deadline is not None and time.time() > deadline:
+                j["proc"].kill()
+                j["proc"].wait()
+                code = "timeout"
+            if code is not None:
+                j["returncode"], j["wall_s"] = code, round(time.time() - j["start"], 1)
+                j["log"].close()
+                running.remove(j)
+        time.sleep(0.5)
 
 
 LAMBDAS = (0, 0.05, 0.1, 0.5, 1)
@@ -145,6 +152,12 @@ def mean_spread(records: list[dict], key: str) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def mean_spread_cell(records: list[dict], key: str) -> str:
+    """A table cell: the mean ± the sample standard deviation over the records, in percent."""
+    m, sd = mean_spread(records, key)
+    return f"{m:.1f} ± {sd:.1f}"
+
+
 def select(rows: dict[str, list[str]], names: list[str] | None) -> dict[str, list[str]]:
     unknown = set(names or []) - set(rows)
     if unknown:
@@ -152,11 +165,11 @@ def select(rows: dict[str, list[str]], names: list[str] | None) -> dict[str, lis
     return {r: rows[r] for r in names} if names else dict(rows)
 
 
-def add_arguments(p, rows: dict[str, list[str]], *, out: str, results: str, seeds: list[int]) -> None:
-    """The command-line options every row benchmark shares (omniglot.py, cub.py)."""
+def parser(doc: str, rows: dict[str, list[str]], *, config: str, out: str, results: str | Path, seeds: list[int]):
+    """The command line every row benchmark shares (omniglot, cub)."""
+    p = base_parser(doc, results=results, out=out, seeds=seeds, overrides="extra key=value overrides for every row")
+    p.add_argument("--config", default=config)
     p.add_argument("--data", required=True)
-    p.add_argument("--out", default=out, help="folder for the run folders")
-    p.add_argument("--seeds", type=int, nargs="+", default=seeds)
     p.add_argument("--rows", nargs="+", help=f"a subset of the rows ({', '.join(rows)}) or of the sweep's rows")
     p.add_argument(
         "--sweep",
@@ -166,12 +179,11 @@ def add_arguments(p, rows: dict[str, list[str]], *, out: str, results: str, seed
         "classes, not a way to choose settings), or the candidate settings of VAL_ROWS on the "
         "validation split (train_val / val), which is where settings are chosen",
     )
-    p.add_argument("--results", default=results)
-    p.add_argument("overrides", nargs="*", help="extra key=value overrides for every row")
+    return p
 
 
 def jobs_from(args, rows: dict[str, list[str]]) -> tuple[dict[str, list[str]], list[dict]]:
-    """(the rows to run, one job per seed and row) from options added by add_arguments."""
+    """(the rows to run, one job per seed and row) from the options of parser()."""
     rows = select(sweep(args.sweep) if args.sweep else rows, args.rows)
     # a row's own settings come last, so that they win over the overrides given for every row
     jobs = [

@@ -4,17 +4,15 @@
 (b) udml's full training step: real data loading, P x M sampling, both losses and the optimiser;
 (c) one re-clustering pass: embedding the training set (test transform) and k-means.
 
-    python benchmarks/throughput.py --config cub_lite0 --data ../shared/data/CUB_200_2011
+    python -m benchmarks.throughput --config cub_lite0 --data ../shared/data/CUB_200_2011
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
+from dataclasses import dataclass
 
 import torch
-from common import machine, sync
 
 from udml import distributed
 from udml.config import make_config
@@ -24,6 +22,8 @@ from udml.pseudolabels import cluster
 from udml.samplers import ClusterBatchSampler
 from udml.session import prepare, resolve_num_clusters
 from udml.training import train_round
+
+from .harness import base_parser, sync, write_results
 
 
 def ceiling(s, iters: int, warmup: int = 5) -> float:
@@ -126,13 +126,18 @@ def profile_steps(s, loader, sampler, labels, steps: int) -> dict:
     return {"syncs_per_step": in_step / steps, "syncs_by_part": counts, "profiled_steps": steps}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(
+        __doc__,
+        results=True,
+        flag="--output",
+        results_help="write the results as JSON here",
+        overrides="configuration overrides (key=value)",
+    )
     p.add_argument("--config", default="cub_lite0")
     p.add_argument("--data", help="data set root")
     p.add_argument("--iters", type=int, default=60, help="timed iterations for (a); (b) times whole rounds")
     p.add_argument("--rounds", type=int, default=3, help="timed training rounds for (b), after one warm-up round")
-    p.add_argument("--output", help="write the results as JSON here")
     p.add_argument(
         "--profile",
         type=int,
@@ -141,57 +146,20 @@ def main() -> None:
         help="also profile STEPS training steps (torch.profiler) and print where the time goes, "
         "including the host-device synchronisations inside the step",
     )
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"data_root={args.data}"] if args.data else [])
     cfg = resolve_num_clusters(make_config(args.config, overrides))
-
     t0 = time.perf_counter()
     s = prepare(cfg, distributed.init(resolve_device(cfg.device)))
     setup_s = time.perf_counter() - t0
-    iters = cfg.iterations_per_round()
     images = cfg.clusters_per_batch * cfg.images_per_cluster
     print(
         f"{cfg.backbone} at {s.model.image_size} px, batch {images} + {4 * cfg.rotation_images} rotated, "
         f"device {s.device}, {s.workers} loader workers; data and model ready in {setup_s:.1f}s"
     )
-
     a = ceiling(s, args.iters)
     print(f"(a) ceiling, bare forward+backward: {a:.2f} it/s")
-
-    t = time.perf_counter()
-    labels, _, _, _ = cluster(s, None, seed=cfg.seed)
-    sync()
-    first_cluster_s = time.perf_counter() - t
-    sampler = ClusterBatchSampler(labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster, iters, seed=1)
-    loader = make_loader(s.aug, batch_sampler=sampler, num_workers=s.workers, device=s.device, persistent=True)
-    step, _, _ = train_round(s, loader, labels, 0)  # warm-up: workers start, cudnn picks kernels
-    t = time.perf_counter()
-    for r in range(args.rounds):
-        sampler.reset(labels.numpy(), seed=2 + r)
-        step, _, _ = train_round(s, loader, labels, step)
-    b = args.rounds * iters / (time.perf_counter() - t)
-    print(f"(b) udml full training step: {b:.2f} it/s = {100 * b / a:.1f}% of the ceiling")
-
-    times = []
-    for r in range(3):
-        t = time.perf_counter()
-        cluster(s, labels, seed=r)
-        sync()
-        times.append(time.perf_counter() - t)
-    c = sorted(times)[1]
-    print(
-        f"(c) re-clustering pass ({len(s.aug)} images, K={cfg.num_clusters}): {c:.2f}s "
-        f"(first clustering on pooled features, k-means++: {first_cluster_s:.2f}s)"
-    )
-
-    rounds = cfg.num_rounds()
-    estimate = rounds * (iters / b + c)
-    print(
-        f"full schedule estimate: {rounds} rounds x ({iters} iterations + a re-clustering) = {estimate:.0f}s "
-        "plus data loading and evaluations"
-    )
-    profiled = profile_steps(s, loader, sampler, labels, args.profile) if args.profile else {}
+    measured = full_step(s, args.rounds, a)
     record = {
         "config": args.config,
         "overrides": overrides,
@@ -200,20 +168,66 @@ def main() -> None:
         "batch": images,
         "rotation_images": cfg.rotation_images,
         "ceiling_it_s": a,
-        "udml_it_s": b,
-        "ratio": b / a,
-        "recluster_s": c,
-        "first_cluster_s": first_cluster_s,
+        **measured.record,
         "setup_s": setup_s,
         "workers": s.workers,
-        "schedule_estimate_s": estimate,
-        **profiled,
-        **machine(),
     }
+    if args.profile:
+        record.update(profile_steps(s, measured.loader, measured.sampler, measured.labels, args.profile))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(record, f, indent=2)
+        write_results(args.output, record, block="flat")
+    return 0
+
+
+@dataclass
+class Measured:
+    record: dict  # (b), (c) and the schedule estimate
+    loader: object  # the training loader and its sampler, and the pseudo-labels, for profile_steps
+    sampler: ClusterBatchSampler
+    labels: torch.Tensor
+
+
+def full_step(s, rounds: int, ceiling_it_s: float) -> Measured:
+    """(b) udml's training rounds after a warm-up one, (c) re-clustering passes, and the full schedule's estimate."""
+    cfg = s.cfg
+    iters = cfg.iterations_per_round()
+    t = time.perf_counter()
+    labels, _, _, _ = cluster(s, None, seed=cfg.seed)
+    sync()
+    first_cluster_s = time.perf_counter() - t
+    sampler = ClusterBatchSampler(labels.numpy(), cfg.clusters_per_batch, cfg.images_per_cluster, iters, seed=1)
+    loader = make_loader(s.aug, batch_sampler=sampler, num_workers=s.workers, device=s.device, persistent=True)
+    step, _, _ = train_round(s, loader, labels, 0)  # warm-up: workers start, cudnn picks kernels
+    t = time.perf_counter()
+    for r in range(rounds):
+        sampler.reset(labels.numpy(), seed=2 + r)
+        step, _, _ = train_round(s, loader, labels, step)
+    b = rounds * iters / (time.perf_counter() - t)
+    print(f"(b) udml full training step: {b:.2f} it/s = {100 * b / ceiling_it_s:.1f}% of the ceiling")
+    c = recluster_seconds(s, labels)
+    print(
+        f"(c) re-clustering pass ({len(s.aug)} images, K={cfg.num_clusters}): {c:.2f}s "
+        f"(first clustering on pooled features, k-means++: {first_cluster_s:.2f}s)"
+    )
+    estimate = cfg.num_rounds() * (iters / b + c)
+    print(
+        f"full schedule estimate: {cfg.num_rounds()} rounds x ({iters} iterations + a re-clustering) = {estimate:.0f}s "
+        "plus data loading and evaluations"
+    )
+    record = {"udml_it_s": b, "ratio": b / ceiling_it_s, "recluster_s": c, "first_cluster_s": first_cluster_s}
+    return Measured({**record, "schedule_estimate_s": estimate}, loader, sampler, labels)
+
+
+def recluster_seconds(s, labels) -> float:
+    """The median of three re-clustering passes."""
+    times = []
+    for r in range(3):
+        t = time.perf_counter()
+        cluster(s, labels, seed=r)
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[1]
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

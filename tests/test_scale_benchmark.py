@@ -1,5 +1,6 @@
-"""benchmarks/scale.py end to end at a tiny size: the JSON it writes has every step, and the approximate
-indexes' Recall@1 loss is a finite number."""
+"""benchmarks.scale end to end at a tiny size, run as `python -m benchmarks.scale` from the repository root (each size
+in a process of its own): the JSON it writes has every step, and the approximate indexes' Recall@1 loss is a finite
+number."""
 
 import json
 import math
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,8 @@ def results(tmp_path_factory) -> dict:
     # 1200 <= the query limit: whole evaluate() call; 2000 above it: a query subset, extrapolated.
     cmd = [
         sys.executable,
-        str(SCRIPT),
+        "-m",
+        "benchmarks.scale",
         "--sizes",
         "1200",
         "2000",
@@ -35,7 +37,7 @@ def results(tmp_path_factory) -> dict:
         "--results",
         str(out),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| N | step | seconds |" in proc.stdout
     return json.loads(out.read_text())

@@ -553,7 +553,7 @@ def load_omniglot_mini(root: str | Path | None, split: str, *, strict: bool = Tr
     choosing settings), ``test`` 5 evaluation alphabets (148 characters, 2,960 images); classes (characters)
     are disjoint between splits. 28 x 28 'L' images, black ink on white, 1 bit per pixel (shrunk with a
     bilinear filter, then rounded). ``root`` may name another pack file of the same format; ``strict``
-    compares the counts with those of the shipped pack. Rebuilt by benchmarks/make_omniglot_mini.py, which
+    compares the counts with those of the shipped pack. Rebuilt by python -m benchmarks.make_omniglot_mini, which
     lists the alphabets; see also udml/packs/README.md."""
     _check_split("omniglot_mini", split, ("train", "val", "test"))
     if root is None:
@@ -565,7 +565,7 @@ def load_omniglot_mini(root: str | Path | None, split: str, *, strict: bool = Tr
         if not source.is_file():
             raise MissingPath(
                 f"omniglot_mini: {source} is not a file; give an .npz pack written by "
-                "benchmarks/make_omniglot_mini.py, or no root for the shipped one"
+                "python -m benchmarks.make_omniglot_mini, or no root for the shipped one"
             )
     with source.open("rb") as f, np.load(f, allow_pickle=False) as pack:
         size = int(pack["size"])
