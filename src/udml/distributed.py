@@ -29,8 +29,13 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
-def close() -> None:
+def close(finished: bool = True) -> None:
+    """Leave the process group. ``finished``: the command ended normally on this process, so every process first
+    waits for the others (the main one may still be writing files): gloo aborts a process that tears its group
+    down while a peer is still working in it. After an error there is no waiting (the peer may never come)."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

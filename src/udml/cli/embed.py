@@ -12,11 +12,14 @@ def run(args) -> int:
     from .. import distributed
     from ..devices import resolve_device
 
+    finished = False
     try:  # under torchrun: one process per GPU (or CPU share), each embeds its share of the files
         device = distributed.init(resolve_device(args.device or "auto"))
-        return _embed_files(args, device)
+        code = _embed_files(args, device)
+        finished = True
+        return code
     finally:
-        distributed.close()
+        distributed.close(finished)
 
 
 def _embed_files(args, device) -> int:
@@ -121,8 +124,10 @@ def add(sub) -> None:
         "udml index, cluster, search and serve then use them): better groups and rankings where neighbours are "
         "mostly right (docs/method.md). A refined file stays refined through updates",
     )
-    m.add_argument("--refine-k", type=int, help="neighbours averaged in (default 8, chosen on CUB)")
-    m.add_argument("--refine-alpha", type=float, help="weight of a neighbour: similarity^ALPHA (default 1)")
+    m.add_argument("--refine-k", type=int, help="neighbours averaged in (default 10, chosen on CUB)")
+    m.add_argument(
+        "--refine-alpha", type=float, help="weight of a neighbour: similarity^ALPHA (default 0: a plain mean)"
+    )
     m.add_argument("--no-refine", action="store_true", help="drop the refinement of an existing refined file")
     options.device(m)
     options.float32(m)

@@ -16,10 +16,12 @@ def run(args) -> int:
     log_to_console()
     if getattr(args, "picked", None):  # --data without --config: say which recipe, and how to get the other
         log.info("%s", FOLDER_PRESET_NOTE[args.picked])
+    finished = False
     try:
         train(cfg, run_dir=resume_dir, resume=resume_dir is not None)
+        finished = True
     finally:
-        distributed.close()  # torchrun: leave the process group cleanly
+        distributed.close(finished)  # torchrun: leave the process group cleanly
     return 0
 
 
