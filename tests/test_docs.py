@@ -78,7 +78,9 @@ def test_every_documented_command_line_parses(where, kind, line):
         assert not unknown, f"{where}: `{line}`: udml {argv[0]} has no option {', '.join(unknown)}"
         for word in argv[1:]:
             if argv[0] == "train" and _is_override(word) and not word.endswith("="):
-                assert word.split("=")[0].replace("-", "_") in FIELDS, f"{where}: `{line}`: {word} is not a configuration key"
+                assert word.split("=")[0].replace("-", "_") in FIELDS, (
+                    f"{where}: `{line}`: {word} is not a configuration key"
+                )
         return
     err = io.StringIO()
     try:
@@ -119,3 +121,14 @@ def test_every_link_between_the_docs_leads_somewhere(path):
         if anchor and dest.suffix == ".md":
             headings = re.findall(r"^#+ (.+)$", dest.read_text(), flags=re.M)
             assert anchor in {slug(h) for h in headings}, f"{path.name}: link to {target}: no such heading"
+
+
+def test_every_test_the_docs_cite_exists():
+    """A `tests/test_x.py` (or `test_x.py::name`) named in README, docs or RESULTS.md is there, with that test."""
+    pages = [p for p in DOCS if p.exists()] + [ROOT / "benchmarks" / "RESULTS.md"]
+    for page in pages:
+        for file, name, star in re.findall(r"(test_\w+\.py)(?:::(\w+)(\*?))?", page.read_text()):
+            path = ROOT / "tests" / file
+            assert path.exists(), f"{page.name} cites tests/{file}, which does not exist"
+            cited = f"def {name}" if star else f"def {name}("  # test_x_*: some test whose name starts so
+            assert not name or cited in path.read_text(), f"{page.name} cites {file}::{name}{star}: no such test"
