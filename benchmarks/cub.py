@@ -7,8 +7,9 @@
                                                   # choose settings on the validation classes (suite.VAL_ROWS)
 
 Each row is one `udml train` run (config cub_lite0 unless --config; by default UDML-SS and UDML, `--rows stml` for
-STML); the numbers are those of the final model (no choosing on the test classes). The pretrained start is the untrained network of the UDML-SS run:
-its pooled backbone features and its randomly initialised 512-d embedding head.
+STML); the numbers are those of the final model (no choosing on the test classes). The pretrained start is the
+untrained network of the UDML-SS run: its pooled backbone features and its randomly initialised 512-d embedding
+head.
 """
 
 from __future__ import annotations

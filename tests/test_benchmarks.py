@@ -212,6 +212,22 @@ def test_first_clustering(cub_folders, tmp_path):
     assert doc["k"] == 3 and has_machine_block(doc["machine"]) and (tmp_path / "pooled.npz").is_file()
 
 
+def test_embed_updates(cub, tmp_path):
+    from benchmarks import embed_updates
+
+    out = tmp_path / "updates.json"
+    assert (
+        embed_updates.main(["--cub", str(cub), "--n", "6", "--added", "2", "--repeats", "2", "--results", str(out)])
+        == 0
+    )
+    doc = read(out)
+    assert doc["n"] == 6 and len(doc["no_op"]["seconds"]) == 2 and "up to date" in doc["no_op"]["said"]
+    assert (
+        "6 kept, 2 embedded, 0 removed" in doc["update"]["said"] and "2 images embedded" in doc["added_alone"]["said"]
+    )
+    assert doc["no_op"]["median_s"] < doc["update"]["seconds"] and has_machine_block(doc["machine"])
+
+
 @pytest.mark.slow
 def test_growing_collection(cub, tmp_path):
     from benchmarks import growing_collection

@@ -4,6 +4,8 @@ embeddings file as the collection changes (real CUB photos)."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +183,35 @@ def test_embed_with_another_model_refuses_unless_rebuild(collection, model_file,
     capsys.readouterr()
     assert main(["embed", str(other), str(collection), "-o", str(out), "--device", "cpu"]) == 0
     assert "re-embedding all" in capsys.readouterr().out and load_embeddings(out).stamps is not None
+
+
+def test_an_update_with_nothing_changed_is_told_without_loading_a_model(collection, model_file, tmp_path):
+    """udml embed onto a file that already holds the folder as it is (an unreadable file included): it says so and
+    stops after a listing and a stat per file, without importing torch; any change to the folder, to the model file
+    or to the refinement asked for makes it update (or refuse) as before."""
+    out = tmp_path / "photos.npz"
+    (collection / CLASSES[0] / "broken.jpg").write_bytes(b"not an image")
+    embed = ["embed", str(model_file), str(collection), "-o", str(out), "--device", "cpu", "--workers", "0"]
+    assert main(embed) == 0
+
+    def again(*extra):
+        code = (
+            "import sys; from udml.cli import main; rc = main(sys.argv[1:]); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO TORCH'); sys.exit(rc)"
+        )
+        proc = subprocess.run([sys.executable, "-c", code, *embed, *extra], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    said = again()
+    assert "up to date, nothing new, changed or removed" in said and "13 files, 1 of them unreadable" in said
+    assert said.rstrip().endswith("NO TORCH")
+    said = again("--refine")  # refining the same rows: work to do
+    assert "refined by the collection's own neighbours" in said and said.rstrip().endswith("\nTORCH")
+    assert "up to date" in again()  # the refined file, unchanged, with its refinement kept
+    os.utime(model_file)  # the model file was replaced (touched): the file's rows may not be the model's
+    assert "up to date" not in again()
+    assert "up to date" in again()
+    (collection / CLASSES[1] / "new.jpg").write_bytes(next((collection / CLASSES[1]).iterdir()).read_bytes())
+    said = again()
+    assert "12 kept, 1 embedded, 0 removed" in said and said.rstrip().endswith("\nTORCH")

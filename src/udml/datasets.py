@@ -519,6 +519,11 @@ def load_folder(root: str | Path | None, split: str, *, strict: bool = True) -> 
     return ImageSet(files, labels, name, [str(c) for c in class_names])
 
 
+def list_images(root: str | Path) -> list[str]:
+    """Every image under ``root`` (any nesting), as sorted absolute paths."""
+    return [os.path.abspath(p) for p in load_folder(root, "train").images]
+
+
 # ---------------------------------------------------------------------------------------------
 # scikit-learn's embedded digits
 

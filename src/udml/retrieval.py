@@ -18,8 +18,9 @@ import torch
 
 from . import distributed
 from .data import ImageFiles, make_loader, test_transform
+from .datasets import list_images
 from .devices import precision_for, resolve_device
-from .embeddings import EMBEDDINGS_FORMAT, Embeddings, same_meta
+from .embeddings import EMBEDDINGS_FORMAT, Embeddings, model_stamp, same_meta
 from .errors import InputError, MissingPath, ModelMismatch
 from .images import open_rgb, report_unreadable
 from .store import describe_files
@@ -142,7 +143,9 @@ def embedder_meta(embedder: Embedder) -> dict:
         "image_size": embedder.image_size,
         "model": embedder.source,
         "model_fingerprint": embedder.fingerprint,
+        "model_stamp": model_stamp(embedder.source) if embedder.source else None,
         "precision": str(embedder.precision),
+        "amp": embedder.amp,  # what was asked (the fast path, or --float32): a no-op update is told without torch
     }
 
 
@@ -150,13 +153,6 @@ def same_embedder(meta: dict, embedder: Embedder) -> str | None:
     """None when embeddings described by ``meta`` came from ``embedder`` (same network and precision); else why
     not, in words."""
     return same_meta(meta, embedder_meta(embedder))
-
-
-def list_images(root: str | Path) -> list[str]:
-    """Every image under ``root`` (any nesting), as sorted absolute paths."""
-    from .datasets import load_folder
-
-    return [os.path.abspath(p) for p in load_folder(root, "train").images]
 
 
 def embed_folder(
@@ -203,6 +199,8 @@ def embed_folder(
         "root": os.path.abspath(root),
         "dim": int(emb.shape[1]),
         **embedder_meta(embedder),
+        # the unreadable files as they were (path, size, mtime_ns): an update with nothing changed is told by stat alone
+        "unreadable": [[p, *st] for p, st in zip(paths, stamps.tolist()) if p in errors],
     }
     removed = 0 if previous is None else len(set(previous.paths) - set(paths))
     changes = {"kept": len(kept_rows), "embedded": len(new_rows), "removed": removed, "unreadable": len(skipped)}

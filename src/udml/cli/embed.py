@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..errors import InputError
 from . import options
 
 
 def run(args) -> int:
+    unchanged = nothing_to_do(args)  # before torch is imported: a no-op update costs a listing and a stat per file
+    if unchanged:
+        print(unchanged)
+        return 0
     from .. import distributed
     from ..devices import resolve_device
 
@@ -73,6 +79,43 @@ def _embed_files(args, device) -> int:
             "them (--no-refine to drop)"
         )
     return 0
+
+
+def nothing_to_do(args) -> str | None:
+    """When ``--output`` already holds every image under the folder as it is now (the same files with the same sizes
+    and modification times, the unreadable ones as they were), embedded by the same model file (or pretrained
+    backbone, with the same package versions) and precision request, and refined as asked: what to say. Else None,
+    and the update runs. Reads the file's paths, stamps and metadata and stats the folder; imports no torch."""
+    import numpy as np
+
+    from ..datasets import list_images
+    from ..embeddings import model_stamp
+    from ..store import describe_files
+
+    out = Path(args.output)
+    if args.rebuild or not out.is_file():
+        return None
+    try:
+        with np.load(out, allow_pickle=False) as z:
+            if "stamps" not in z.files:
+                return None
+            meta = json.loads(str(z["meta"]))
+            rows = [[p, *st] for p, st in zip(z["paths"].tolist(), z["stamps"].tolist())]
+    except (KeyError, ValueError, OSError):
+        return None  # not readable as an embeddings file: the update says what is wrong
+    stamp = model_stamp(args.model)
+    if stamp is None or meta.get("model_stamp") != stamp or meta.get("amp") != (not args.float32):
+        return None
+    wanted = _refinement(args, SimpleNamespace(meta=meta))
+    if (wanted.to_dict() if wanted is not None else None) != meta.get("refine"):
+        return None
+    rows += meta.get("unreadable", [])
+    if sorted(rows) != describe_files(list_images(args.folder)):
+        return None
+    return (
+        f"{out}: up to date, nothing new, changed or removed under {args.folder} ({len(rows)} files, "
+        f"{len(meta.get('unreadable', []))} of them unreadable); no model loaded"
+    )
 
 
 def _refinement(args, previous):
