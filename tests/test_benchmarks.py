@@ -141,6 +141,17 @@ def test_collection_scale(tmp_path):
     assert "2 embedded" in steps["embed_update"]["output"]
 
 
+def test_cluster_scale(tmp_path):
+    from benchmarks import cluster_scale
+
+    out = tmp_path / "cluster.json"
+    assert cluster_scale.main(["--sizes", "3000", "--exact-up-to", "3000", "--dim", "32", "--results", str(out)]) == 0
+    row = read(out)["rows"][0]
+    assert row["n"] == 3000 and row["default"]["seconds"] > 0 and row["exact"]["peak_rss_mb"] > 0
+    dup = row["duplicates_vs_exact"]  # 3,000 is below the size for the approximate pass: the same pairs
+    assert dup["exact_pairs"] >= 60 and dup["recall"] == dup["precision"] == 1.0
+
+
 @pytest.mark.slow
 def test_cpu_ceiling(tmp_path):
     from benchmarks import cpu_ceiling

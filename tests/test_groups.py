@@ -145,3 +145,51 @@ def test_cluster_finds_copies_of_real_photos_and_not_other_photos_of_a_species(t
     summary = json.loads((tmp_path / "g.json").read_text())
     assert summary["method"] == "threshold" and summary["count"] == len(summary["images"]) == 33
     assert summary["duplicate_sets"] == 9 and 0 < summary["nearest_neighbour_similarity"]["q0.5"] < 1
+
+
+def clustered_with_copies(n=6000, d=64, seed=0):
+    """Class-structured unit vectors and, for one row in 20, a near-copy of another row (similarity about 0.95)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n // 40, d))
+    x = centres[rng.integers(0, len(centres), n)] + 0.9 * rng.standard_normal((n, d))
+    copies = rng.choice(n, n // 20, replace=False)
+    x[copies[: len(copies) // 2]] = x[copies[len(copies) // 2 :]] + 0.2 * rng.standard_normal((len(copies) // 2, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def duplicate_pairs(sims, idx, threshold):
+    rows, cols = np.nonzero(sims.numpy() >= threshold)
+    return {tuple(sorted((int(a), int(idx[a, c])))) for a, c in zip(rows, cols)}
+
+
+def test_approximate_neighbours_miss_few_pairs_and_invent_none():
+    """faiss's HNSW graph against the exact pass on 6,000 vectors: every similarity it returns is the true one, the
+    near-duplicate pairs at the default threshold are a subset of the exact ones (precision 1) with recall >= 0.99,
+    and its nearest neighbour is the true one for almost every row."""
+    x = clustered_with_copies()
+    exact = groups.nearest_neighbours(x, exact=True)
+    approx = groups.nearest_neighbours(x, exact=False)
+    assert groups.approximate(len(x), False) and not groups.approximate(len(x), None)  # small: exact by default
+    s, i = approx
+    np.testing.assert_allclose(s.numpy(), (x[:, None, :] * x[i.numpy()]).sum(2), atol=1e-5)
+    assert not (i.numpy() == np.arange(len(x))[:, None]).any()
+    truth = duplicate_pairs(*exact, groups.DUPLICATE_THRESHOLD)
+    found = duplicate_pairs(*approx, groups.DUPLICATE_THRESHOLD)
+    assert len(truth) > 100 and found <= truth and len(found) >= 0.99 * len(truth)
+    assert (approx[1][:, 0] == exact[1][:, 0]).float().mean() > 0.99
+    dup_a, _ = groups.near_duplicates(x, near=approx)
+    dup_e, _ = groups.near_duplicates(x, near=exact)
+    assert normalized_mutual_info_score(dup_e, dup_a) > 0.99
+
+
+def test_cluster_says_how_it_found_neighbours(tmp_path, monkeypatch, capsys):
+    from udml.embeddings import Embeddings, save_embeddings
+
+    x = clustered_with_copies(1200, 32)
+    save_embeddings(tmp_path / "e.npz", Embeddings(x, [f"/img/{i}.jpg" for i in range(len(x))], {}))
+    run = ["cluster", str(tmp_path / "e.npz"), "-o", str(tmp_path / "g.json"), "--k", "5"]
+    assert main(run) == 0 and json.loads((tmp_path / "g.json").read_text())["neighbours"] == "exact"
+    monkeypatch.setattr(groups, "EXACT_UP_TO", 1000)  # a collection above the size for the exact pass
+    assert main(run) == 0 and "found approximately (faiss HNSW)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "g.json").read_text())["neighbours"] == "approximate (faiss HNSW)"
+    assert main([*run, "--exact"]) == 0 and json.loads((tmp_path / "g.json").read_text())["neighbours"] == "exact"

@@ -54,11 +54,56 @@ def kmeans_groups(embeddings, k: int | None = None, *, seed: int = 0) -> tuple[n
     return _by_size(result.labels.numpy()), score.numpy(), k
 
 
-def nearest_neighbours(embeddings, neighbours: int = NEIGHBOURS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(similarities, indices) [N, k] of each image's ``neighbours`` nearest other images, best first: exact
-    (udml.evaluation.knn, N x N similarities in chunks). Compute once, pass as ``near`` to the functions below."""
+def nearest_neighbours(
+    embeddings, neighbours: int = NEIGHBOURS, *, exact: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarities, indices) [N, k] of each image's ``neighbours`` nearest other images, best first. Compute once,
+    pass as ``near`` to the functions below.
+
+    ``exact``: True, every pair compared (udml.evaluation.knn, N x N similarities in chunks: quadratic in N);
+    False, faiss's HNSW graph (:func:`approximate_neighbours`: about N log N, may miss a neighbour); None (default):
+    exact up to EXACT_UP_TO images, approximate above where faiss is installed. Similarities are the true ones
+    either way, so a pair found is a true pair: the approximation can only miss pairs, never invent them."""
     x = _check(embeddings)
-    return knn(x, x, min(neighbours, len(x) - 1), exclude=torch.arange(len(x)))
+    k = min(neighbours, len(x) - 1)
+    if approximate(len(x), exact):
+        return approximate_neighbours(x, k)
+    return knn(x, x, k, exclude=torch.arange(len(x)))
+
+
+def approximate(n: int, exact: bool | None = None) -> bool:
+    """Whether :func:`nearest_neighbours` of ``n`` images takes the approximate path."""
+    from .clustering import faiss_available
+
+    return not exact and (exact is False or n > EXACT_UP_TO) and faiss_available()
+
+
+EXACT_UP_TO = 50_000  # udml cluster's exact pass: 100,000 x 512-d took 96 s on 2 cores (RESULTS.md), quadratic
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+
+
+def approximate_neighbours(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` nearest other rows by inner product from faiss's HNSW graph (IndexHNSWFlat, M 32,
+    efConstruction 80, efSearch 128): found by walking the graph, so a true neighbour may be missed, but every
+    similarity returned is computed exactly. The row itself is dropped (it is found first; where several rows are
+    identical, by position)."""
+    import faiss
+
+    data = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    index = faiss.IndexHNSWFlat(data.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    index.add(data)
+    index.hnsw.efSearch = max(HNSW_EF_SEARCH, k + 1)
+    sims, ids = index.search(data, k + 1)
+    own = ids == np.arange(len(data))[:, None]
+    drop = np.where(own.any(1), own.argmax(1), k)  # the row itself, else the last (the (k+1)-th) candidate
+    keep = np.ones_like(own)
+    keep[np.arange(len(data)), drop] = False
+    sims, ids = sims[keep].reshape(len(data), k), ids[keep].reshape(len(data), k)
+    missing = ids < 0  # fewer than k found (tiny graphs): marked with similarity -inf, pointing at the row itself
+    ids = np.where(missing, np.arange(len(data))[:, None], ids)
+    sims = np.where(missing, -np.inf, sims)
+    return torch.from_numpy(sims.astype(np.float32)), torch.from_numpy(ids.astype(np.int64))
 
 
 def threshold_groups(

@@ -13,7 +13,11 @@ def run(args) -> int:
 
     emb = load_embeddings(args.embeddings)
     x, paths = emb.embeddings, emb.paths
-    near = groups.nearest_neighbours(x)  # one exact k-nearest-neighbour pass for the threshold sets and the quantiles
+    # one k-nearest-neighbour pass for the threshold sets, the near-duplicates and the quantiles: exact up to
+    # groups.EXACT_UP_TO images, approximate (faiss HNSW) above unless --exact
+    exact = True if args.exact else None
+    near = groups.nearest_neighbours(x, exact=exact)
+    approximate = groups.approximate(len(x), exact)
     # groups follow a refined collection's refined vectors; near-duplicates are about the images themselves (raw)
     g = emb.vectors
     if args.threshold is not None:
@@ -37,6 +41,7 @@ def run(args) -> int:
         "duplicate_sets": n_dups,
         "images_in_duplicate_sets": int((dup >= 0).sum()),
         "nearest_neighbour_similarity": quantiles,
+        "neighbours": "approximate (faiss HNSW)" if approximate else "exact",
         "embeddings": str(Path(args.embeddings).resolve()),
         "model": emb.meta.get("model"),
     }
@@ -52,6 +57,11 @@ def run(args) -> int:
         "each image's similarity to its nearest other image: "
         + ", ".join(f"{q[1:]} quantile {v:.3f}" for q, v in quantiles.items())
     )
+    if approximate:
+        print(
+            f"neighbours found approximately (faiss HNSW) for the {len(paths)} images, above {groups.EXACT_UP_TO:,}: a "
+            "pair may be missed, none is invented; --exact compares every pair (quadratic in the images)"
+        )
     if args.sheet:
         sheet = groups.contact_sheet(
             args.sheet, paths, label, score, title=f"largest groups of {Path(args.embeddings).name}"
@@ -85,6 +95,12 @@ def add(sub) -> None:
         type=float,
         help="cosine similarity from which two images are near-duplicates (default 0.9: copies, resized and "
         "recompressed versions of a photo score above it, distinct photos of one bird species below, with Lite0)",
+    )
+    c.add_argument(
+        "--exact",
+        action="store_true",
+        help="compare every pair of images for the threshold groups, near-duplicates and quantiles (default: exact "
+        "up to 50,000 images, approximate nearest neighbours from faiss's HNSW graph above: N log N, not N^2)",
     )
     c.add_argument("--sheet", help="also write a contact sheet (PNG) of the largest groups, and of the duplicates")
     c.add_argument("--seed", type=int, default=0, help="k-means seed")

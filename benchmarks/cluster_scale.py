@@ -1,0 +1,90 @@
+"""`udml cluster` at 100,000 and 1,000,000 embeddings (issue #30, item 1): the exact neighbour pass against faiss's
+HNSW graph, on STAND-IN embeddings (synthetic, not a network's).
+
+    python -m benchmarks.cluster_scale --sizes 100000 1000000 --exact-up-to 100000
+
+For each size: SOP-like synthetic unit vectors (benchmarks.harness.synthetic_embeddings, 512-d, 5 per class) with
+one in 50 replaced by a near-copy of another (similarity about 0.95), written as an embeddings file; then the whole
+`udml cluster FILE -o groups.csv` command, timed with its peak memory, with its default (approximate above
+udml.groups.EXACT_UP_TO) and, up to ``--exact-up-to``, with ``--exact``. Where both ran, the near-duplicate pairs at
+the default threshold (0.9) are compared: the approximate pass's recall of the exact pairs, and its precision (1.0
+when it only misses pairs, as it should). Group labels are not compared: k-means does not depend on the neighbours.
+"""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from udml.embeddings import Embeddings, save_embeddings
+
+from .harness import RESULTS, add_synthetic_options, base_parser, run_timed, synthetic_embeddings, write_results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__, results=RESULTS / "cluster_scale_cpu.json")
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--exact-up-to", type=int, default=100_000, help="largest size also run with --exact")
+    p.add_argument("--copies", type=float, default=0.02, help="fraction of rows made near-copies of another")
+    add_synthetic_options(p, points_per_class=5.0)
+    args = p.parse_args(argv)
+    rows = []
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows.append(measure(n, args, Path(tmp)))
+        write_results(args.results, {"stand_in": "synthetic embeddings, not a network's", "rows": rows})
+    return 0
+
+
+def measure(n: int, args, tmp: Path) -> dict:
+    npz = tmp / "emb.npz"
+    write_embeddings(n, args, npz)
+    row = {"n": n, "dim": args.dim}
+    modes = [("default", [])] + ([("exact", ["--exact"])] if n <= args.exact_up_to else [])
+    pairs = {}
+    for mode, extra in modes:
+        out = tmp / f"groups_{mode}.csv"
+        t = run_timed("cluster", npz, "-o", out, *extra)
+        row[mode] = {"seconds": round(t.seconds, 1), "peak_rss_mb": t.peak_rss_mb, "said": t.stdout.strip()}
+        pairs[mode] = duplicate_sets(out)
+    if "exact" in pairs:
+        row["duplicates_vs_exact"] = compare(pairs["default"], pairs["exact"])
+    return row
+
+
+def write_embeddings(n: int, args, path: Path) -> None:
+    x, _, _ = synthetic_embeddings(n, args.dim, args.points_per_class, args.noise, args.seed)
+    x = x.numpy()
+    rng = np.random.default_rng(args.seed)
+    k = int(n * args.copies)
+    src, dst = rng.choice(n, 2 * k, replace=False).reshape(2, k)
+    x[dst] = x[src] + 0.32 / np.sqrt(args.dim) * rng.standard_normal((k, args.dim)).astype(np.float32)
+    x[dst] /= np.linalg.norm(x[dst], axis=1, keepdims=True)
+    save_embeddings(path, Embeddings(x, [f"/stand-in/{i:07d}.jpg" for i in range(n)], {"model": "stand-in"}))
+
+
+def duplicate_sets(groups_csv: Path) -> set[tuple[int, int]]:
+    """The pairs of images that share a near-duplicate set (all pairs within each set)."""
+    members: dict[int, list[int]] = {}
+    with open(groups_csv) as f:
+        for i, r in enumerate(csv.DictReader(f)):
+            if int(r["duplicate_group"]) >= 0:
+                members.setdefault(int(r["duplicate_group"]), []).append(i)
+    return {(a, b) for m in members.values() for j, a in enumerate(m) for b in m[j + 1 :]}
+
+
+def compare(found: set, truth: set) -> dict:
+    hit = len(found & truth)
+    return {
+        "exact_pairs": len(truth),
+        "approximate_pairs": len(found),
+        "recall": hit / max(1, len(truth)),
+        "precision": hit / max(1, len(found)),
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
