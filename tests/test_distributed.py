@@ -151,3 +151,59 @@ def test_torchrun_udml_embed_writes_what_one_process_writes(tmp_path, model_file
     one, two = load_embeddings(tmp_path / "one.npz"), load_embeddings(tmp_path / "two.npz")
     assert two.paths == one.paths and len(one.paths) == 21
     np.testing.assert_allclose(two.embeddings, one.embeddings, rtol=0, atol=1e-5)
+
+
+def two_nodes(tmp_path, *args, timeout=600):
+    """``torchrun --nnodes=2`` as two machines would run it, both on this one: two launchers (node ranks 0 and 1),
+    one process each, meeting at 127.0.0.1 on a free port; returns node 0's output."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+    where = ["--master_addr=127.0.0.1", f"--master_port={port}"]
+    procs = [
+        subprocess.Popen(
+            [*launch, f"--node_rank={r}", *where, *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+    return outs[0][0]
+
+
+def test_two_nodes_embed_and_train_like_one_process(tmp_path, model_file):
+    """Two nodes of one process each (torchrun --nnodes=2, both launchers on this machine): udml embed writes the
+    file one process writes, and udml train starts and takes its first steps as one process does."""
+    from udml.embeddings import load_embeddings
+
+    photos = cub_photos(tmp_path / "photos", CUB_CLASSES[:2], 5)
+    embed = ["-m", "udml", "embed", str(model_file), str(photos), "--workers", "0", "-o"]
+    run([sys.executable, *embed, str(tmp_path / "one.npz")], tmp_path)
+    assert "10 images embedded by 2 processes" in two_nodes(tmp_path, *embed, str(tmp_path / "two.npz"))
+    one, two = load_embeddings(tmp_path / "one.npz"), load_embeddings(tmp_path / "two.npz")
+    assert two.paths == one.paths and two.meta == one.meta
+    np.testing.assert_allclose(two.embeddings, one.embeddings, rtol=0, atol=1e-5)
+
+    common = ["--config", "digits", "--out", str(tmp_path), "device=cpu", "freeze_bn=true", "num_workers=0"]
+    common += ["pseudo_epochs=5", "recluster_every=5", "pictures=false", "clusters_per_batch=8", "rotation_images=8"]
+    run([sys.executable, "-m", "udml", "train", *common, "run_name=one"], tmp_path)
+    assert "x 2 processes" in two_nodes(tmp_path, "-m", "udml", "train", *common, "run_name=two")
+    lines = {
+        n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")
+    }
+    assert [m["kind"] for m in lines["two"]] == [m["kind"] for m in lines["one"]]
+    start = {n: next(m for m in ls if m["kind"] == "eval") for n, ls in lines.items()}
+    assert start["two"]["recall@1"] == pytest.approx(start["one"]["recall@1"], abs=1e-4)
+    first = {n: next(m for m in ls if m["kind"] == "train") for n, ls in lines.items()}
+    assert first["two"]["metric_loss"] == pytest.approx(first["one"]["metric_loss"], rel=0.02)
