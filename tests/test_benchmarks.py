@@ -123,6 +123,11 @@ def test_backbones(cub, tmp_path):
     row = doc["backbones"]["efficientnet_lite0"]
     assert doc["images"] == 9 and has_machine_block(doc["machine"])
     assert row["crop_size"] == 224 and row["images_per_s"] > 0 and 0 <= row["recall@1"] <= 100
+    speed = tmp_path / "speed.json"  # a downloadable backbone, offline: random weights, its speed alone
+    args = ["--cub", str(cub), "--backbones", "dino_vits16", "--classes", "2", "--per-class", "2", "--speed-only"]
+    assert backbones.main([*args, "--output", str(speed)]) == 0
+    row = read(speed)["backbones"]["dino_vits16"]
+    assert row["weights"] == "random (speed only)" and row["dim"] == 384 and "recall@1" not in row
 
 
 @pytest.mark.slow

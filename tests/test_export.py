@@ -59,3 +59,15 @@ def test_export_without_onnx_names_the_install_command(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert "onnxruntime" in err and "pip install" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
+def test_onnx_matches_pytorch_for_a_vision_transformer(tmp_path):
+    """A downloadable backbone (DINO ViT-S/16, random weights here) exports and runs as PyTorch runs it."""
+    from udml.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("dino_vits16", pretrained=False, embedding_dim=None).eval()
+    diff = export_onnx(model, tmp_path / "vit.onnx")
+    assert diff is not None and diff < 1e-3
+    assert onnx_metadata(tmp_path / "vit.onnx")["udml_embedding_dim"] == "384"

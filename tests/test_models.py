@@ -214,3 +214,78 @@ def test_the_frozen_part_runs_without_autograd_and_its_statistics_stay_fixed():
     assert seen == {"frozen": False, "trained": True}
     assert all(p.grad is None for p in net.blocks[:5].parameters())
     assert all(p.grad is not None for p in net.blocks[5:].parameters())
+
+
+# --------------------------------------------------------------------------- the backbones a user can download
+# Built here with random weights: a test never downloads. Their speed and published figures: README, RESULTS.md.
+
+
+@pytest.fixture(scope="module")
+def vits():
+    """DINO ViT-S/16, DINOv2 ViT-S/14 and CLIP ViT-B/16 with random weights, the first 6 blocks frozen."""
+    from udml.models import build_model
+
+    torch.manual_seed(0)
+    names = ("dino_vits16", "dinov2_vits14", "clip_vitb16")
+    return {n: build_model(n, pretrained=False, embedding_dim=None, freeze_stages=6).eval() for n in names}
+
+
+def test_downloadable_backbones_carry_their_own_image_settings(vits):
+    from udml.models import DOWNLOADABLE
+
+    assert set(DOWNLOADABLE) <= set(BACKBONES)
+    clip, dino, dinov2 = vits["clip_vitb16"].image, vits["dino_vits16"].image, vits["dinov2_vits14"].image
+    assert clip.mean == pytest.approx((0.4815, 0.4578, 0.4082), abs=1e-4)  # CLIP's own normalisation
+    assert dino.mean == pytest.approx((0.485, 0.456, 0.406)) and dino.crop_size == 224 and dino.resize_size == 249
+    assert dinov2.crop_size == 224 and dinov2.resize_size == 224  # DINOv2's crop_pct 1.0, at 224 px
+    x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        assert vits["clip_vitb16"](x).shape == (2, 768) and vits["dinov2_vits14"](x).shape == (2, 384)
+
+
+@pytest.mark.parametrize("name", ["dino_vits16", "dinov2_vits14"])
+def test_frozen_transformer_blocks_are_cut_and_cached_like_efficientnet_stages(vits, name):
+    """freeze_stages=N on a vision transformer: the patch embedding, position embedding, class token and the first
+    N blocks keep their weights and run without autograd; their output (tokens) then gives the same pooled
+    features as the whole network."""
+    model = vits[name]
+    net = model.backbone
+    assert model.frozen_stages == 6
+    assert not net.patch_embed.proj.weight.requires_grad and not net.pos_embed.requires_grad
+    assert not net.cls_token.requires_grad and not any(p.requires_grad for p in net.blocks[5].parameters())
+    assert all(p.requires_grad for p in net.blocks[6].parameters()) and net.norm.weight.requires_grad
+    x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        tokens = model.frozen_features(x)
+        whole = net(model.normalize(x))
+    assert tokens.shape[-1] == net.num_features and not tokens.requires_grad
+    torch.testing.assert_close(model.pooled_from_frozen(tokens), whole, rtol=0, atol=1e-5)
+    model.train()
+    assert not net.blocks[0].training and net.blocks[6].training  # frozen blocks stay in eval mode
+    model.eval()
+
+
+def test_a_vision_transformer_has_no_pooling_to_replace():
+    from udml.errors import InputError
+    from udml.models import build_model
+
+    with pytest.raises(InputError, match=r"a vision transformer pools its tokens\); set pooling=avg"):
+        build_model("dino_vits16", pretrained=False, pooling="gem")
+
+
+def test_an_offline_machine_gets_one_line_naming_the_downloadable_model(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "photos").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "photos" / "a.png")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "udml", "embed", "pretrained:dinov2_vits14", str(tmp_path / "photos"), "-o", "x.npz"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("udml embed: error: could not download the pretrained weights of backbone 'dinov2_vits14'")
+    assert "machine with internet" in line and "efficientnet_lite0" in line

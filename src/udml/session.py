@@ -217,7 +217,7 @@ def frozen_cache_fits(model, precision: Precision, n_images: int, budget_gb: flo
         if n_views:
             raise InputError(
                 "frozen_views needs frozen stages whose outputs can be kept: freeze_stages on timm's EfficientNet "
-                "family (efficientnet_lite0, ...); set frozen_views=0"
+                "family (efficientnet_lite0, ...) or a vision transformer (dino_vits16, ...); set frozen_views=0"
             )
         return False
     size = model.image_size  # the frozen stages are in eval mode from construction on (UDMLNet): no state changes
