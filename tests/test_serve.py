@@ -304,3 +304,69 @@ def test_command_line_serve(tmp_path, index_file, model_file, capsys):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def bomb_png(side: int = 40_000) -> bytes:
+    """A PNG whose header claims side x side pixels (1.6 gigapixels) in a few hundred bytes: a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    rows = zlib.compress(b"\0" * (1 + side // 8) * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+@pytest.mark.slow
+def test_serve_under_load_from_concurrent_clients(index_file, model_file, embedded):
+    """`udml serve` over HTTP on loopback, 16 clients at once, 320 requests mixing grid pages, neighbour queries,
+    uploads and bad uploads (garbage, a truncated PNG, a decompression bomb, a text file): every answer is the one
+    a lone client gets (200, or 400 for the bad uploads), nothing fails or hangs (each request within 60 s), and the
+    server still answers afterwards."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    cmd = [sys.executable, "-m", "udml", "serve", str(index_file), "--port", "0", "--device", "cpu"]
+    proc = subprocess.Popen([*cmd, "--model", str(model_file)], stdout=subprocess.PIPE, text=True, env=env)
+    good = Path(embedded.paths[5]).read_bytes()
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, format="PNG")
+    bad = [b"not an image at all", png.getvalue()[:60], bomb_png(), b"a text file\n" * 50]
+    rng = random.Random(0)
+
+    def request(i: int) -> tuple[str, int]:
+        kind = rng.choices(["page", "neighbours", "upload", "bad"], weights=[10, 6, 3, 1])[0]
+        with httpx.Client(base_url=url, timeout=60) as c:
+            if kind == "page":
+                r = c.get("/api/images", params={"offset": rng.randrange(36), "limit": 12})
+            elif kind == "neighbours":
+                r = c.get(f"/api/neighbours/{rng.randrange(36)}", params={"k": 5})
+            else:
+                data = good if kind == "upload" else bad[i % len(bad)]
+                r = c.post("/api/search", params={"k": 5}, files={"image": ("q.jpg", data, "image/jpeg")})
+        return kind, r.status_code
+
+    try:
+        line = proc.stdout.readline()
+        url = line.split(" at ")[1].split()[0]
+        for _ in range(100):
+            try:
+                httpx.get(url + "api/info", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(request, range(320)))
+        expected = {"page": 200, "neighbours": 200, "upload": 200, "bad": 400}
+        wrong = [(k, s) for k, s in answers if s != expected[k]]
+        assert not wrong, wrong[:10]
+        assert {k for k, _ in answers} == set(expected)
+        assert httpx.get(url + "api/info", timeout=10).json()["count"] == 36 and proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
