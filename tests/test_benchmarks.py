@@ -228,6 +228,16 @@ def test_first_clustering(cub_folders, tmp_path):
     assert doc["k"] == 3 and has_machine_block(doc["machine"]) and (tmp_path / "pooled.npz").is_file()
 
 
+def test_embeddings_shards(tmp_path):
+    from benchmarks import embeddings_shards
+
+    out = tmp_path / "shards.json"
+    assert embeddings_shards.main(["--sizes", "4000", "--dim", "16", "--results", str(out)]) == 0
+    row = read(out)["rows"][0]
+    assert row["n"] == 4000 and row["changed_rows"] == 40
+    assert row["shards"]["update_write"]["bytes"] < 0.1 * row["npz"]["update_write"]["bytes"]
+
+
 def test_embed_updates(cub, tmp_path):
     from benchmarks import embed_updates
 

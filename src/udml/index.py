@@ -169,6 +169,9 @@ def load_index(path: str | Path):
     import faiss
 
     path = Path(path)
+    if path.is_dir():  # a folder of embeddings shards (udml embed -o FOLDER)
+        emb = load_embeddings(path)
+        return build_index(emb.vectors, "flat"), emb.paths, emb.meta
     if not path.is_file():
         raise MissingPath(f"no index or embeddings file at {path}; make one with udml embed / udml index")
     if path.suffix == ".npz":

@@ -82,7 +82,7 @@ def add(sub) -> None:
         "image (path, group, group_score, duplicate_group, duplicate_score; -1: in no group) as CSV or JSON. "
         "Scores are cosine similarities of the L2-normalised embeddings, in [-1, 1].",
     )
-    c.add_argument("embeddings", help="an .npz file written by udml embed")
+    c.add_argument("embeddings", help="embeddings written by udml embed (an .npz file or a folder of shards)")
     c.add_argument("--output", "-o", required=True, help="groups file to write: .csv or .json")
     c.add_argument("--k", type=int, help="k-means with K groups (default: about 50 images a group, as training)")
     c.add_argument(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -86,23 +85,18 @@ def nothing_to_do(args) -> str | None:
     and modification times, the unreadable ones as they were), embedded by the same model file (or pretrained
     backbone, with the same package versions) and precision request, and refined as asked: what to say. Else None,
     and the update runs. Reads the file's paths, stamps and metadata and stats the folder; imports no torch."""
-    import numpy as np
-
     from ..datasets import list_images
-    from ..embeddings import model_stamp
+    from ..embeddings import model_stamp, read_rows
+    from ..errors import UdmlError
     from ..store import describe_files
 
     out = Path(args.output)
-    if args.rebuild or not out.is_file():
+    if args.rebuild or not out.exists():
         return None
     try:
-        with np.load(out, allow_pickle=False) as z:
-            if "stamps" not in z.files:
-                return None
-            meta = json.loads(str(z["meta"]))
-            rows = [[p, *st] for p, st in zip(z["paths"].tolist(), z["stamps"].tolist())]
-    except (KeyError, ValueError, OSError):
-        return None  # not readable as an embeddings file: the update says what is wrong
+        meta, rows = read_rows(out)
+    except (UdmlError, OSError):
+        return None  # not readable as embeddings: the update says what is wrong
     stamp = model_stamp(args.model)
     if stamp is None or meta.get("model_stamp") != stamp or meta.get("amp") != (not args.float32):
         return None
@@ -147,8 +141,9 @@ def add(sub) -> None:
         "--output",
         "-o",
         required=True,
-        help="embeddings file to write (.npz). If it exists (same model), only new and changed images are embedded "
-        "and removed ones dropped",
+        help="embeddings to write: an .npz file, or a folder of row shards (any path without .npz: updates then "
+        "write only what changed, for large collections). If it exists (same model), only new and changed images "
+        "are embedded and removed ones dropped",
     )
     m.add_argument(
         "--rebuild", action="store_true", help="re-embed every image even if --output exists (e.g. another model)"

@@ -27,7 +27,7 @@ def run(args) -> int:
 
 def add(sub) -> None:
     i = sub.add_parser("index", help="build a faiss index (exact by default) over an embeddings file")
-    i.add_argument("embeddings", help="an .npz file written by udml embed")
+    i.add_argument("embeddings", help="embeddings written by udml embed (an .npz file or a folder of shards)")
     i.add_argument(
         "--output",
         "-o",
