@@ -10,7 +10,7 @@ import pytest
 from conftest import CUB_CLASSES, change_collection, cub_photos
 
 from udml.cli import main
-from udml.embeddings import load_embeddings
+from udml.embeddings import load_embeddings, save_embeddings
 from udml.index import build_index, load_index, save_index, search
 
 
@@ -148,3 +148,17 @@ def test_index_update_keeps_ids_and_never_returns_a_removed_image(collection, mo
     other = [] if kind else ["--hnsw", "8"]
     assert main(["index", str(emb), "-o", str(idx), *other]) == 0
     assert "rebuilt (another kind" in capsys.readouterr().out
+
+
+def test_a_large_collection_gets_an_approximate_index_unless_exact_is_asked(tmp_path, embedded, monkeypatch, capsys):
+    from udml.cli import index as index_command
+
+    save_embeddings(tmp_path / "e.npz", embedded)
+    run = ["index", str(tmp_path / "e.npz"), "-o", str(tmp_path / "i.faiss")]
+    assert main(run) == 0 and capsys.readouterr().out.startswith("flat index")
+    monkeypatch.setattr(index_command, "FLAT_UP_TO", len(embedded.paths) - 1)  # as if it were above the size
+    assert main(run) == 0
+    out = capsys.readouterr().out
+    assert "an approximate HNSW index" in out and "hnsw index" in out
+    assert main([*run, "--exact"]) == 0 and "flat index" in capsys.readouterr().out
+    assert main([*run, "--exact", "--hnsw"]) == 2
