@@ -134,4 +134,4 @@ def test_command_line_search_errors(tmp_path, embedded, capsys):
     assert main(["search", str(emb), str(tmp_path / "nope.jpg")]) == 2
     assert "nope.jpg does not exist" in capsys.readouterr().err
     assert main(["index", str(emb), "-o", str(tmp_path / "i"), "--ivf", "--hnsw"]) == 2
-    assert "one of --ivf and --hnsw" in capsys.readouterr().err
+    assert "one of --exact, --ivf and --hnsw" in capsys.readouterr().err
