@@ -19,7 +19,7 @@ from udml.evaluation import evaluate, knn
 from udml.images import open_rgb
 from udml.losses import create_loss
 from udml.models import create_backbone
-from udml.rundir import check_same_configuration
+from udml.rundir import check_same_configuration, new_run_dir
 from udml.samplers import ClusterBatchSampler
 from udml.training import train
 
@@ -381,6 +381,19 @@ def test_damaged_or_missing_checkpoint(tmp_path):
         ckpt.load(tmp_path / "checkpoint.pt")
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*nothing.pt; .*start a new run"):
         ckpt.load(tmp_path / "nothing.pt")
+
+
+def test_a_new_run_into_a_folder_that_holds_a_checkpoint_says_how_to_resume(tmp_path, capsys):
+    from udml.cli import main
+
+    (tmp_path / "run" / "checkpoint.pt").parent.mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(errors.PathProblem, match=r"already holds a checkpoint; continue it with --resume .*run"):
+        new_run_dir(tmp_path, "run", "unused")
+    argv = ["train", "--config", "digits", "--out", str(tmp_path), "run_name=run", "device=cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "Traceback" not in err and "bug in udml" not in err
 
 
 def test_damaged_run_config_yaml(tmp_path):

@@ -67,7 +67,7 @@ def new_run_dir(out_dir: str | Path, run_name: str | None, default_name: str) ->
     """A new run folder ``out_dir/run_name`` (or ``default_name``); refuses one that holds a checkpoint."""
     run_dir = Path(out_dir) / (run_name or default_name)
     if (run_dir / CHECKPOINT).exists():
-        raise FileExistsError(
+        raise PathProblem(
             f"run folder {run_dir} already holds a checkpoint; continue it with "
             f"--resume {run_dir}, or choose another run_name"
         )
