@@ -340,7 +340,10 @@ def results_file(path: Path, rows: dict[str, list[float]], commit: str = "abc123
             "seed": seed,
             "finished": True,
             **{"recall@1": r1, "nmi": r1 / 2, "map@r": r1 / 4, "step": 10},
-            "curve": [{"step": s, "recall@1": r1 * s / 10, "nmi": r1 * s / 20} for s in (0, 5, 10)],
+            "curve": [
+                {"step": s, "elapsed_s": 30.0 * s + seed, "recall@1": r1 * s / 10, "nmi": r1 * s / 20}
+                for s in (0, 5, 10)
+            ],
         }
         for row, values in rows.items()
         for seed, r1 in enumerate(values)
@@ -355,6 +358,13 @@ def test_plot_curves(tmp_path):
     results = results_file(tmp_path / "r.json", {"udml_ss": [0.5, 0.6], "udml": [0.4, 0.45]})
     assert plot_curves.main([str(results), "--title", "smoke", "--out", str(tmp_path / "curves.png")]) == 0
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gain = ["--x", "minutes", "--gain", "--out", str(tmp_path / "gain.png")]
+    assert plot_curves.main([str(results), *gain]) == 0
+    xs, values = plot_curves.aligned(
+        [(r["curve"], True) for r in read(results)["rows"][:2]], "recall@1", "minutes", True
+    )
+    assert xs[0] == pytest.approx(1 / 60) and xs[-1] == pytest.approx(5) and values[1, 0] == pytest.approx(0)
+    assert values[0, -1] == pytest.approx(50)  # the first seed of udml_ss: 0.5 at 5 minutes, from 0
     with pytest.raises(SystemExit, match="no curves"):
         plot_curves.main([str(results), "--rows", "supervised", "--out", str(tmp_path / "none.png")])
 
