@@ -49,11 +49,8 @@ def measure(n: int, dim: int, fraction: float, tmp: Path) -> dict:
         read_s = time.perf_counter() - t
         assert back.paths == second.paths
         row[kind] = {"full_write": full, "update_write": part, "read_s": round(read_s, 2)}
-        print(
-            f"N {n:>9,} {kind:6}: full {full['seconds']:6.2f} s {full['bytes'] / 2**20:8.1f} MB | 1 % update "
-            f"{part['seconds']:6.2f} s {part['bytes'] / 2**20:8.1f} MB | read {read_s:.2f} s",
-            flush=True,
-        )
+        sizes = [f"{w['seconds']:6.2f} s {w['bytes'] / 2**20:8.1f} MB" for w in (full, part)]
+        print(f"N {n:>9,} {kind:6}: full {sizes[0]} | 1 % update {sizes[1]} | read {read_s:.2f} s", flush=True)
     return row
 
 
