@@ -193,3 +193,6 @@ def test_cluster_says_how_it_found_neighbours(tmp_path, monkeypatch, capsys):
     assert main(run) == 0 and "found approximately (faiss HNSW)" in capsys.readouterr().out
     assert json.loads((tmp_path / "g.json").read_text())["neighbours"] == "approximate (faiss HNSW)"
     assert main([*run, "--exact"]) == 0 and json.loads((tmp_path / "g.json").read_text())["neighbours"] == "exact"
+    monkeypatch.setattr(groups, "EXACT_UP_TO", 200_000)
+    assert main([*run, "--approximate"]) == 0 and "as asked (--approximate)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "g.json").read_text())["neighbours"] == "approximate (faiss HNSW)"

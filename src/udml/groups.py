@@ -78,7 +78,9 @@ def approximate(n: int, exact: bool | None = None) -> bool:
     return not exact and (exact is False or n > EXACT_UP_TO) and faiss_available()
 
 
-EXACT_UP_TO = 50_000  # udml cluster's exact pass: 100,000 x 512-d took 96 s on 2 cores (RESULTS.md), quadratic
+# udml cluster's exact pass up to here: at 100,000 x 512-d on 2 cores it took 84 s against the HNSW graph's 137 s
+# (whole commands, RESULTS.md, issue #30); quadratic against N log N, they cross near 200,000 (udml index's choice too)
+EXACT_UP_TO = 200_000
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
 
 

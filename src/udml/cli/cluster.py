@@ -15,7 +15,7 @@ def run(args) -> int:
     x, paths = emb.embeddings, emb.paths
     # one k-nearest-neighbour pass for the threshold sets, the near-duplicates and the quantiles: exact up to
     # groups.EXACT_UP_TO images, approximate (faiss HNSW) above unless --exact
-    exact = True if args.exact else None
+    exact = True if args.exact else False if args.approximate else None
     near = groups.nearest_neighbours(x, exact=exact)
     approximate = groups.approximate(len(x), exact)
     # groups follow a refined collection's refined vectors; near-duplicates are about the images themselves (raw)
@@ -61,6 +61,8 @@ def run(args) -> int:
         print(
             f"neighbours found approximately (faiss HNSW) for the {len(paths)} images, above {groups.EXACT_UP_TO:,}: a "
             "pair may be missed, none is invented; --exact compares every pair (quadratic in the images)"
+            if not args.approximate
+            else f"neighbours found approximately (faiss HNSW) for the {len(paths)} images, as asked (--approximate)"
         )
     if args.sheet:
         sheet = groups.contact_sheet(
@@ -96,11 +98,15 @@ def add(sub) -> None:
         help="cosine similarity from which two images are near-duplicates (default 0.9: copies, resized and "
         "recompressed versions of a photo score above it, distinct photos of one bird species below, with Lite0)",
     )
-    c.add_argument(
+    how = c.add_mutually_exclusive_group()
+    how.add_argument(
         "--exact",
         action="store_true",
         help="compare every pair of images for the threshold groups, near-duplicates and quantiles (default: exact "
-        "up to 50,000 images, approximate nearest neighbours from faiss's HNSW graph above: N log N, not N^2)",
+        "up to 200,000 images, approximate nearest neighbours from faiss's HNSW graph above: N log N, not N^2)",
+    )
+    how.add_argument(
+        "--approximate", action="store_true", help="faiss's HNSW graph at any size (without faiss the pass is exact)"
     )
     c.add_argument("--sheet", help="also write a contact sheet (PNG) of the largest groups, and of the duplicates")
     c.add_argument("--seed", type=int, default=0, help="k-means seed")
