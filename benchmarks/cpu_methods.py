@@ -37,6 +37,7 @@ ROWS = {
     "sup_stml_net_fs4": ["supervised=true", *STML_NET, "freeze_stages=4"],
     # methods
     "folder_cpu": ["pseudo_epochs=11"],  # the folder_cpu preset as it is: its own 60 steps (UDML-SS)
+    "folder_cpu_fs4": ["pseudo_epochs=11", "freeze_stages=4"],  # the same with stages 5-7 trained
     "udml_ss": [],  # the folder_cpu preset (UDML-SS), trained for the whole budget
     "udml_ss_net_fs4": [*STML_NET, "freeze_stages=4"],
     "udml_ss_net": STML_NET,  # UDML-SS in the STML rows' configuration: pseudo-labels where sup_stml_net has labels
