@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from .harness import base_parser  # noqa: E402
 
 LABELS = {"udml_ss": "UDML-SS", "udml": "UDML (lambda = 0)"}
-COLOURS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+COLOURS = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive", "cyan")]
 
 
 def curve_from_metrics(path: Path) -> list[dict]:
