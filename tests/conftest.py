@@ -74,6 +74,18 @@ def cub3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def photos(cub3) -> Path:
+    """The folder ``embedded`` embeds: cub3, unless a test module defines its own ``photos``."""
+    return cub3
+
+
+@pytest.fixture
+def changing_photos(tmp_path) -> Path:
+    """12 real photos (4 of each of 3 species) copied into a folder that the test may change."""
+    return cub_photos(tmp_path / "photos", CUB_CLASSES, 4, copy=True)
+
+
+@pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
     """An untrained small convnet at 32 px, as a model file: enough to test the plumbing exactly."""
     import torch

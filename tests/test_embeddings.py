@@ -6,22 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CUB_CLASSES, change_collection, cub_photos
+from conftest import change_collection
 
 from udml.cli import main
 from udml.embeddings import load_embeddings, save_embeddings
-
-
-@pytest.fixture(scope="module")
-def photos(cub3) -> Path:
-    """What conftest's ``embedded`` embeds."""
-    return cub3
-
-
-@pytest.fixture
-def collection(tmp_path) -> Path:
-    """12 real photos (4 of each of 3 species) copied into a folder that the test may change."""
-    return cub_photos(tmp_path / "photos", CUB_CLASSES, 4, copy=True)
 
 
 def test_embeddings_file_round_trip(tmp_path, embedded):
@@ -37,11 +25,11 @@ def test_embeddings_file_round_trip(tmp_path, embedded):
         load_embeddings(tmp_path / "missing.npz")
 
 
-def test_a_write_killed_half_way_leaves_the_previous_file(collection, model_file, tmp_path, monkeypatch):
+def test_a_write_killed_half_way_leaves_the_previous_file(changing_photos, model_file, tmp_path, monkeypatch):
     out = tmp_path / "photos.npz"
-    assert main(["embed", str(model_file), str(collection), "-o", str(out), "--device", "cpu"]) == 0
+    assert main(["embed", str(model_file), str(changing_photos), "-o", str(out), "--device", "cpu"]) == 0
     before = out.read_bytes()
-    change_collection(collection)
+    change_collection(changing_photos)
 
     def killed(f, **arrays):
         f.write(b"PK\x03\x04 half a zip file")
@@ -49,7 +37,7 @@ def test_a_write_killed_half_way_leaves_the_previous_file(collection, model_file
 
     monkeypatch.setattr(np, "savez", killed)
     with pytest.raises(KeyboardInterrupt):
-        main(["embed", str(model_file), str(collection), "-o", str(out), "--device", "cpu"])
+        main(["embed", str(model_file), str(changing_photos), "-o", str(out), "--device", "cpu"])
     assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["photos", "photos.npz"]
     assert len(load_embeddings(out).paths) == 12
 
@@ -153,11 +141,11 @@ def test_a_shard_update_killed_half_way_leaves_the_previous_state(tmp_path, monk
     assert len(list((tmp_path / "rows").glob("*.npz"))) == 2  # the orphan of the killed write is gone
 
 
-def test_udml_embed_index_cluster_and_search_with_a_shard_folder(collection, model_file, tmp_path, capsys):
+def test_udml_embed_index_cluster_and_search_with_a_shard_folder(changing_photos, model_file, tmp_path, capsys):
     out, npz = tmp_path / "photos.emb", tmp_path / "photos.npz"
-    embed = ["embed", str(model_file), str(collection), "--device", "cpu", "--workers", "0", "--refine", "-o"]
+    embed = ["embed", str(model_file), str(changing_photos), "--device", "cpu", "--workers", "0", "--refine", "-o"]
     assert main([*embed, str(out)]) == 0 and out.is_dir()
-    change_collection(collection)
+    change_collection(changing_photos)
     assert main([*embed, str(out)]) == 0 and "(updated:" in capsys.readouterr().out
     assert main([*embed, str(out)]) == 0 and "up to date" in capsys.readouterr().out
     assert main([*embed, str(npz)]) == 0

@@ -7,23 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CUB_CLASSES, change_collection, cub_photos
+from conftest import change_collection
 
 from udml.cli import main
 from udml.embeddings import load_embeddings, save_embeddings
 from udml.index import build_index, load_index, save_index, search
-
-
-@pytest.fixture(scope="module")
-def photos(cub3) -> Path:
-    """What conftest's ``embedded`` embeds."""
-    return cub3
-
-
-@pytest.fixture
-def collection(tmp_path) -> Path:
-    """12 real photos (4 of each of 3 species) copied into a folder that the test may change."""
-    return cub_photos(tmp_path / "photos", CUB_CLASSES, 4, copy=True)
 
 
 def brute_force(x: np.ndarray, q: np.ndarray, k: int):
@@ -87,17 +75,17 @@ def test_index_files_round_trip_and_must_stay_together(tmp_path, embedded):
 # --------------------------------------------------------------------------- updates as the collection changes
 
 
-def test_an_index_write_killed_half_way_leaves_the_previous_index(collection, model_file, tmp_path, monkeypatch):
+def test_an_index_write_killed_half_way_leaves_the_previous_index(changing_photos, model_file, tmp_path, monkeypatch):
     """The index goes through the package's one atomic write: a kill while faiss writes it leaves the previous
     index (and its paths file) as they were, and no temporary file."""
     import faiss
 
     emb, idx = tmp_path / "photos.npz", tmp_path / "photos.faiss"
-    assert main(["embed", str(model_file), str(collection), "-o", str(emb), "--device", "cpu"]) == 0
+    assert main(["embed", str(model_file), str(changing_photos), "-o", str(emb), "--device", "cpu"]) == 0
     assert main(["index", str(emb), "-o", str(idx)]) == 0
     before, sidecar = idx.read_bytes(), Path(f"{idx}.json").read_text()
-    change_collection(collection)
-    assert main(["embed", str(model_file), str(collection), "-o", str(emb), "--device", "cpu"]) == 0
+    change_collection(changing_photos)
+    assert main(["embed", str(model_file), str(changing_photos), "-o", str(emb), "--device", "cpu"]) == 0
     real = faiss.write_index
 
     def killed(index, writer):
@@ -112,13 +100,13 @@ def test_an_index_write_killed_half_way_leaves_the_previous_index(collection, mo
 
 
 @pytest.mark.parametrize("kind", [[], ["--ivf", "1"], ["--hnsw", "8"]], ids=["flat", "ivf", "hnsw"])
-def test_index_update_keeps_ids_and_never_returns_a_removed_image(collection, model_file, tmp_path, kind, capsys):
+def test_index_update_keeps_ids_and_never_returns_a_removed_image(changing_photos, model_file, tmp_path, kind, capsys):
     emb, idx = tmp_path / "photos.npz", tmp_path / "photos.faiss"
-    assert main(["embed", str(model_file), str(collection), "-o", str(emb), "--device", "cpu"]) == 0
+    assert main(["embed", str(model_file), str(changing_photos), "-o", str(emb), "--device", "cpu"]) == 0
     assert main(["index", str(emb), "-o", str(idx), *kind]) == 0
     first = json.loads(Path(f"{idx}.json").read_text())
-    what = change_collection(collection)
-    assert main(["embed", str(model_file), str(collection), "-o", str(emb), "--device", "cpu"]) == 0
+    what = change_collection(changing_photos)
+    assert main(["embed", str(model_file), str(changing_photos), "-o", str(emb), "--device", "cpu"]) == 0
     capsys.readouterr()
     assert main(["index", str(emb), "-o", str(idx), *kind]) == 0
     assert "updated: 9 kept, 4 added, 3 removed" in capsys.readouterr().out
