@@ -5,20 +5,23 @@ HNSW graph, on STAND-IN embeddings (synthetic, not a network's).
 
 For each size: SOP-like synthetic unit vectors (benchmarks.harness.synthetic_embeddings, 512-d, 5 per class) with
 one in 50 replaced by a near-copy of another (similarity about 0.95), written as an embeddings file; then the whole
-`udml cluster FILE -o groups.csv` command, timed with its peak memory, with ``--approximate`` (faiss's HNSW graph,
-the default above udml.groups.EXACT_UP_TO) and, up to ``--exact-up-to``, with ``--exact``. Where both ran, the
-near-duplicate pairs at the default threshold (0.9) are compared: the approximate pass's recall of the exact pairs,
-and its precision (1.0 when it only misses pairs, as it should). Group labels are not compared: k-means does not
-depend on the neighbours.
+`udml cluster FILE -o groups.csv` command, timed with its peak memory, with ``--approximate`` (faiss's HNSW graph
+and k-means in two levels, the default above udml.groups.EXACT_UP_TO) and, up to ``--exact-up-to``, with
+``--exact`` (every pair compared, one level of k-means). Where both ran, the near-duplicate pairs at the default
+threshold (0.9) are compared: the approximate pass's recall of the exact pairs, and its precision (1.0 when it only
+misses pairs, as it should); and the groups: each mode's mean similarity of an image to its group's centre (what
+k-means maximises), its NMI to the synthetic classes, and the NMI between the two modes' groups.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import normalized_mutual_info_score
 
 from udml.embeddings import Embeddings, save_embeddings
 
@@ -42,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(n: int, args, tmp: Path) -> dict:
     npz = tmp / "emb.npz"
-    write_embeddings(n, args, npz)
+    classes = write_embeddings(n, args, npz)
     row = {"n": n, "dim": args.dim}
+    grouped = {}
     modes = [("approximate", ["--approximate"])] + ([("exact", ["--exact"])] if n <= args.exact_up_to else [])
     pairs = {}
     for mode, extra in modes:
@@ -51,13 +55,23 @@ def measure(n: int, args, tmp: Path) -> dict:
         t = run_timed("cluster", npz, "-o", out, *extra)
         row[mode] = {"seconds": round(t.seconds, 1), "peak_rss_mb": t.peak_rss_mb, "said": t.stdout.strip()}
         pairs[mode] = duplicate_sets(out)
+        grouped[mode] = read_groups(out)
+        row[mode]["groups"] = {
+            "mean_similarity_to_centre": round(float(grouped[mode][1].mean()), 4),
+            "nmi_to_classes": round(normalized_mutual_info_score(classes, grouped[mode][0]), 4),
+        }
     if "exact" in pairs:
         row["duplicates_vs_exact"] = compare(pairs["approximate"], pairs["exact"])
+        row["groups_nmi_two_level_vs_one"] = round(
+            normalized_mutual_info_score(grouped["exact"][0], grouped["approximate"][0]), 4
+        )
+    print(json.dumps(row), flush=True)
     return row
 
 
-def write_embeddings(n: int, args, path: Path) -> None:
-    x, _, _ = synthetic_embeddings(n, args.dim, args.points_per_class, args.noise, args.seed)
+def write_embeddings(n: int, args, path: Path) -> np.ndarray:
+    """Writes the stand-in file; returns the synthetic classes (the near-copies keep their own row's class)."""
+    x, classes, _ = synthetic_embeddings(n, args.dim, args.points_per_class, args.noise, args.seed)
     x = x.numpy()
     rng = np.random.default_rng(args.seed)
     k = int(n * args.copies)
@@ -65,6 +79,14 @@ def write_embeddings(n: int, args, path: Path) -> None:
     x[dst] = x[src] + 0.32 / np.sqrt(args.dim) * rng.standard_normal((k, args.dim)).astype(np.float32)
     x[dst] /= np.linalg.norm(x[dst], axis=1, keepdims=True)
     save_embeddings(path, Embeddings(x, [f"/stand-in/{i:07d}.jpg" for i in range(n)], {"model": "stand-in"}))
+    return classes.numpy()
+
+
+def read_groups(groups_csv: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(group, group_score) of every image, in the file's order (the embeddings' order)."""
+    with open(groups_csv) as f:
+        rows = list(csv.DictReader(f))
+    return np.array([int(r["group"]) for r in rows]), np.array([float(r["group_score"]) for r in rows])
 
 
 def duplicate_sets(groups_csv: Path) -> set[tuple[int, int]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import shared_data
 from PIL import Image
 from sklearn.metrics import normalized_mutual_info_score
@@ -71,6 +72,39 @@ def test_kmeans_groups_scores_are_similarities_to_the_group_centre():
     assert groups.kmeans_groups(x)[2] == 16  # default K as training: N / 50, at least clusters_per_batch
     with pytest.raises(ValueError, match="between 2 and 200"):
         groups.kmeans_groups(x, 500)
+
+
+def test_two_level_kmeans_recovers_separated_groups_with_their_centres():
+    """48 tight groups of 25 on the sphere, K = 48: the two levels (7 coarse clusters, then the groups within them)
+    find every group, and each centre is its members' normalised mean, as one level of spherical k-means gives."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(48, 16))
+    truth = np.repeat(np.arange(48), 25)
+    x = centres[truth] / np.linalg.norm(centres[truth], axis=1, keepdims=True) + 0.02 * rng.normal(size=(1200, 16))
+    x = torch.nn.functional.normalize(torch.as_tensor(x, dtype=torch.float32), dim=1)
+    labels, found = groups.two_level_kmeans(x, 48)
+    assert found.shape == (48, 16) and sorted(set(labels.tolist())) == list(range(48))
+    assert normalized_mutual_info_score(truth, labels.numpy()) == pytest.approx(1.0)
+    for g in range(48):
+        mean = torch.nn.functional.normalize(x[labels == g].mean(0), dim=0)
+        assert float(mean @ torch.nn.functional.normalize(found[g], dim=0)) > 0.9999
+    two, score, k = groups.kmeans_groups(x.numpy(), 48, two_level=True)
+    assert k == 48 and normalized_mutual_info_score(truth, two) == pytest.approx(1.0) and score.min() > 0.99
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_shares_split_k_in_proportion_within_each_cluster(seed):
+    rng = np.random.default_rng(seed)
+    sizes = torch.as_tensor(rng.integers(0, 40, size=int(rng.integers(2, 12))))
+    sizes[0] = max(int(sizes[0]), 1)
+    nonempty, n = int((sizes > 0).sum()), int(sizes.sum())
+    k = int(rng.integers(nonempty, n + 1))
+    shares = groups._shares(sizes, k)
+    assert int(shares.sum()) == k
+    assert ((shares >= 1) == (sizes > 0)).all() and (shares <= sizes).all()
+    exact = sizes.double() * k / n
+    free = (shares > 1) & (shares < sizes)  # not held at a bound: within one of its proportion
+    assert ((shares - exact).abs()[free] < 1).all()
 
 
 def test_groups_file_round_trip(tmp_path):
@@ -191,8 +225,10 @@ def test_cluster_says_how_it_found_neighbours(tmp_path, monkeypatch, capsys):
     assert main(run) == 0 and json.loads((tmp_path / "g.json").read_text())["neighbours"] == "exact"
     monkeypatch.setattr(groups, "EXACT_UP_TO", 1000)  # a collection above the size for the exact pass
     assert main(run) == 0 and "found approximately (faiss HNSW)" in capsys.readouterr().out
-    assert json.loads((tmp_path / "g.json").read_text())["neighbours"] == "approximate (faiss HNSW)"
+    summary = json.loads((tmp_path / "g.json").read_text())
+    assert summary["neighbours"] == "approximate (faiss HNSW)" and summary["method"] == "kmeans two-level"
     assert main([*run, "--exact"]) == 0 and json.loads((tmp_path / "g.json").read_text())["neighbours"] == "exact"
+    assert json.loads((tmp_path / "g.json").read_text())["method"] == "kmeans"
     monkeypatch.setattr(groups, "EXACT_UP_TO", 200_000)
     assert main([*run, "--approximate"]) == 0 and "as asked (--approximate)" in capsys.readouterr().out
     assert json.loads((tmp_path / "g.json").read_text())["neighbours"] == "approximate (faiss HNSW)"

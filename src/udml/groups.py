@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +41,73 @@ def _check(embeddings) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1)
 
 
-def kmeans_groups(embeddings, k: int | None = None, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+def kmeans_groups(
+    embeddings, k: int | None = None, *, seed: int = 0, two_level: bool = False
+) -> tuple[np.ndarray, np.ndarray, int]:
     """(group of each image in 0..K-1, similarity to its group's centre, K); K by default as training chooses
     it (about 50 images a group: :func:`udml.config.default_num_clusters`). Groups are numbered by size,
-    largest first."""
+    largest first. ``two_level``: :func:`two_level_kmeans` instead of one k-means over all K centres (what
+    ``udml cluster`` does above EXACT_UP_TO images)."""
     x = _check(embeddings)
     k = default_num_clusters(len(x)) if k is None else int(k)
     if not 2 <= k <= len(x):
         raise InputError(f"udml cluster: k={k} groups for {len(x)} images; choose k between 2 and {len(x)}")
-    result = kmeans(x, k, seed=seed, spherical=True)
-    centres = torch.nn.functional.normalize(result.centroids, dim=1)
-    score = (x * centres[result.labels]).sum(1)
-    return _by_size(result.labels.numpy()), score.numpy(), k
+    if two_level:
+        labels, centres = two_level_kmeans(x, k, seed=seed)
+    else:
+        result = kmeans(x, k, seed=seed, spherical=True)
+        labels, centres = result.labels, result.centroids
+    centres = torch.nn.functional.normalize(centres, dim=1)
+    score = (x * centres[labels]).sum(1)
+    return _by_size(labels.numpy()), score.numpy(), k
+
+
+def two_level_kmeans(x: torch.Tensor, k: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels [N] in 0..k-1, centres [k, D]) of spherical k-means in two levels: about sqrt(k) coarse clusters
+    of all rows, then each coarse cluster split by its own k-means into a share of the k groups proportional to
+    its size. A pass costs about 2 N sqrt(k) D against N k D for one level, and since K grows with N (about 50
+    images a group) one level is quadratic in N; the price is that a group never spans two coarse clusters.
+    The scheme of faiss.contrib.clustering.two_level_clustering, which returns centres only: here each row keeps
+    the group it was placed in. ``x``: L2-normalised rows."""
+    n = len(x)
+    coarse = kmeans(x, max(2, min(k, round(math.sqrt(k)))), seed=seed, spherical=True)
+    sizes = torch.bincount(coarse.labels, minlength=len(coarse.centroids))
+    shares = _shares(sizes, k)
+    order = torch.argsort(coarse.labels, stable=True)
+    labels = torch.empty(n, dtype=torch.long)
+    centres, start, first = [], 0, 0
+    for c, (size, share) in enumerate(zip(sizes.tolist(), shares.tolist())):
+        rows = order[start : start + size]
+        start += size
+        if share == 0:
+            continue
+        if share == 1:
+            labels[rows] = first
+            centres.append(x[rows].mean(0, keepdim=True))
+        elif share == size:  # as many groups as rows: one each
+            labels[rows] = first + torch.arange(size)
+            centres.append(x[rows])
+        else:
+            fine = kmeans(x[rows], share, seed=seed + 1 + c, spherical=True)
+            labels[rows] = first + fine.labels
+            centres.append(fine.centroids)
+        first += share
+    return labels, torch.cat(centres)
+
+
+def _shares(sizes: torch.Tensor, k: int) -> torch.Tensor:
+    """k split over clusters of these sizes in proportion (largest remainders), each non-empty cluster at least
+    1 and at most its size; sums to k when k is between the non-empty count and sizes.sum()."""
+    exact = sizes.double() * k / sizes.sum()
+    shares = torch.minimum(torch.maximum(exact.floor().long(), (sizes > 0).long()), sizes)
+    while int(shares.sum()) != k:
+        if int(shares.sum()) < k:  # one more where the proportion is furthest above what it has
+            gap = torch.where(shares < sizes, exact - shares, torch.tensor(-float("inf"), dtype=torch.double))
+            shares[int(gap.argmax())] += 1
+        else:  # one fewer where it is furthest below
+            gap = torch.where(shares > 1, shares - exact, torch.tensor(-float("inf"), dtype=torch.double))
+            shares[int(gap.argmax())] -= 1
+    return shares
 
 
 def nearest_neighbours(
@@ -71,11 +127,12 @@ def nearest_neighbours(
     return knn(x, x, k, exclude=torch.arange(len(x)))
 
 
-def approximate(n: int, exact: bool | None = None) -> bool:
-    """Whether :func:`nearest_neighbours` of ``n`` images takes the approximate path."""
+def approximate(n: int, exact: bool | None = None, *, neighbours: bool = True) -> bool:
+    """Whether ``udml cluster`` of ``n`` images takes the approximate path: faiss's HNSW graph for the neighbours
+    (:func:`nearest_neighbours`; exact where faiss is missing) or, with ``neighbours=False``, two-level k-means."""
     from .clustering import faiss_available
 
-    return not exact and (exact is False or n > EXACT_UP_TO) and faiss_available()
+    return not exact and (exact is False or n > EXACT_UP_TO) and (faiss_available() or not neighbours)
 
 
 # udml cluster's exact pass up to here: at 100,000 x 512-d on 2 cores it took 84 s against the HNSW graph's 137 s

@@ -13,8 +13,8 @@ def run(args) -> int:
 
     emb = load_embeddings(args.embeddings)
     x, paths = emb.embeddings, emb.paths
-    # one k-nearest-neighbour pass for the threshold sets, the near-duplicates and the quantiles: exact up to
-    # groups.EXACT_UP_TO images, approximate (faiss HNSW) above unless --exact
+    # one k-nearest-neighbour pass for the threshold sets, the near-duplicates and the quantiles, and k-means: exact
+    # up to groups.EXACT_UP_TO images; above, unless --exact, faiss's HNSW graph and k-means in two levels
     exact = True if args.exact else False if args.approximate else None
     near = groups.nearest_neighbours(x, exact=exact)
     approximate = groups.approximate(len(x), exact)
@@ -24,8 +24,9 @@ def run(args) -> int:
         label, score = groups.threshold_groups(g, args.threshold, near=near if g is x else None)
         how = {"method": "threshold", "threshold": args.threshold}
     else:
-        label, score, k = groups.kmeans_groups(g, args.k, seed=args.seed)
-        how = {"method": "kmeans", "k": k}
+        two_level = groups.approximate(len(x), exact, neighbours=False)
+        label, score, k = groups.kmeans_groups(g, args.k, seed=args.seed, two_level=two_level)
+        how = {"method": "kmeans two-level" if two_level else "kmeans", "k": k}
     if emb.refined is not None:
         how["refined"] = emb.meta["refine"]
     threshold = groups.DUPLICATE_THRESHOLD if args.duplicates is None else args.duplicates
@@ -63,6 +64,11 @@ def run(args) -> int:
             "pair may be missed, none is invented; --exact compares every pair (quadratic in the images)"
             if not args.approximate
             else f"neighbours found approximately (faiss HNSW) for the {len(paths)} images, as asked (--approximate)"
+        )
+    if how["method"] == "kmeans two-level":
+        print(
+            f"k-means in two levels, as above {groups.EXACT_UP_TO:,} images: about sqrt(K) coarse clusters, then the "
+            f"{k} groups within them (no group spans two); --exact runs one level over all {k} centres (slower: N x K)"
         )
     if args.sheet:
         sheet = groups.contact_sheet(
@@ -102,11 +108,14 @@ def add(sub) -> None:
     how.add_argument(
         "--exact",
         action="store_true",
-        help="compare every pair of images for the threshold groups, near-duplicates and quantiles (default: exact "
-        "up to 200,000 images, approximate nearest neighbours from faiss's HNSW graph above: N log N, not N^2)",
+        help="compare every pair of images for the threshold groups, near-duplicates and quantiles, and run k-means "
+        "in one level (default: exact up to 200,000 images; above, approximate nearest neighbours from faiss's "
+        "HNSW graph and k-means in two levels: near-linear, not N^2)",
     )
     how.add_argument(
-        "--approximate", action="store_true", help="faiss's HNSW graph at any size (without faiss the pass is exact)"
+        "--approximate",
+        action="store_true",
+        help="faiss's HNSW graph (without faiss the neighbour pass is exact) and two-level k-means at any size",
     )
     c.add_argument("--sheet", help="also write a contact sheet (PNG) of the largest groups, and of the duplicates")
     c.add_argument("--seed", type=int, default=0, help="k-means seed")
