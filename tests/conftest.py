@@ -18,6 +18,7 @@ def shared_data(*parts: str) -> Path:
 
 # Three CUB species that the retrieval, serving and collection tests use.
 CUB_CLASSES = ("001.Black_footed_Albatross", "017.Cardinal", "036.Northern_Flicker")
+BIRDS_PER_CLASS = 12  # the birds fixture: 36 photos
 
 
 def cub_photos(root: Path, classes, per_class: int | None = None, copy: bool = False) -> Path:
@@ -108,6 +109,31 @@ def embedded(photos, model_file):
     from udml.retrieval import Embedder, embed_folder
 
     return embed_folder(Embedder.from_file(model_file), photos)
+
+
+@pytest.fixture(scope="module")
+def birds(tmp_path_factory) -> Path:
+    """36 CUB photos (12 of each of CUB_CLASSES) linked in one folder per species: what udml serve's tests serve
+    (their modules make it their ``photos``)."""
+    return cub_photos(tmp_path_factory.mktemp("birds"), CUB_CLASSES, BIRDS_PER_CLASS)
+
+
+@pytest.fixture(scope="module")
+def index_file(tmp_path_factory, embedded) -> Path:
+    """The module's ``embedded`` photos as a flat faiss index file."""
+    from udml.index import build_index, save_index
+
+    path = tmp_path_factory.mktemp("index") / "birds.faiss"
+    save_index(path, build_index(embedded.embeddings), embedded, "flat")
+    return path
+
+
+@pytest.fixture(scope="module")
+def collection(index_file):
+    """``index_file`` opened as udml serve opens it (udml.serve.Collection)."""
+    from udml.serve import open_collection
+
+    return open_collection(index_file, device="cpu")
 
 
 @pytest.fixture

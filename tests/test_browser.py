@@ -8,40 +8,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CUB_CLASSES, cub_photos
+from conftest import BIRDS_PER_CLASS, CUB_CLASSES
 from fastapi.testclient import TestClient
 from helpers import brute_force_neighbours
 
-from udml.index import build_index, save_index
-from udml.serve import LOOPBACK_HOSTS, Collection, bind, create_app, open_collection
+from udml.serve import LOOPBACK_HOSTS, bind, create_app, open_collection
 
 CLASSES = CUB_CLASSES
-PER_CLASS = 12
+PER_CLASS = BIRDS_PER_CLASS
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-@pytest.fixture(scope="module")
-def birds(tmp_path_factory) -> Path:
-    """36 CUB images (12 of each of 3 species) as symlinks in one folder per species."""
-    return cub_photos(tmp_path_factory.mktemp("birds"), CLASSES, PER_CLASS)
+needs_chromium = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason=f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)",
+)
 
 
 @pytest.fixture(scope="module")
 def photos(birds) -> Path:
-    """What conftest's ``embedded`` embeds."""
+    """What conftest's ``embedded`` (and so ``index_file`` and ``collection``) embeds: conftest's 36 birds."""
     return birds
-
-
-@pytest.fixture(scope="module")
-def index_file(tmp_path_factory, embedded) -> Path:
-    path = tmp_path_factory.mktemp("index") / "birds.faiss"
-    save_index(path, build_index(embedded.embeddings), embedded, "flat")
-    return path
-
-
-@pytest.fixture(scope="module")
-def collection(index_file) -> Collection:
-    return open_collection(index_file, device="cpu")
 
 
 class LiveServer:
@@ -92,10 +77,7 @@ def chromium(tmp_path):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-@pytest.mark.skipif(
-    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-    reason=f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)",
-)
+@needs_chromium
 def test_page_in_a_headless_browser(tmp_path, collection, embedded):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -168,6 +150,7 @@ def test_page_in_a_headless_browser(tmp_path, collection, embedded):
             driver.quit()
 
 
+@needs_chromium
 def test_groups_from_udml_cluster_filter_the_grid(tmp_path, index_file, embedded):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CUB_CLASSES, change_collection, cub_photos, spare_photos
+from conftest import CUB_CLASSES, change_collection, spare_photos
 
 from udml import retrieval
 from udml.checkpoint import save_model
@@ -116,18 +116,12 @@ def test_embed_and_search_with_the_pretrained_backbone_alone(tmp_path, cub3, cap
 # --------------------------------------------------------------------------- udml embed onto an existing file
 
 
-@pytest.fixture
-def collection(tmp_path) -> Path:
-    """12 real photos (4 of each of 3 species) copied into a folder that the test may change."""
-    return cub_photos(tmp_path / "photos", CLASSES, 4, copy=True)
-
-
-def test_embed_updates_only_new_and_changed_files(collection, model_file, tmp_path, monkeypatch, capsys):
+def test_embed_updates_only_new_and_changed_files(changing_photos, model_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "photos.npz"
-    assert main(["embed", str(model_file), str(collection), "-o", str(out), "--device", "cpu"]) == 0
+    assert main(["embed", str(model_file), str(changing_photos), "-o", str(out), "--device", "cpu"]) == 0
     before = load_embeddings(out)
     assert len(before.paths) == 12 and before.stamps.shape == (12, 2)
-    what = change_collection(collection)
+    what = change_collection(changing_photos)
 
     asked = []  # every file the update hands to the network
     files = retrieval.ImageFiles
@@ -138,7 +132,7 @@ def test_embed_updates_only_new_and_changed_files(collection, model_file, tmp_pa
 
     monkeypatch.setattr(retrieval, "ImageFiles", spy)
     capsys.readouterr()
-    assert main(["embed", str(model_file), str(collection), "-o", str(out), "--device", "cpu"]) == 0
+    assert main(["embed", str(model_file), str(changing_photos), "-o", str(out), "--device", "cpu"]) == 0
     assert "9 kept, 4 embedded, 2 removed" in capsys.readouterr().out
     new = {str(p) for p in spare_photos(2)}
     assert {Path(p).name for p in asked} == {Path(p).name for p in new} | {
@@ -148,7 +142,7 @@ def test_embed_updates_only_new_and_changed_files(collection, model_file, tmp_pa
     }
     after = load_embeddings(out)
     monkeypatch.setattr(retrieval, "ImageFiles", files)
-    fresh = embed_folder(Embedder.from_file(model_file), collection)
+    fresh = embed_folder(Embedder.from_file(model_file), changing_photos)
     assert after.paths == fresh.paths and what["removed"] not in after.paths and what["renamed"] in after.paths
     np.testing.assert_allclose(after.embeddings, fresh.embeddings, atol=1e-5)
     np.testing.assert_array_equal(after.stamps, fresh.stamps)
@@ -162,36 +156,36 @@ def test_embed_updates_only_new_and_changed_files(collection, model_file, tmp_pa
     assert not np.allclose(after.embeddings[after.paths.index(what["changed"])], changed_before, atol=1e-4)
 
 
-def test_embed_with_another_model_refuses_unless_rebuild(collection, model_file, tmp_path, capsys):
+def test_embed_with_another_model_refuses_unless_rebuild(changing_photos, model_file, tmp_path, capsys):
     out = tmp_path / "photos.npz"
-    assert main(["embed", str(model_file), str(collection), "-o", str(out), "--device", "cpu"]) == 0
+    assert main(["embed", str(model_file), str(changing_photos), "-o", str(out), "--device", "cpu"]) == 0
     cfg = make_config("digits", ["embedding_dim=32"])
     torch.manual_seed(1)
     other = tmp_path / "other.pt"
     save_model(model_from_config(cfg), cfg, other)
     capsys.readouterr()
-    assert main(["embed", str(other), str(collection), "-o", str(out), "--device", "cpu"]) == 2
+    assert main(["embed", str(other), str(changing_photos), "-o", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "another network" in err and "--rebuild" in err and "Traceback" not in err
     assert load_embeddings(out).meta["model"] == str(model_file.resolve())  # untouched
-    assert main(["embed", str(other), str(collection), "-o", str(out), "--device", "cpu", "--rebuild"]) == 0
+    assert main(["embed", str(other), str(changing_photos), "-o", str(out), "--device", "cpu", "--rebuild"]) == 0
     assert load_embeddings(out).meta["model"] == str(other.resolve())
     # a file from before stamps: every image is embedded again, and said so
     old = load_embeddings(out)
     old.stamps = None
     save_embeddings(out, old)
     capsys.readouterr()
-    assert main(["embed", str(other), str(collection), "-o", str(out), "--device", "cpu"]) == 0
+    assert main(["embed", str(other), str(changing_photos), "-o", str(out), "--device", "cpu"]) == 0
     assert "re-embedding all" in capsys.readouterr().out and load_embeddings(out).stamps is not None
 
 
-def test_an_update_with_nothing_changed_is_told_without_loading_a_model(collection, model_file, tmp_path):
+def test_an_update_with_nothing_changed_is_told_without_loading_a_model(changing_photos, model_file, tmp_path):
     """udml embed onto a file that already holds the folder as it is (an unreadable file included): it says so and
     stops after a listing and a stat per file, without importing torch; any change to the folder, to the model file
     or to the refinement asked for makes it update (or refuse) as before."""
     out = tmp_path / "photos.npz"
-    (collection / CLASSES[0] / "broken.jpg").write_bytes(b"not an image")
-    embed = ["embed", str(model_file), str(collection), "-o", str(out), "--device", "cpu", "--workers", "0"]
+    (changing_photos / CLASSES[0] / "broken.jpg").write_bytes(b"not an image")
+    embed = ["embed", str(model_file), str(changing_photos), "-o", str(out), "--device", "cpu", "--workers", "0"]
     assert main(embed) == 0
 
     def again(*extra):
@@ -212,6 +206,6 @@ def test_an_update_with_nothing_changed_is_told_without_loading_a_model(collecti
     os.utime(model_file)  # the model file was replaced (touched): the file's rows may not be the model's
     assert "up to date" not in again()
     assert "up to date" in again()
-    (collection / CLASSES[1] / "new.jpg").write_bytes(next((collection / CLASSES[1]).iterdir()).read_bytes())
+    (changing_photos / CLASSES[1] / "new.jpg").write_bytes(next((changing_photos / CLASSES[1]).iterdir()).read_bytes())
     said = again()
     assert "12 kept, 1 embedded, 0 removed" in said and said.rstrip().endswith("\nTORCH")

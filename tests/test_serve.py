@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CUB_CLASSES, cub_photos
+from conftest import BIRDS_PER_CLASS, CUB_CLASSES
 from fastapi.testclient import TestClient
 from helpers import brute_force_neighbours
 from PIL import Image
@@ -21,34 +21,16 @@ from udml.cli import main
 from udml.embeddings import Embeddings, save_embeddings
 from udml.index import build_index, save_index
 from udml.retrieval import Embedder, embed_folder
-from udml.serve import LOOPBACK_HOSTS, Collection, bind, create_app, map_2d, open_collection
+from udml.serve import LOOPBACK_HOSTS, bind, create_app, map_2d, open_collection
 
 CLASSES = CUB_CLASSES
-PER_CLASS = 12
-
-
-@pytest.fixture(scope="module")
-def birds(tmp_path_factory) -> Path:
-    """36 CUB images (12 of each of 3 species) as symlinks in one folder per species."""
-    return cub_photos(tmp_path_factory.mktemp("birds"), CLASSES, PER_CLASS)
+PER_CLASS = BIRDS_PER_CLASS
 
 
 @pytest.fixture(scope="module")
 def photos(birds) -> Path:
-    """What conftest's ``embedded`` embeds."""
+    """What conftest's ``embedded`` (and so ``index_file`` and ``collection``) embeds: conftest's 36 birds."""
     return birds
-
-
-@pytest.fixture(scope="module")
-def index_file(tmp_path_factory, embedded) -> Path:
-    path = tmp_path_factory.mktemp("index") / "birds.faiss"
-    save_index(path, build_index(embedded.embeddings), embedded, "flat")
-    return path
-
-
-@pytest.fixture(scope="module")
-def collection(index_file) -> Collection:
-    return open_collection(index_file, device="cpu")
 
 
 @pytest.fixture(scope="module")
