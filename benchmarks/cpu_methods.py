@@ -40,6 +40,7 @@ ROWS = {
     "folder_cpu_fs4": ["pseudo_epochs=11", "freeze_stages=4"],  # the same with stages 5-7 trained
     # folder_cpu_fs4 with its pseudo-labels from features averaged with their 8 nearest neighbours first
     "folder_cpu_fs4_tn8": ["pseudo_epochs=11", "freeze_stages=4", "target_neighbours=8"],
+    "folder_cpu_fs4_tn16": ["pseudo_epochs=11", "freeze_stages=4", "target_neighbours=16"],
     "folder_cpu_fs4_2r": ["pseudo_epochs=22", "freeze_stages=4"],  # folder_cpu_fs4 for two rounds (120 steps)
     "udml_ss": [],  # the folder_cpu preset (UDML-SS), trained for the whole budget
     "udml_ss_net_fs4": [*STML_NET, "freeze_stages=4"],
