@@ -43,7 +43,8 @@ def test_data_alone_picks_the_folder_preset_or_its_cpu_variant(monkeypatch, tmp_
     assert out[1].startswith("the folder preset (the paper's recipe on Lite0, docs/method.md")
     cpu, gpu = seen
     assert cpu.to_dict() == make_config("folder_cpu", {"data_root": str(tmp_path)}).to_dict()
-    assert (cpu.freeze_stages, cpu.embedding_dim, cpu.time_budget, cpu.cache_images) == (5, None, "20m", "disk")
+    assert (cpu.freeze_stages, cpu.target_neighbours, cpu.embedding_dim) == (4, 8, None)
+    assert (cpu.time_budget, cpu.cache_images) == ("20m", "disk")
     assert gpu.to_dict() == make_config("folder", {"data_root": str(tmp_path)}).to_dict()
     monkeypatch.setattr(udml.cli.train, "_has_gpu", lambda: True)
     assert main(["train", "--data", str(tmp_path), "--device", "cpu"]) == 0  # asked for the CPU: its variant

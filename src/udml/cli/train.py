@@ -64,8 +64,9 @@ def _checked(preset: str, overrides: dict, args):
 
 
 FOLDER_PRESET_NOTE = {
-    "folder_cpu": "no GPU in use: the folder_cpu preset (Lite0 with its first 5 stages frozen, one clustering, "
-    "a 20-minute time_budget; see README). For the GPU recipe: udml train --config folder --data DIR",
+    "folder_cpu": "no GPU in use: the folder_cpu preset (Lite0 with its first 4 stages frozen, one clustering of "
+    "neighbour-averaged features, a 20-minute time_budget; see README). For the GPU recipe: udml train --config "
+    "folder --data DIR",
     "folder": "the folder preset (the paper's recipe on Lite0, docs/method.md; a GPU job); on a CPU udml uses "
     "folder_cpu instead",
 }
