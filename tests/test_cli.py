@@ -50,7 +50,7 @@ def test_data_alone_picks_the_folder_preset_or_its_cpu_variant(monkeypatch, tmp_
     assert main(["train", "--data", str(tmp_path), "--device", "cpu"]) == 0  # asked for the CPU: its variant
     assert main(["train", "--data", str(tmp_path), "device=cpu"]) == 0
     assert main(["train", "--data", str(tmp_path), "--config", "folder", "--device", "cpu"]) == 0  # as asked
-    assert [c.freeze_stages for c in seen[2:]] == [5, 5, 0]
+    assert [c.freeze_stages for c in seen[2:]] == [4, 4, 0]
 
 
 def test_key_value_overrides_may_follow_options(monkeypatch, tmp_path, capsys):
