@@ -33,14 +33,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--exact-up-to", type=int, default=100_000, help="largest size also run with --exact")
     p.add_argument("--copies", type=float, default=0.02, help="fraction of rows made near-copies of another")
+    p.add_argument(
+        "--kmeans-only",
+        action="store_true",
+        help="time k-means alone, in this process, at the default K: two levels at every size, one level up to "
+        "--exact-up-to (results to cluster_scale_kmeans_cpu.json unless --results)",
+    )
     add_synthetic_options(p, points_per_class=5.0)
     args = p.parse_args(argv)
+    if args.kmeans_only and args.results == str(RESULTS / "cluster_scale_cpu.json"):
+        args.results = str(RESULTS / "cluster_scale_kmeans_cpu.json")
     rows = []
     for n in args.sizes:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows.append(measure(n, args, Path(tmp)))
+        if args.kmeans_only:
+            rows.append(time_kmeans(n, args))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                rows.append(measure(n, args, Path(tmp)))
         write_results(args.results, {"stand_in": "synthetic embeddings, not a network's", "rows": rows})
     return 0
+
+
+def time_kmeans(n: int, args) -> dict:
+    """udml.groups.kmeans_groups at the default K, two levels and (up to --exact-up-to) one: seconds, the mean
+    similarity of an image to its group's centre (what k-means maximises), NMI to the synthetic classes."""
+    import time
+
+    from udml import groups
+
+    x, classes, _ = synthetic_embeddings(n, args.dim, args.points_per_class, args.noise, args.seed)
+    row = {"n": n, "dim": args.dim}
+    for mode, two_level in (("two_level", True), ("one_level", False)):
+        if not two_level and n > args.exact_up_to:
+            continue
+        t = time.perf_counter()
+        labels, score, k = groups.kmeans_groups(x, seed=0, two_level=two_level)
+        row["k"] = k
+        row[mode] = {
+            "seconds": round(time.perf_counter() - t, 1),
+            "mean_similarity_to_centre": round(float(score.mean()), 4),
+            "nmi_to_classes": round(normalized_mutual_info_score(classes.numpy(), labels), 4),
+        }
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def measure(n: int, args, tmp: Path) -> dict:

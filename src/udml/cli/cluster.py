@@ -66,9 +66,10 @@ def run(args) -> int:
             else f"neighbours found approximately (faiss HNSW) for the {len(paths)} images, as asked (--approximate)"
         )
     if how["method"] == "kmeans two-level":
+        why = "as asked (--approximate)" if args.approximate else f"as above {groups.EXACT_UP_TO:,} images"
         print(
-            f"k-means in two levels, as above {groups.EXACT_UP_TO:,} images: about sqrt(K) coarse clusters, then the "
-            f"{k} groups within them (no group spans two); --exact runs one level over all {k} centres (slower: N x K)"
+            f"k-means in two levels, {why}: about sqrt(K) coarse clusters, then the {k} groups within them (no group "
+            f"spans two); --exact runs one level over all {k} centres (slower: N x K)"
         )
     if args.sheet:
         sheet = groups.contact_sheet(
