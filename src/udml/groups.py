@@ -65,8 +65,9 @@ def kmeans_groups(
 def two_level_kmeans(x: torch.Tensor, k: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels [N] in 0..k-1, centres [k, D]) of spherical k-means in two levels: about sqrt(k) coarse clusters
     of all rows, then each coarse cluster split by its own k-means into a share of the k groups proportional to
-    its size. A pass costs about 2 N sqrt(k) D against N k D for one level, and since K grows with N (about 50
-    images a group) one level is quadratic in N; the price is that a group never spans two coarse clusters.
+    its size. A pass costs about 2 N sqrt(k) D against N k D for one level, and since the default K grows with N
+    (about 50 images a group, up to 10,000) one level is quadratic in N; the price is that a group never spans two
+    coarse clusters.
     The scheme of faiss.contrib.clustering.two_level_clustering, which returns centres only: here each row keeps
     the group it was placed in. ``x``: L2-normalised rows."""
     n = len(x)
