@@ -184,7 +184,7 @@ def embed_folder(
                 kept_rows[p] = before[p][0]
     todo = [p for p in paths if p not in kept_rows]
     vectors, errs = _embed_files(embedder, todo, batch_size, num_workers, progress)
-    new_rows = {p: v for p, v, e in zip(todo, vectors, errs) if not e}
+    new_rows = {p: j for j, (p, e) in enumerate(zip(todo, errs)) if not e}  # row of each embedded file in vectors
     errors = {p: e for p, e in zip(todo, errs) if e}
     skipped = [(p, errors[p]) for p in todo if p in errors]
     if distributed.is_main():
@@ -192,8 +192,14 @@ def embed_folder(
     ok = [i for i, p in enumerate(paths) if p in kept_rows or p in new_rows]
     if not ok:
         raise InputError(f"none of the {len(paths)} images under {root} could be read")
-    rows = [previous.embeddings[kept_rows[paths[i]]] if paths[i] in kept_rows else new_rows[paths[i]] for i in ok]
-    emb = np.ascontiguousarray(np.stack(rows), dtype=np.float32)
+    if len(new_rows) == len(paths):  # every file embedded now, in path order: the rows as they are, no copy
+        emb = vectors
+    else:
+        emb = np.empty((len(ok), vectors.shape[1]), dtype=np.float32)
+        for rows, source in ((new_rows, vectors), (kept_rows, None if previous is None else previous.embeddings)):
+            pairs = np.array([(k, rows[paths[i]]) for k, i in enumerate(ok) if paths[i] in rows], dtype=np.int64)
+            for s in range(0, len(pairs), 65_536):  # in blocks: no second copy of the collection on the way
+                emb[pairs[s : s + 65_536, 0]] = source[pairs[s : s + 65_536, 1]]
     meta = {
         "format": EMBEDDINGS_FORMAT,
         "root": os.path.abspath(root),
@@ -213,17 +219,16 @@ def _embed_files(embedder: Embedder, files: list[str], batch_size: int, num_work
     from tqdm import tqdm
 
     mine = [files[i] for i in distributed.shard(len(files))]
-    rows, errors = [np.zeros((0, embedder.dim), dtype=np.float32)], []
+    vectors, errors = np.zeros((len(mine), embedder.dim), dtype=np.float32), []  # filled in place: one copy
     if mine:
         data = ImageFiles(mine, embedder.transform, embedder.image_size)
         loader = make_loader(data, batch_size=batch_size, num_workers=num_workers, device=embedder.device)
         show = progress and distributed.is_main()
         with tqdm(total=len(mine), desc="embed", unit="img", disable=not show, mininterval=2.0) as bar:
             for x, err in loader:
-                rows.append(embedder.embed_tensors(x))
+                vectors[len(errors) : len(errors) + len(x)] = embedder.embed_tensors(x)
                 errors += list(err)
                 bar.update(len(x))
-    vectors = np.concatenate(rows)
     if distributed.world_size() > 1:
         vectors = distributed.gather_rows(torch.from_numpy(vectors).to(embedder.device)).cpu().numpy()
         errors = [e for part in distributed.gather_objects(errors) for e in part]
