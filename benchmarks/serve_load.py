@@ -137,6 +137,9 @@ def load(url: str, args, files: int, photo: bytes) -> dict:
     for kind in WEIGHTS:
         ms = np.array([m for k, _, m in answers if k == kind])
         codes = sorted({s for k, s, _ in answers if k == kind})
+        if not len(ms):  # a short run may draw no request of this kind
+            out[kind] = {"count": 0}
+            continue
         out[kind] = {
             "count": len(ms),
             "p50_ms": round(float(np.percentile(ms, 50)), 1),

@@ -144,6 +144,7 @@ def test_collection_scale(tmp_path):
         assert steps[name]["seconds"] > 0 and steps[name]["peak_rss_mb"] > 20, name
     assert steps["serve"]["count"] == 200 and steps["serve"]["neighbours_ms_median"] > 0
     assert "2 embedded" in steps["embed_update"]["output"]
+    assert steps["serve"]["load"]["wrong_status"] == 0 and steps["serve"]["still_answering"]
 
 
 def test_cluster_scale(tmp_path):
@@ -156,6 +157,13 @@ def test_cluster_scale(tmp_path):
     assert "as asked (--approximate)" in row["approximate"]["said"]
     dup = row["duplicates_vs_exact"]  # the HNSW graph finds every near-copy pair of so small a set, and invents none
     assert dup["exact_pairs"] >= 60 and dup["recall"] == dup["precision"] == 1.0
+    assert "kmeans two-level" in row["approximate"]["said"] and 0 < row["groups_nmi_two_level_vs_one"] <= 1
+    assert all(0 < row[m]["groups"]["nmi_to_classes"] <= 1 for m in ("approximate", "exact"))
+    out = tmp_path / "kmeans.json"
+    args = ["--kmeans-only", "--sizes", "3000", "--exact-up-to", "3000", "--dim", "32", "--results", str(out)]
+    assert cluster_scale.main(args) == 0
+    row = read(out)["rows"][0]
+    assert row["k"] == 60 and row["two_level"]["seconds"] >= 0 and row["one_level"]["nmi_to_classes"] > 0
 
 
 @pytest.mark.slow
@@ -384,6 +392,20 @@ def test_refine_sweep(tmp_path):
     assert entry["images"] == 2960 and has_machine_block(entry)
     assert [(r["k"], r["alpha"]) for r in entry["rows"]] == [(0, None), (2, 1.0)]
     assert all(0 < r["recall@1"] <= 1 and 0 <= r["nmi"] <= 1 for r in entry["rows"])
+
+
+def test_serve_load(tmp_path):
+    from benchmarks import serve_load
+
+    out = tmp_path / "serve_load.json"
+    args = ["--n", "300", "--files", "40", "--requests", "80", "--clients", "4", "--results", str(out)]
+    assert serve_load.main(args) == 0
+    doc = read(out)
+    assert doc["n"] == 300 and has_machine_block(doc["machine"]) and doc["still_answering"]
+    load = doc["load"]
+    assert load["requests"] == 80 and load["wrong_status"] == 0 and doc["server_peak_rss_mb"] > 20
+    assert sum(load[k]["count"] for k in serve_load.WEIGHTS) == 80
+    assert load["page"]["status"] == [200] and 0 < load["page"]["p50_ms"] <= load["page"]["p95_ms"]
 
 
 def test_serve_latency(tmp_path):
